@@ -1,0 +1,72 @@
+"""Small shared helpers: seeding, atomic file writes, console factory."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> int:
+    """Seed Python, NumPy and PyTorch (CPU and CUDA) RNGs.
+
+    Args:
+        seed: the seed; stored with each run so that it can be repeated.
+        deterministic: also ask cuDNN/PyTorch for deterministic kernels (slower).
+
+    Returns:
+        The seed, for chaining.
+    """
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.backends.cudnn.benchmark = False
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    return seed
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` on success.
+
+    A reader never sees a half-written file: either the old file or the new one.
+    On an exception the temporary file is removed and ``path`` is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp_path.unlink()
+        raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (temp file + rename)."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically (temp file + rename)."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def make_console(stderr: bool = False):
+    """A rich Console; created on demand so that tests can set TERM/COLUMNS first."""
+    from rich.console import Console
+
+    return Console(stderr=stderr)
