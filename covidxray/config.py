@@ -34,6 +34,7 @@ class DataConfig:
     split: str = "train"                # split to train on: train | val | test
     cache: bool = True                  # decode once to a uint8 tensor cached beside the prepared data
     on_device: str = "auto"             # keep the uint8 data set on the GPU: auto | yes | no
+    n_classes: int = 0                  # set by the trainer from the data (class-conditional models); not a user knob
 
 
 @dataclass
@@ -42,11 +43,31 @@ class ArchConfig:
     g_channels: int = 64                # base width of G (channels of its last hidden layer)
     d_channels: int = 64                # base width of D (channels of its first layer)
     max_channels: int = 512             # cap on any layer's width (keeps 256 px models small)
+    g_spectral_norm: bool = False       # spectral normalisation on G's layers (Miyato et al. 2018)
+    d_spectral_norm: bool = False       # spectral normalisation on D's layers (replaces D's BatchNorm)
+    embed_dim: int = 64                 # label-embedding size fed to G (class-conditional models)
+    d_dropout: float = 0.0              # dropout before D's head; > 0 enables Monte-Carlo dropout (uncertainty)
 
 
 @dataclass
 class LossConfig:
-    kind: str = "bce"                   # GAN loss: bce (non-saturating, as DCGAN)
+    kind: str = "bce"                   # GAN loss: bce (non-saturating) | hinge | lsgan
+    r1_gamma: float = 0.0               # R1 penalty weight on reals (Mescheder et al. 2018); 0 = off
+    r1_every: int = 16                  # lazy R1: apply every k D steps, weight multiplied by k (StyleGAN2)
+    aux_weight: float = 1.0             # ACGAN: weight of the auxiliary classification loss
+    cutmix: bool = True                 # U-Net GAN: CutMix consistency regularisation (Schönfeld et al. 2020)
+    cutmix_prob: float = 0.5            # U-Net GAN: probability of a CutMix D step once warmed up
+    cutmix_warmup_kimg: float = 200.0   # U-Net GAN: CutMix probability ramps linearly from 0 over this many kimg
+    consistency_weight: float = 1.0     # U-Net GAN: weight of the CutMix consistency term
+    uncertainty: str = "off"            # MC-dropout uncertainty regulariser (cgan, acgan): off | min | max
+    uncertainty_weight: float = 0.1     # weight lambda of the uncertainty term
+    mc_samples: int = 8                 # K stochastic dropout passes used to estimate D's uncertainty
+
+
+@dataclass
+class AugConfig:
+    diffaugment: str = ""               # DiffAugment policy (Zhao et al. 2020), comma-separated subset of
+                                        # translation,cutout,brightness,contrast[,flip]; "" = off
 
 
 @dataclass
@@ -70,6 +91,11 @@ class TrainConfig:
     checkpoint_every: int = 5           # update checkpoints/last.pt every N epochs (also at the end and on Ctrl-C)
     keep_every: int = 0                 # also keep checkpoints/epoch_XXXX.pt every N epochs; 0 = never
     grid_size: int = 64                 # images in the fixed-latent sample grid (a square number is nicest)
+    ema_kimg: float = 10.0              # half-life of the EMA of G's weights in kimg; 0 = no G_ema
+    ema_rampup: float = 0.05            # EMA half-life ramp-up as a fraction of images seen (StyleGAN2-ADA); 0 = off
+    amp: str = "auto"                   # mixed precision: auto (bf16 on CUDA, off on CPU) | bf16 | fp16 | off
+    channels_last: bool = True          # channels_last memory format on CUDA (faster convolutions)
+    compile: bool = False               # torch.compile G and D (falls back to eager with a warning)
 
 
 @dataclass
@@ -79,6 +105,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     arch: ArchConfig = field(default_factory=ArchConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    aug: AugConfig = field(default_factory=AugConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -93,7 +120,9 @@ class Config:
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.split": ("train", "val", "test"),
     "data.on_device": ("auto", "yes", "no"),
-    "loss.kind": ("bce",),
+    "loss.kind": ("bce", "hinge", "lsgan"),
+    "loss.uncertainty": ("off", "min", "max"),
+    "train.amp": ("auto", "bf16", "fp16", "off"),
 }
 
 
@@ -221,6 +250,22 @@ def validate(cfg: Config) -> Config:
             raise CovidXrayError(f"config key '{key}' must be >= 1; got {value}")
     if cfg.data.image_size not in (64, 128, 256):
         raise CovidXrayError(f"config key 'data.image_size' must be 64, 128 or 256; got {cfg.data.image_size}")
+    if cfg.loss.r1_every < 1 or cfg.loss.mc_samples < 2 and cfg.loss.uncertainty != "off":
+        raise CovidXrayError("config keys 'loss.r1_every' must be >= 1 and 'loss.mc_samples' >= 2 with an uncertainty mode")
+    if not 0.0 <= cfg.arch.d_dropout < 1.0:
+        raise CovidXrayError(f"config key 'arch.d_dropout' must be in [0, 1); got {cfg.arch.d_dropout}")
+    if cfg.loss.uncertainty != "off" and cfg.arch.d_dropout <= 0.0:
+        raise CovidXrayError(
+            f"loss.uncertainty={cfg.loss.uncertainty} needs Monte-Carlo dropout in D",
+            "Also set arch.d_dropout (e.g. --set arch.d_dropout=0.3)",
+        )
+    if cfg.aug.diffaugment:
+        from covidxray.train.augment import parse_policy
+
+        try:
+            parse_policy(cfg.aug.diffaugment)
+        except ValueError as exc:
+            raise CovidXrayError(f"config key 'aug.diffaugment': {exc}") from None
     if cfg.optim.lr_g <= 0 or cfg.optim.lr_d <= 0:
         raise CovidXrayError("config keys 'optim.lr_g' and 'optim.lr_d' must be > 0")
     if not (cfg.train.device in ("auto", "cpu", "cuda") or cfg.train.device.startswith("cuda:")):

@@ -22,7 +22,7 @@ Example:
     >>> import torch
     >>> G, D = DCGANGenerator(64, latent_dim=100), DCGANDiscriminator(64)
     >>> x = G(torch.randn(2, 100))
-    >>> tuple(x.shape), tuple(D(x).shape)
+    >>> tuple(x.shape), tuple(D(x).logits.shape)
     ((2, 1, 64, 64), (2,))
 """
 
@@ -33,6 +33,7 @@ import math
 import torch
 from torch import nn
 
+from covidxray.models.common import DOutput, maybe_sn
 from covidxray.models.registry import register_model
 
 SIZES = (64, 128, 256)
@@ -48,7 +49,9 @@ def dcgan_init(module: nn.Module) -> None:
     """The paper's initialisation: conv weights N(0, 0.02), BatchNorm N(1, 0.02) and bias 0."""
     for m in module.modules():
         if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
-            nn.init.normal_(m.weight, 0.0, 0.02)
+            # Under spectral norm `m.weight` is recomputed on each read: initialise the stored original.
+            weight = m.parametrizations.weight.original if nn.utils.parametrize.is_parametrized(m, "weight") else m.weight
+            nn.init.normal_(weight, 0.0, 0.02)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
         elif isinstance(m, nn.BatchNorm2d):
@@ -72,7 +75,7 @@ class DCGANGenerator(nn.Module):
         super().__init__()
         n = _n_stages(image_size)
         widths = [min(channels * 2 ** (n - 1 - i), max_channels) for i in range(n)]
-        self.image_size, self.latent_dim = image_size, latent_dim
+        self.image_size, self.latent_dim, self.n_classes = image_size, latent_dim, 0
         layers: list[nn.Module] = [
             nn.ConvTranspose2d(latent_dim, widths[0], 4, 1, 0, bias=False),
             nn.BatchNorm2d(widths[0]),
@@ -84,38 +87,57 @@ class DCGANGenerator(nn.Module):
         self.net = nn.Sequential(*layers)
         dcgan_init(self)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """``y`` is ignored (unconditional model); it is accepted so every G has one signature."""
         if z.ndim != 2 or z.shape[1] != self.latent_dim:
             raise ValueError(f"z must have shape (N, {self.latent_dim}), got {tuple(z.shape)}")
         return self.net(z[:, :, None, None])
 
 
+def dcgan_trunk(image_size: int, channels: int, max_channels: int, in_channels: int = 1,
+                spectral_norm: bool = False) -> tuple[nn.Sequential, int]:
+    """The DCGAN discriminator's convolutions down to 4x4; returns (trunk, width at 4x4).
+
+    With spectral norm, BatchNorm is left out (SN takes its place, as in Miyato et al. 2018).
+    """
+    n = _n_stages(image_size)
+    widths = [min(channels * 2**i, max_channels) for i in range(n)]
+    layers: list[nn.Module] = [maybe_sn(nn.Conv2d(in_channels, widths[0], 4, 2, 1, bias=spectral_norm), spectral_norm),
+                               nn.LeakyReLU(0.2, True)]
+    for c_in, c_out in zip(widths[:-1], widths[1:]):
+        layers.append(maybe_sn(nn.Conv2d(c_in, c_out, 4, 2, 1, bias=spectral_norm), spectral_norm))
+        if not spectral_norm:
+            layers.append(nn.BatchNorm2d(c_out))
+        layers.append(nn.LeakyReLU(0.2, True))
+    return nn.Sequential(*layers), widths[-1]
+
+
 class DCGANDiscriminator(nn.Module):
-    """DCGAN discriminator: images (N x 1 x S x S) in [-1, 1] -> one logit per image (N,).
+    """DCGAN discriminator: images (N x 1 x S x S) in [-1, 1] -> :class:`DOutput` with one logit per image.
 
     Args:
         image_size: input side, 64, 128 or 256.
         channels: width of the first layer; later layers double it up to ``max_channels``.
         max_channels: cap on any layer's width.
         in_channels: image channels (1 for grayscale X-rays).
+        spectral_norm: spectral normalisation on every layer (replaces BatchNorm).
     """
 
-    def __init__(self, image_size: int = 128, channels: int = 64, max_channels: int = 512, in_channels: int = 1):
+    def __init__(self, image_size: int = 128, channels: int = 64, max_channels: int = 512, in_channels: int = 1,
+                 spectral_norm: bool = False):
         super().__init__()
-        n = _n_stages(image_size)
-        widths = [min(channels * 2**i, max_channels) for i in range(n)]
-        self.image_size = image_size
-        layers: list[nn.Module] = [nn.Conv2d(in_channels, widths[0], 4, 2, 1, bias=False), nn.LeakyReLU(0.2, True)]
-        for c_in, c_out in zip(widths[:-1], widths[1:]):
-            layers += [nn.Conv2d(c_in, c_out, 4, 2, 1, bias=False), nn.BatchNorm2d(c_out), nn.LeakyReLU(0.2, True)]
-        layers += [nn.Conv2d(widths[-1], 1, 4, 1, 0, bias=False)]
-        self.net = nn.Sequential(*layers)
+        self.image_size, self.n_classes = image_size, 0
+        self.trunk, width = dcgan_trunk(image_size, channels, max_channels, in_channels, spectral_norm)
+        self.head = maybe_sn(nn.Conv2d(width, 1, 4, 1, 0, bias=False), spectral_norm)
         dcgan_init(self)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def check_input(self, x: torch.Tensor) -> None:
         if x.ndim != 4 or x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
             raise ValueError(f"x must have shape (N, C, {self.image_size}, {self.image_size}), got {tuple(x.shape)}")
-        return self.net(x).flatten()
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None, mc_samples: int = 1) -> DOutput:
+        self.check_input(x)
+        return DOutput(self.head(self.trunk(x)).flatten())
 
 
 @register_model(

@@ -28,6 +28,8 @@ class ModelSpec:
         summary: one line for ``covidxray models``.
         build: ``build(cfg) -> dict[str, nn.Module]`` (for GANs: ``{"G": ..., "D": ...}``).
         conditional: whether the model takes class labels.
+        features: optional training features the model supports, e.g. ``("uncertainty",)``
+            (Monte-Carlo dropout in D) or ``("cutmix",)`` (per-pixel D output).
     """
 
     name: str
@@ -36,6 +38,7 @@ class ModelSpec:
     summary: str
     build: Callable[["Config"], dict[str, "nn.Module"]]
     conditional: bool = False
+    features: tuple[str, ...] = ()
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
@@ -48,13 +51,14 @@ class UnknownModelError(CovidXrayError, KeyError):
         return self.args[0]
 
 
-def register_model(name: str, *, family: str, paper: str, summary: str, conditional: bool = False):
+def register_model(name: str, *, family: str, paper: str, summary: str, conditional: bool = False,
+                   features: tuple[str, ...] = ()):
     """Decorator registering ``build(cfg)`` under ``name``. Registering a name twice is an error."""
 
     def decorator(build):
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} is already registered")
-        _REGISTRY[name] = ModelSpec(name, family, paper, summary, build, conditional)
+        _REGISTRY[name] = ModelSpec(name, family, paper, summary, build, conditional, tuple(features))
         return build
 
     return decorator
@@ -62,7 +66,9 @@ def register_model(name: str, *, family: str, paper: str, summary: str, conditio
 
 def _load_families() -> None:
     # Importing the families runs their @register_model decorators.
+    import covidxray.models.conditional  # noqa: F401
     import covidxray.models.dcgan  # noqa: F401
+    import covidxray.models.unetgan  # noqa: F401
 
 
 def get_model(name: str) -> ModelSpec:

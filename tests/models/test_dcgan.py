@@ -33,3 +33,11 @@ def test_bad_inputs_raise_with_shapes():
         D(torch.randn(2, 1, 32, 32))
     with pytest.raises(ValueError, match="image_size"):
         DCGANGenerator(100)
+
+
+def test_init_reaches_spectrally_normalised_weights():
+    torch.manual_seed(0)
+    D = DCGANDiscriminator(64, channels=64, spectral_norm=True)
+    conv = D.trunk[2]
+    original = conv.parametrizations.weight.original
+    assert original.std().item() == pytest.approx(0.02, rel=0.05)

@@ -34,12 +34,16 @@ def test_every_model_has_a_config_file_and_documentation(name):
 @pytest.mark.parametrize("size", [64, 128, 256])
 def test_every_gan_builds_and_runs_at_each_size(name, size):
     cfg = resolve_config(name, sets=[f"data.image_size={size}", "arch.g_channels=8", "arch.d_channels=8"])
-    nets = get_model(name).build(cfg)
+    spec = get_model(name)
+    cfg.data.n_classes = 3 if spec.conditional else 0  # the trainer sets this from the data
+    nets = spec.build(cfg)
     z = torch.randn(2, cfg.arch.latent_dim)
-    x = nets["G"](z)
+    y = torch.tensor([0, 2]) if spec.conditional else None
+    assert nets["G"].n_classes == nets["D"].n_classes == cfg.data.n_classes
+    x = nets["G"](z, y)
     assert x.shape == (2, 1, size, size)
     assert x.min() >= -1 and x.max() <= 1
-    logits = nets["D"](x)
+    logits = nets["D"](x, y).logits
     assert logits.shape == (2,)
     logits.sum().backward()
     assert all(p.grad is not None for p in nets["G"].parameters())

@@ -1,0 +1,154 @@
+import pytest
+import torch
+
+from covidxray.config import resolve_config
+from covidxray.models import get_model
+from covidxray.models.conditional import ACGANDiscriminator, ConditionalGenerator, ProjectionDiscriminator
+
+SMALL = ["arch.g_channels=8", "arch.d_channels=8"]
+
+
+def build(name, size=64, *sets):
+    cfg = resolve_config(name, sets=[f"data.image_size={size}", *SMALL, *sets])
+    torch.manual_seed(0)
+    return cfg, get_model(name).build(cfg)
+
+
+@pytest.mark.parametrize("name", ["cgan", "acgan"])
+@pytest.mark.parametrize("size", [64, 128, 256])
+def test_shapes_range_and_gradients_at_each_size(name, size):
+    cfg, nets = build(name, size)
+    G, D = nets["G"], nets["D"]
+    assert get_model(name).conditional
+    assert G.n_classes == D.n_classes == 3  # schema fallback: no data.n_classes, no --classes
+    assert (G.latent_dim, G.image_size, D.image_size) == (cfg.arch.latent_dim, size, size)
+    y = torch.tensor([0, 2])
+    x = G(torch.randn(2, cfg.arch.latent_dim), y)
+    assert x.shape == (2, 1, size, size)
+    assert x.min() >= -1 and x.max() <= 1
+    out = D(x, y)
+    assert out.logits.shape == (2,) and out.pixel_logits is None
+    loss = out.logits.sum()
+    if name == "acgan":
+        assert out.class_logits.shape == (2, 3)
+        loss = loss + out.class_logits.logsumexp(1).sum()
+    else:
+        assert out.class_logits is None
+    loss.backward()
+    assert all(p.grad is not None for p in G.parameters())
+
+
+@pytest.mark.parametrize("name", ["cgan", "acgan"])
+def test_missing_or_bad_labels_raise_with_shapes(name):
+    cfg, nets = build(name)
+    G, D = nets["G"], nets["D"]
+    z = torch.randn(2, cfg.arch.latent_dim)
+    with pytest.raises(ValueError, match=r"pass labels y of shape \(2,\)"):
+        G(z)
+    with pytest.raises(ValueError, match=r"shape \(2,\), got \(3,\)"):
+        G(z, torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="integer"):
+        G(z, torch.zeros(2))
+    with pytest.raises(ValueError, match=r"\(N, 100\)"):
+        G(torch.randn(2, 7), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match="64, 64"):
+        D(torch.randn(2, 1, 32, 32), torch.zeros(2, dtype=torch.long))
+    if name == "cgan":
+        with pytest.raises(ValueError, match=r"\(2,\)"):
+            D(torch.randn(2, 1, 64, 64))
+        with pytest.raises(ValueError, match=r"shape \(2,\), got \(2, 1\)"):
+            D(torch.randn(2, 1, 64, 64), torch.zeros(2, 1, dtype=torch.long))
+
+
+@pytest.mark.parametrize("name", ["cgan", "acgan"])
+def test_generator_output_depends_on_the_label(name):
+    cfg, nets = build(name)
+    G = nets["G"]
+    z = torch.randn(1, cfg.arch.latent_dim).repeat(3, 1)
+    x = G(z, torch.tensor([0, 1, 2]))  # training mode, mixed labels (as in training)
+    assert not torch.allclose(x[0], x[1]) and not torch.allclose(x[1], x[2])
+    G.eval()  # sampling: same z, one label per call
+    assert not torch.allclose(G(z[:1], torch.tensor([0])), G(z[:1], torch.tensor([2])))
+
+
+def test_projection_discriminator_logit_depends_on_the_label():
+    _, nets = build("cgan")
+    D = nets["D"].eval()
+    x = torch.rand(4, 1, 64, 64) * 2 - 1
+    a, b = D(x, torch.zeros(4, dtype=torch.long)).logits, D(x, torch.full((4,), 2)).logits
+    assert (a - b).abs().min() > 1e-6
+
+
+def test_acgan_discriminator_ignores_y_and_predicts_classes():
+    _, nets = build("acgan")
+    D = nets["D"].eval()
+    x = torch.rand(4, 1, 64, 64) * 2 - 1
+    base = D(x)
+    assert base.class_logits.shape == (4, 3)
+    for y in (torch.zeros(4, dtype=torch.long), torch.full((4,), 2)):
+        out = D(x, y)
+        assert torch.equal(out.logits, base.logits) and torch.equal(out.class_logits, base.class_logits)
+
+
+@pytest.mark.parametrize("name", ["cgan", "acgan"])
+@pytest.mark.parametrize("train_mode", [True, False])
+def test_mc_dropout_gives_k_stochastic_passes(name, train_mode):
+    _, nets = build(name, 64, "arch.d_dropout=0.5")
+    D = nets["D"].train(train_mode)
+    x, y = torch.rand(3, 1, 64, 64) * 2 - 1, torch.tensor([0, 1, 2])
+    out = D(x, y, mc_samples=8)
+    assert out.logits.shape == (8, 3)
+    assert not torch.allclose(out.logits, out.logits[:1].expand(8, 3))  # stochastic even in eval mode
+    if name == "acgan":
+        assert out.class_logits.shape == (3, 3)
+    # a single pass drops only in training mode
+    one, two = D(x, y).logits, D(x, y).logits
+    assert one.shape == (3,)
+    assert torch.equal(one, two) != train_mode
+
+
+@pytest.mark.parametrize("name", ["cgan", "acgan"])
+def test_mc_samples_without_dropout_are_identical(name):
+    _, nets = build(name)  # arch.d_dropout = 0
+    D = nets["D"].eval()
+    x, y = torch.rand(3, 1, 64, 64) * 2 - 1, torch.tensor([0, 1, 2])
+    out = D(x, y, mc_samples=5)
+    assert out.logits.shape == (5, 3)
+    assert torch.allclose(out.logits, D(x, y).logits.expand(5, 3), atol=1e-5)
+    with pytest.raises(ValueError, match="mc_samples"):
+        D(x, y, mc_samples=0)
+
+
+def test_n_classes_and_spectral_norm_come_from_the_config():
+    _, nets = build("cgan", 64, "data.classes=[covid,normal]")
+    assert nets["G"].n_classes == nets["D"].n_classes == 2
+    _, nets = build("acgan", 64, "data.n_classes=4", "arch.g_spectral_norm=true", "arch.d_spectral_norm=false",
+                    "arch.embed_dim=5")
+    G, D = nets["G"], nets["D"]
+    assert D(torch.zeros(2, 1, 64, 64)).class_logits.shape == (2, 4)
+    assert G.embed.embedding_dim == 5
+    assert any(torch.nn.utils.parametrize.is_parametrized(m) for m in G.modules())
+    assert not any(torch.nn.utils.parametrize.is_parametrized(m) for m in D.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in D.modules())
+    _, nets = build("cgan")  # configs/cgan.yaml turns SN on in D
+    assert all(torch.nn.utils.parametrize.is_parametrized(m) for m in nets["D"].modules()
+               if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear, torch.nn.Embedding)))
+
+
+@pytest.mark.parametrize("D_cls", [ProjectionDiscriminator, ACGANDiscriminator])
+def test_channels_last_and_bf16_autocast(D_cls):
+    torch.manual_seed(0)
+    G = ConditionalGenerator(64, latent_dim=16, n_classes=3, embed_dim=8, channels=8)
+    D = D_cls(64, n_classes=3, channels=8, dropout=0.2)
+    G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
+    y = torch.tensor([0, 1, 2, 0])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = D(G(torch.randn(4, 16), y), y, mc_samples=4)
+    assert out.logits.shape == (4, 4) and torch.isfinite(out.logits.float()).all()
+    out.logits.float().sum().backward()
+    assert all(p.grad is not None for p in G.parameters())
+
+
+@pytest.mark.parametrize("name", ["cgan", "acgan"])
+def test_registry_declares_mc_dropout_support(name):
+    assert "uncertainty" in get_model(name).features
