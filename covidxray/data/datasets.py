@@ -1,0 +1,269 @@
+"""Datasets over a prepared folder (see ``docs/data.md`` for its layout).
+
+Two views of the same data:
+
+* :class:`PreparedDataset` - a map-style dataset whose items are dicts
+  (``image``, ``label``, ``mask`` when present, ``id``), the torchxrayvision
+  convention; a paired transform is applied to image and mask together.
+* :func:`load_tensor_data` - the fast path for GAN training: the whole split
+  decoded once into one ``uint8`` tensor (N x 1 x H x W), cached on disk beside
+  the prepared data and invalidated when the data change, so that an epoch costs
+  no decoding (and, on a GPU, no host-to-device copy either).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from covidxray.errors import CovidXrayError
+from covidxray.utils import atomic_path
+
+CACHE_DIR = ".cache"
+CACHE_FORMAT = 1
+
+
+def read_prepared_info(root: str | os.PathLike) -> dict:
+    """Read and check ``prepare.json`` of a prepared folder; clear errors otherwise."""
+    root = Path(root)
+    if not root.exists():
+        raise CovidXrayError(
+            f"prepared data folder {root} does not exist",
+            f"Create it with `covidxray prepare SRC {root}` (or `covidxray prepare --demo {root}`)",
+        )
+    if not root.is_dir():
+        raise CovidXrayError(f"{root} is not a folder; pass the OUT folder of `covidxray prepare`")
+    info_path = root / "prepare.json"
+    if not info_path.is_file():
+        hint = (
+            "It looks like an unfinished `covidxray prepare`: run the same prepare command again to finish it"
+            if (root / ".prepare-state.json").exists() or (root / "manifest.csv").exists()
+            else f"Prepare the raw images first: `covidxray prepare SRC {root}`"
+        )
+        raise CovidXrayError(f"{root} is not a prepared data folder (no prepare.json)", hint)
+    try:
+        info = json.loads(info_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CovidXrayError(f"{info_path} is unreadable ({exc})", "Run `covidxray prepare` again") from None
+    if not info.get("complete"):
+        raise CovidXrayError(f"{root} holds an incomplete preparation", "Run the same prepare command again to finish it")
+    return info
+
+
+@dataclass(frozen=True)
+class Record:
+    """One row of ``manifest.csv``."""
+
+    split: str
+    label: str
+    file: str
+    mask: str
+
+    @property
+    def id(self) -> str:
+        return Path(self.file).stem
+
+
+def read_records(root: str | os.PathLike, split: str, classes: Sequence[str] | None = None) -> tuple[list[Record], list[str]]:
+    """Rows of ``split`` (optionally of some classes only), sorted, plus the class names used.
+
+    Class names (and so label indices) are the sorted classes of the whole
+    preparation, restricted to ``classes`` when given, so that labels do not
+    depend on which split is read.
+    """
+    root = Path(root)
+    info = read_prepared_info(root)
+    all_classes = sorted(info.get("classes", []))
+    if classes:
+        unknown = [c for c in classes if c not in all_classes]
+        if unknown:
+            raise CovidXrayError(
+                f"class(es) {', '.join(unknown)} not in {root}; it has: {', '.join(all_classes)}",
+                "Fix --classes / data.classes",
+            )
+        all_classes = sorted(set(classes))
+    manifest = root / "manifest.csv"
+    if not manifest.is_file():
+        raise CovidXrayError(f"{manifest} is missing", "Run `covidxray prepare` again for this folder")
+    records = []
+    with manifest.open(newline="", encoding="utf-8") as fh:
+        for row in csv.DictReader(fh):
+            if row["split"] == split and row["class"] in all_classes:
+                records.append(Record(row["split"], row["class"], row["file"], row.get("mask") or ""))
+    records.sort(key=lambda r: (r.label, r.file))
+    if not records:
+        raise CovidXrayError(
+            f"split '{split}' of {root} has no images of class(es) {', '.join(all_classes)}",
+            "Choose another split/classes or prepare with a non-zero fraction for this split",
+        )
+    return records, all_classes
+
+
+def _load_gray(path: Path, size: int | None) -> np.ndarray:
+    try:
+        with Image.open(path) as im:
+            im.load()
+            arr = np.array(im.convert("L"))  # a writable copy (torch.from_numpy needs one)
+    except FileNotFoundError:
+        raise CovidXrayError(f"{path} is listed in manifest.csv but missing", "Run `covidxray prepare` again") from None
+    except OSError as exc:
+        raise CovidXrayError(f"{path} is not a readable image ({exc})", "Run `covidxray prepare` again") from None
+    if size is not None and arr.shape != (size, size):
+        raise CovidXrayError(
+            f"{path} is {arr.shape[1]}x{arr.shape[0]}, expected {size}x{size}", "Run `covidxray prepare` again"
+        )
+    return arr
+
+
+class PreparedDataset(torch.utils.data.Dataset):
+    """Map-style dataset over one split of a prepared folder.
+
+    Items are dicts: ``image`` (uint8 tensor 1 x H x W, or float in [-1, 1] with
+    ``as_float=True``), ``label`` (int index into :attr:`classes`), ``mask``
+    (uint8 1 x H x W with 0/255; only when the image has one), ``id`` (file stem)
+    and ``class`` (name).
+
+    Args:
+        root: prepared folder.
+        split: ``train``, ``val`` or ``test``.
+        classes: subset of class names (default: all).
+        transform: callable applied to ``(image, mask)``, both tensors, the same
+            random draw for both (e.g. a ``torchvision.transforms.v2`` pipeline on
+            ``tv_tensors.Image`` and ``tv_tensors.Mask``); ``mask`` may be None.
+        as_float: return the image as float in [-1, 1] instead of uint8.
+
+    Example:
+        >>> ds = PreparedDataset("data/prepared", "train")  # doctest: +SKIP
+        >>> item = ds[0]; item["image"].shape, item["label"], item["id"]  # doctest: +SKIP
+    """
+
+    def __init__(self, root: str | os.PathLike, split: str = "train", classes: Sequence[str] | None = None,
+                 transform: Callable | None = None, as_float: bool = False):
+        self.root = Path(root)
+        self.info = read_prepared_info(self.root)
+        self.size = int(self.info["size"])
+        self.records, self.classes = read_records(self.root, split, classes)
+        self.transform = transform
+        self.as_float = as_float
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict:
+        rec = self.records[index]
+        image = torch.from_numpy(_load_gray(self.root / rec.file, self.size).copy())[None]
+        mask = None
+        if rec.mask:
+            mask = torch.from_numpy(_load_gray(self.root / rec.mask, self.size).copy())[None]
+        if self.transform is not None:
+            image, mask = _paired(self.transform, image, mask)
+        item = {"image": to_float(image) if self.as_float else image, "label": self.classes.index(rec.label),
+                "class": rec.label, "id": rec.id}
+        if mask is not None:
+            item["mask"] = mask
+        return item
+
+
+def _paired(transform: Callable, image: torch.Tensor, mask: torch.Tensor | None):
+    from torchvision import tv_tensors
+
+    if mask is None:
+        return transform(tv_tensors.Image(image)).as_subclass(torch.Tensor), None
+    out_image, out_mask = transform(tv_tensors.Image(image), tv_tensors.Mask(mask))
+    return out_image.as_subclass(torch.Tensor), out_mask.as_subclass(torch.Tensor)
+
+
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] -> float32 [-1, 1] (the model range)."""
+    return images.float().div_(127.5).sub_(1.0)
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """float [-1, 1] -> uint8 [0, 255] (clamped, rounded)."""
+    return images.detach().float().add(1.0).mul(127.5).round_().clamp_(0, 255).to(torch.uint8)
+
+
+@dataclass
+class TensorData:
+    """A whole split in memory: ``images`` uint8 N x 1 x H x W, ``labels`` int64 N."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    classes: list[str]
+    ids: list[str]
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def to(self, device: torch.device | str) -> "TensorData":
+        return TensorData(self.images.to(device), self.labels.to(device), self.classes, self.ids)
+
+
+def _cache_key(root: Path, records: list[Record], classes: list[str], size: int) -> str:
+    # Any change of the file list, a file's size or mtime, the classes or the size
+    # gives a new key, so a stale cache is never used.
+    h = hashlib.sha256(f"{CACHE_FORMAT}|{size}|{','.join(classes)}".encode())
+    for rec in records:
+        st = (root / rec.file).stat()
+        h.update(f"|{rec.label}|{rec.file}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def load_tensor_data(root: str | os.PathLike, split: str = "train", classes: Sequence[str] | None = None,
+                     image_size: int | None = None, cache: bool = True, log: Callable[[str], None] | None = None) -> TensorData:
+    """Decode a whole split into one uint8 tensor, using/writing the on-disk cache.
+
+    Args:
+        root: prepared folder.
+        split: split to load.
+        classes: subset of class names (default: all).
+        image_size: the size the caller needs; a different prepared size is an error.
+        cache: read/write ``<root>/.cache/<split>-<key>.pt``.
+        log: optional callable for one-line notes (cache hit/miss).
+    """
+    root = Path(root)
+    info = read_prepared_info(root)
+    size = int(info["size"])
+    if image_size is not None and size != image_size:
+        raise CovidXrayError(
+            f"{root} was prepared at {size} px but {image_size} px was asked",
+            f"Pass --image-size {size}, or prepare again with --size {image_size} into another folder",
+        )
+    records, class_names = read_records(root, split, classes)
+    key = _cache_key(root, records, class_names, size)
+    cache_file = root / CACHE_DIR / f"{split}-{key}.pt"
+    if cache and cache_file.is_file():
+        try:
+            blob = torch.load(cache_file, map_location="cpu", weights_only=True)
+            if log:
+                log(f"loaded {len(blob['ids'])} {split} images from cache {cache_file}")
+            return TensorData(blob["images"], blob["labels"], list(blob["classes"]), list(blob["ids"]))
+        except Exception:  # a corrupt cache is rebuilt, never fatal
+            if log:
+                log(f"cache {cache_file} unreadable; rebuilding it")
+    images = torch.empty((len(records), 1, size, size), dtype=torch.uint8)
+    for i, rec in enumerate(records):
+        images[i, 0] = torch.from_numpy(_load_gray(root / rec.file, size))
+    labels = torch.tensor([class_names.index(r.label) for r in records], dtype=torch.long)
+    data = TensorData(images, labels, class_names, [r.id for r in records])
+    if cache:
+        try:
+            for old in (root / CACHE_DIR).glob(f"{split}-*.pt"):
+                old.unlink()
+            with atomic_path(cache_file) as tmp:
+                torch.save({"images": images, "labels": labels, "classes": class_names, "ids": data.ids}, tmp)
+            if log:
+                log(f"decoded {len(records)} {split} images; cached in {cache_file}")
+        except OSError as exc:  # read-only data folder: train anyway, say why it is slower next time
+            if log:
+                log(f"could not write cache {cache_file} ({exc}); continuing without it")
+    return data
