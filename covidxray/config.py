@@ -66,8 +66,9 @@ class LossConfig:
 
 @dataclass
 class AugConfig:
-    diffaugment: str = ""               # DiffAugment policy (Zhao et al. 2020), comma-separated subset of
-                                        # translation,cutout,brightness,contrast[,flip]; "" = off
+    diffaugment: str = "translation,cutout,brightness,contrast"  # DiffAugment policy (Zhao et al. 2020) applied
+                                        # to every D input; subset of translation,cutout,brightness,contrast[,flip];
+                                        # "" = off. No flip by default: it swaps anatomical sides.
 
 
 @dataclass

@@ -1,0 +1,40 @@
+"""Writing images: sample grids and single PNGs (uint8 on disk, atomically)."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from covidxray.utils import atomic_path
+
+
+def grid_nrow(n: int) -> int:
+    """Columns of a near-square grid of ``n`` images."""
+    return max(1, math.ceil(math.sqrt(n)))
+
+
+def make_grid_u8(images: torch.Tensor, nrow: int | None = None, padding: int = 2) -> torch.Tensor:
+    """Tile uint8 images (N x 1 x H x W) into one uint8 image (H' x W'), black padding."""
+    from torchvision.utils import make_grid
+
+    if images.dtype != torch.uint8 or images.ndim != 4:
+        raise ValueError(f"expected uint8 N x C x H x W, got {images.dtype} {tuple(images.shape)}")
+    grid = make_grid(images.cpu(), nrow=nrow or grid_nrow(images.shape[0]), padding=padding, pad_value=0)
+    return grid[0]
+
+
+def save_png(array: torch.Tensor, path: str | os.PathLike) -> Path:
+    """Save an H x W uint8 tensor as a grayscale PNG, atomically."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(array.cpu().numpy(), mode="L").save(tmp, format="PNG")
+    return path
+
+
+def save_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | None = None) -> Path:
+    """Save uint8 images (N x 1 x H x W) as one grid PNG."""
+    return save_png(make_grid_u8(images, nrow), path)

@@ -1,0 +1,78 @@
+"""Shared fixtures for GAN/dataset/CLI tests (loaded from conftest.py via pytest_plugins)."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+#: A tiny, fast rawgan configuration for tests (same code paths as a real run).
+TINY_SETS = ["arch.g_channels=8", "arch.d_channels=8", "train.batch_size=16", "train.log_every=2",
+             "train.checkpoint_every=1", "train.grid_size=16", "train.num_threads=1"]
+
+
+@pytest.fixture(scope="session")
+def demo_prepared(tmp_path_factory) -> Path:
+    """A prepared folder of demo phantoms: 3 classes x 24 images at 64 px."""
+    from covidxray.data.prepare import prepare_demo
+
+    out = tmp_path_factory.mktemp("demo") / "prepared"
+    prepare_demo(out, per_class=24, size=64, seed=0, workers=1, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def demo_at_size(tmp_path_factory):
+    """Factory: a small prepared demo folder at a given size (made once per size)."""
+    from covidxray.data.prepare import prepare_demo
+
+    made: dict[int, Path] = {}
+
+    def get(size: int) -> Path:
+        if size not in made:
+            out = tmp_path_factory.mktemp(f"demo{size}") / "prepared"
+            prepare_demo(out, per_class=6, size=size, seed=0, workers=1, progress=False)
+            made[size] = out
+        return made[size]
+
+    return get
+
+
+@pytest.fixture()
+def tiny_cfg(demo_prepared, tmp_path):
+    """Factory of tiny rawgan configs training on the demo data, runs under tmp_path/runs."""
+    from covidxray.config import resolve_config
+
+    def make(epochs: int = 2, extra: list[str] | None = None, model: str = "rawgan"):
+        cfg = resolve_config(model, flags={"data": {"path": str(demo_prepared), "image_size": 64},
+                                           "train": {"epochs": epochs, "device": "cpu"}},
+                             sets=TINY_SETS + (extra or []))
+        cfg.out = str(tmp_path / "runs")
+        return cfg
+
+    return make
+
+
+@pytest.fixture()
+def cli(monkeypatch):
+    """Invoke the CLI like a user would, with plain (ANSI-free) wide output."""
+    from typer.testing import CliRunner
+
+    from covidxray.cli import app
+
+    monkeypatch.setenv("TERM", "dumb")
+    monkeypatch.setenv("COLUMNS", "200")
+    monkeypatch.setenv("NO_COLOR", "1")
+    runner = CliRunner()
+
+    def invoke(*args: str):
+        result = runner.invoke(app, [str(a) for a in args])
+        result.clean_stdout = ANSI.sub("", result.stdout)
+        result.clean_stderr = ANSI.sub("", result.stderr)
+        return result
+
+    return invoke

@@ -1,0 +1,111 @@
+"""Every registered GAN trains through the one loop: one step at each size, resume, sampling."""
+
+import pytest
+import torch
+
+from covidxray.config import resolve_config
+from covidxray.generate import load_generator
+from covidxray.models import get_model, list_models
+from covidxray.train.checkpoint import load_checkpoint
+from covidxray.train.gan import resume_run, start_run
+from tests.fixtures import TINY_SETS
+
+GANS = [s.name for s in list_models() if s.family == "gan"]
+CONDITIONAL = [s.name for s in list_models() if s.family == "gan" and s.conditional]
+
+
+@pytest.mark.parametrize("size", [64, 128, 256])
+@pytest.mark.parametrize("name", GANS)
+def test_one_training_step_at_each_size(name, size, demo_at_size, tmp_path):
+    cfg = resolve_config(name, flags={"data": {"path": str(demo_at_size(size)), "image_size": size},
+                                      "train": {"epochs": 1, "device": "cpu", "batch_size": 8}},
+                         sets=TINY_SETS + ["train.batch_size=8", "train.grid_size=4", "loss.r1_every=1",
+                                           "loss.r1_gamma=1", "aug.diffaugment=translation,cutout,brightness,contrast",
+                                           "loss.cutmix_warmup_kimg=0", "loss.cutmix_prob=1"])
+    cfg.out = str(tmp_path / "runs")
+    torch.manual_seed(0)
+    before = get_model(name).build(_with_classes(cfg, name))
+    trainer, finished = start_run(cfg)
+    assert finished and trainer.state.step >= 1
+    stats = trainer.run_dir.joinpath("stats.jsonl").read_text()
+    assert "NaN" not in stats and "Infinity" not in stats
+    assert "r1" in stats
+    spec = get_model(name)
+    if "cutmix" in spec.features:
+        assert "cutmix_cons" in stats
+    if name == "acgan":
+        assert "acc_real" in stats and "acc_fake" in stats
+    changed = [not torch.equal(a, b) for a, b in zip(before["G"].state_dict().values(), trainer.G.state_dict().values())]
+    assert any(changed)
+    ckpt = load_checkpoint(trainer.run_dir)
+    assert {"G", "D", "G_ema"} <= set(ckpt["models"])
+    with torch.no_grad():
+        img = trainer.generate(torch.randn(2, cfg.arch.latent_dim),
+                               torch.tensor([0, 1]) if spec.conditional else None)
+    assert img.shape == (2, 1, size, size) and img.dtype == torch.uint8
+
+
+def _with_classes(cfg, name):
+    cfg.data.n_classes = 3 if get_model(name).conditional else 0
+    return cfg
+
+
+@pytest.mark.parametrize("name", ["cgan", "acgan"])
+@pytest.mark.parametrize("mode", ["min", "max"])
+def test_uncertainty_regulariser_trains(name, mode, tiny_cfg):
+    trainer, finished = start_run(tiny_cfg(epochs=1, model=name, extra=[
+        f"loss.uncertainty={mode}", "arch.d_dropout=0.3", "loss.mc_samples=4"]))
+    assert finished
+    assert "uncertainty_fake" in trainer.run_dir.joinpath("stats.jsonl").read_text()
+
+
+def test_uncertainty_is_refused_for_models_without_mc_dropout(tiny_cfg):
+    from covidxray.errors import CovidXrayError
+
+    with pytest.raises(CovidXrayError, match="not available for model 'rawgan'"):
+        start_run(tiny_cfg(extra=["loss.uncertainty=min", "arch.d_dropout=0.3"]))
+
+
+def test_cgan_resume_with_ema_and_diffaugment_equals_uninterrupted(tiny_cfg):
+    extra = ["aug.diffaugment=translation,cutout,brightness,contrast", "train.ema_kimg=0.05", "loss.r1_gamma=0.5",
+             "loss.r1_every=2"]
+    ref, _ = start_run(tiny_cfg(epochs=2, model="cgan", extra=extra))
+
+    def stop(trainer):
+        if trainer.state.step == 4:  # in the middle of the second epoch
+            trainer.request_stop()
+
+    part, finished = start_run(tiny_cfg(epochs=2, model="cgan", extra=extra), on_step=stop)
+    assert not finished
+    resumed, finished = resume_run(part.run_dir)
+    assert finished
+    for name, a, b in (("G", ref.G, resumed.G), ("D", ref.D, resumed.D), ("G_ema", ref.ema.ema_model, resumed.ema.ema_model)):
+        for key, value in a.state_dict().items():
+            assert torch.equal(value, b.state_dict()[key]), f"{name}.{key}"
+    assert (ref.run_dir / "samples" / "epoch_0002.png").read_bytes() == \
+        (part.run_dir / "samples" / "epoch_0002.png").read_bytes()
+
+
+@pytest.mark.parametrize("name", CONDITIONAL)
+def test_conditional_sampling_per_class(name, tiny_cfg, cli, tmp_path):
+    trainer, _ = start_run(tiny_cfg(epochs=1, model=name))
+    gen = load_generator(trainer.run_dir)
+    assert gen.conditional and gen.classes == ["covid", "normal", "viral_pneumonia"]
+    out = tmp_path / "s"
+    r = cli("sample", trainer.run_dir, out, "-n", "3", "--class", "all", "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in out.iterdir()) == ["covid", "normal", "viral_pneumonia"]
+    assert all(len(list((out / c).glob("sample_*.png"))) == 3 for c in gen.classes)
+    one = tmp_path / "one"
+    r = cli("sample", trainer.run_dir, one, "-n", "2", "--class", "covid")
+    assert r.exit_code == 0 and [p.name for p in one.iterdir()] == ["covid"]
+    # Different classes give different images from the same latents.
+    assert not torch.equal(gen.sample(2, seed=0, label=0), gen.sample(2, seed=0, label=2))
+    r = cli("sample", trainer.run_dir, tmp_path / "bad", "-n", "2", "--class", "pneumothorax")
+    assert r.exit_code == 2 and "unknown class 'pneumothorax'" in r.clean_stderr
+
+
+def test_class_option_is_refused_for_unconditional_models(tiny_cfg, cli, tmp_path):
+    trainer, _ = start_run(tiny_cfg(epochs=1))
+    r = cli("sample", trainer.run_dir, tmp_path / "s", "-n", "2", "--class", "covid")
+    assert r.exit_code == 2 and "not class-conditional" in r.clean_stderr
