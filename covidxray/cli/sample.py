@@ -1,0 +1,62 @@
+"""``covidxray sample``: write N generated images (and optionally a grid) from a checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from covidxray.cli._common import console, user_errors
+from covidxray.errors import CovidXrayError
+
+
+@user_errors
+def sample_cmd(
+    checkpoint: Path = typer.Argument(..., help="Checkpoint .pt file, or a run folder (uses checkpoints/last.pt)."),
+    out: Path = typer.Argument(..., help="Folder for the PNGs."),
+    n: int = typer.Option(64, "-n", "--num", help="Number of images."),
+    seed: int = typer.Option(0, "--seed", help="Latent seed: the same seed gives the same images."),
+    grid: bool = typer.Option(False, "--grid", help="Also write grid.png with all images."),
+    class_: Optional[str] = typer.Option(None, "--class", help="Conditional models: a class name or 'all' "
+                                         "(N images per class, one folder each) [default: all]."),
+    batch_size: int = typer.Option(256, "--batch-size", help="Images generated per forward pass."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Allow writing into a folder that already holds samples."),
+) -> None:
+    """Generate N grayscale PNGs at the training size (EMA generator when the checkpoint has one)."""
+    from covidxray.generate import load_generator, write_samples
+    from covidxray.train.gan import resolve_device
+    from covidxray.train.images import grid_nrow, save_grid
+
+    if n < 1:
+        raise CovidXrayError(f"-n must be at least 1, got {n}")
+    if batch_size < 1:
+        raise CovidXrayError(f"--batch-size must be at least 1, got {batch_size}")
+    if out.exists() and not out.is_dir():
+        raise CovidXrayError(f"{out} exists and is not a folder", "Pass a folder path for OUT")
+    loaded = load_generator(checkpoint)
+    dev = resolve_device(device)
+    if loaded.conditional:
+        names = loaded.classes if class_ in (None, "all") else [class_]
+        jobs = [(name, out / name, loaded.label_index(name)) for name in names]
+    else:
+        if class_ is not None:
+            loaded.label_index(class_)  # raises: not a conditional model
+        jobs = [(None, out, None)]
+    con = console()
+    for name, folder, label in jobs:
+        if folder.is_dir() and any(folder.glob("sample_*.png")) and not overwrite:
+            raise CovidXrayError(f"{folder} already holds sample_*.png files", "Choose another OUT or pass --overwrite")
+    for name, folder, label in jobs:
+        images = loaded.sample(n, seed=seed, batch_size=batch_size, device=dev, label=label)
+        folder.mkdir(parents=True, exist_ok=True)
+        if overwrite:  # do not leave stale extra files of an earlier, larger -n
+            for old in folder.glob("sample_*.png"):
+                old.unlink()
+        write_samples(images, folder)
+        what = f"class {name}, " if name else ""
+        msg = f"wrote {n} images ({what}{loaded.cfg.data.image_size} px, weights {loaded.weights}, seed {seed}) to {folder}"
+        if grid:
+            msg += f"; grid {save_grid(images, folder / 'grid.png', nrow=grid_nrow(n))}"
+        con.print(msg, highlight=False)

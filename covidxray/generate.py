@@ -1,0 +1,92 @@
+"""Generating images from a trained checkpoint (used by ``sample``, ``demo`` and evaluation)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from covidxray.config import Config, config_from_dict
+from covidxray.data.datasets import to_uint8
+from covidxray.errors import CovidXrayError
+from covidxray.models.registry import get_model
+from covidxray.train.checkpoint import load_checkpoint
+
+
+@dataclass
+class LoadedGenerator:
+    """A generator ready to sample: the network (eval mode), its config and which weights were used."""
+
+    G: nn.Module
+    cfg: Config
+    weights: str  # "G_ema" or "G"
+    checkpoint: dict
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.checkpoint.get("classes", []))
+
+    @property
+    def conditional(self) -> bool:
+        return getattr(self.G, "n_classes", 0) > 0
+
+    def label_index(self, name: str) -> int:
+        """Index of a class name of a conditional model; a clear error lists the valid names."""
+        if not self.conditional:
+            raise CovidXrayError(
+                f"model '{self.cfg.model}' is not class-conditional (trained on {', '.join(self.classes)} merged)",
+                "Drop --class, or train a conditional model such as cgan",
+            )
+        if name not in self.classes:
+            raise CovidXrayError(f"unknown class '{name}'; this model knows: {', '.join(self.classes)} (or all)")
+        return self.classes.index(name)
+
+    @torch.no_grad()
+    def sample(self, n: int, seed: int = 0, batch_size: int = 256, device: str | torch.device = "cpu",
+               label: int | None = None) -> torch.Tensor:
+        """``n`` uint8 images (n x 1 x S x S); the same seed (and label) gives the same images.
+
+        Args:
+            n: number of images.
+            seed: latent seed.
+            batch_size: images per forward pass.
+            device: where to run G.
+            label: class index for a conditional model (required there, refused otherwise).
+        """
+        if self.conditional and label is None:
+            raise CovidXrayError(f"model '{self.cfg.model}' is class-conditional: choose a class "
+                                 f"({', '.join(self.classes)} or all)")
+        gen = torch.Generator().manual_seed(seed)
+        z = torch.randn(n, self.cfg.arch.latent_dim, generator=gen)
+        y = torch.full((n,), label, dtype=torch.long) if self.conditional else None
+        self.G.to(device)
+        out = []
+        for i in range(0, n, batch_size):
+            yi = y[i:i + batch_size].to(device) if y is not None else None
+            out.append(to_uint8(self.G(z[i:i + batch_size].to(device), yi)).cpu())
+        size = self.cfg.data.image_size
+        return torch.cat(out) if out else torch.empty(0, 1, size, size, dtype=torch.uint8)
+
+
+def load_generator(checkpoint: str | os.PathLike) -> LoadedGenerator:
+    """Rebuild G from a checkpoint (file or run folder); prefers the EMA weights when present."""
+    ckpt = load_checkpoint(checkpoint)
+    cfg = config_from_dict(ckpt["config"])
+    spec = get_model(cfg.model)
+    if spec.family != "gan":
+        raise CovidXrayError(f"{ckpt['path']} holds a {spec.family} model ('{cfg.model}'); `sample` needs a GAN")
+    G = spec.build(cfg)["G"]
+    weights = "G_ema" if "G_ema" in ckpt["models"] else "G"
+    G.load_state_dict(ckpt["models"][weights])
+    G.eval()
+    return LoadedGenerator(G, cfg, weights, ckpt)
+
+
+def write_samples(images: torch.Tensor, out: Path, prefix: str = "sample") -> list[Path]:
+    """Write each uint8 image as ``<out>/<prefix>_00000.png`` … (atomically)."""
+    from covidxray.train.images import save_png
+
+    return [save_png(img[0], out / f"{prefix}_{i:05d}.png") for i, img in enumerate(images)]
