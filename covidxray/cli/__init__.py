@@ -14,10 +14,18 @@ app = typer.Typer(
 
 
 def _register() -> None:
-    # Imported lazily so that `covidxray --help` stays fast and each module owns its command.
-    from covidxray.cli import prepare
+    # Each module owns one command; heavy imports (torch) happen inside the commands,
+    # so that `covidxray --help` stays fast.
+    from covidxray.cli import demo, gif, models, planned, prepare, sample, train
 
     app.command("prepare")(prepare.prepare_cmd)
+    app.command("train")(train.train_cmd)
+    app.command("sample")(sample.sample_cmd)
+    app.command("segment")(planned.segment_cmd)
+    app.command("gif")(gif.gif_cmd)
+    app.command("evaluate")(planned.evaluate_cmd)
+    app.command("models")(models.models_cmd)
+    app.command("demo")(demo.demo_cmd)
 
 
 _register()
