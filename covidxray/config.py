@@ -94,8 +94,8 @@ class TrainConfig:
     grid_size: int = 64                 # images in the fixed-latent sample grid (a square number is nicest)
     ema_kimg: float = 10.0              # half-life of the EMA of G's weights in kimg; 0 = no G_ema
     ema_rampup: float = 0.05            # EMA half-life ramp-up as a fraction of images seen (StyleGAN2-ADA); 0 = off
-    amp: str = "auto"                   # mixed precision: auto (bf16 on CUDA, off on CPU) | bf16 | fp16 | off
-    channels_last: bool = True          # channels_last memory format on CUDA (faster convolutions)
+    amp: str = "auto"                   # mixed precision: auto (bf16 on CUDA, off on CPU) | bf16 | fp16 (CUDA) | off
+    channels_last: bool = True          # channels_last memory format (faster convolutions on GPUs and CPUs)
     compile: bool = False               # torch.compile G and D (falls back to eager with a warning)
 
 

@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# One device call for everything that needs a GPU (the device budget allows about one call per session):
+#   0. smoke: one epoch of rawgan / cgan / unetgan on real 64 px data (stop early if the CUDA path breaks)
+#   A. real-data training runs at 128 px for the README/docs grids and GIF (run concurrently)
+#   B. bench/gan_throughput.py: every GAN x 64/128/256 px vs the plain DCGAN reference, and the peer script
+#   C. the seed's cGAN schedule (~1.7 M images at 128 px), timed
+# Everything lands in $OUT/results.tar.gz; the summary table is printed last.
+# Needs (carried, git-ignored): .devdata/cxr-real (a copy of the real set, Kaggle v4 layout; prepared here at
+# 64/128/256 px in seconds) and .devdata/peer/main.py (pytorch/examples dcgan/main.py, fetched, never committed).
+# QUICK=1 shrinks every phase for a CPU rehearsal.
+set -u
+cd "$(dirname "$0")/.."
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TERM=dumb COLUMNS=160 NO_COLOR=1
+OUT=${OUT:-/tmp/gpu-out}
+R=$OUT/results; mkdir -p "$R/grids"
+RUNS=$(mktemp -d)/runs
+DR=$(mktemp -d)/data; D64=$DR/cxr64; D128=$DR/cxr128
+QUICK=${QUICK:-0}
+if [ "$QUICK" = 1 ]; then DEV=cpu; EPA=2; SCHED=3000; BENCH="--quick"; TINY="--set arch.g_channels=8 --set arch.d_channels=8"; else DEV=cuda; EPA=300; SCHED=1700000; BENCH=""; TINY=""; fi
+say() { echo "== $(date +%T) $*"; }
+cx() { python3 -m covidxray "$@"; }
+
+say env; (nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || true) | tee "$R/gpu.txt"
+python3 -c "import torch,sys; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'python', sys.version.split()[0])" | tee -a "$R/gpu.txt"
+
+say "prepare real data"
+for s in 64 128 256; do
+  python3 -m covidxray prepare .devdata/cxr-real $DR/cxr$s --size $s > "$R/prepare-$s.log" 2>&1 || { echo "PREPARE FAILED"; tail -20 "$R/prepare-$s.log"; exit 1; }
+done
+tail -14 "$R/prepare-128.log"
+
+say "0 smoke"
+for m in rawgan cgan unetgan; do
+  timeout 120 python3 -m covidxray train --model $m --data $D64 --image-size 64 --epochs 1 --device $DEV $TINY \
+      --out "$RUNS/smoke" > "$R/smoke-$m.log" 2>&1 || { echo "SMOKE FAILED: $m"; tail -30 "$R/smoke-$m.log"; tar -czf "$OUT/results.tar.gz" -C "$OUT" results; exit 1; }
+done
+echo "smoke ok"
+
+say "A real-data runs at 128 px ($EPA epochs each, concurrently)"
+pids=()
+for m in rawgan acgan unetgan unetcgan; do
+  timeout 200 python3 -m covidxray train --model $m --data $D128 --epochs $EPA --device $DEV $TINY --out "$RUNS/$m" \
+      --set train.grid_size=36 --set train.snapshot_every=$(( EPA / 30 > 0 ? EPA / 30 : 1 )) --set train.checkpoint_every=100 \
+      > "$R/train-$m.log" 2>&1 &
+  pids+=($!)
+done
+for p in "${pids[@]}"; do wait $p || echo "a run failed (exit $?)"; done
+for m in rawgan acgan unetgan unetcgan; do
+  run=$(ls -d "$RUNS/$m"/*-$m 2>/dev/null | head -1); [ -n "$run" ] || continue
+  cp "$run/stats.jsonl" "$R/stats-$m.jsonl" 2>/dev/null
+  cls=""; [ $m = acgan ] || [ $m = unetcgan ] && cls="--class all"
+  cx sample "$run" "$R/tmp-$m" -n 16 --grid --seed 0 --device $DEV $cls > /dev/null 2>>"$R/train-$m.log"
+  for g in $(cd "$R/tmp-$m" && find . -name grid.png); do cp "$R/tmp-$m/$g" "$R/grids/$m$(dirname "$g" | tr -d . | tr / _).png"; done
+  cp "$run/reals.png" "$R/grids/reals.png" 2>/dev/null
+  rm -rf "$R/tmp-$m"
+done
+run=$(ls -d "$RUNS/rawgan"/*-rawgan | head -1) && cx gif "$run" -o "$R/rawgan.gif" --fps 6 --max-side 640 && cp "$run/samples/$(ls "$run/samples" | tail -1)" "$R/grids/rawgan_fixed_grid.png"
+grep -h "done:" "$R"/train-*.log
+
+say "B throughput benchmark"
+timeout 240 python3 bench/gan_throughput.py $BENCH --device $DEV --data-root $DR --peer .devdata/peer/main.py \
+    --also-plain-bf16 --json "$R/bench.json" > "$R/bench.log" 2>&1 || echo "bench exit $?"
+timeout 60 python3 bench/gan_throughput.py $BENCH --device $DEV --data-root $DR --models rawgan --sizes 128 \
+    --ref-max-channels 512 --json "$R/bench-ref512.json" > "$R/bench-ref512.log" 2>&1 || echo "bench-ref512 exit $?"
+
+say "C cGAN schedule ($SCHED images at 128 px)"
+start=$(date +%s.%N)
+timeout 300 python3 bench/gan_throughput.py --device $DEV --skip-models --run-schedule cgan --schedule-images $SCHED \
+    --data128 $D128 --schedule-out "$RUNS/cgan" --set train.checkpoint_every=100 $TINY \
+    --json "$R/schedule.json" > "$R/schedule.log" 2>&1 || echo "schedule exit $?"
+echo "cgan schedule wall $(python3 -c "import time; print(round(time.time() - $start, 1))") s"
+run=$(ls -d "$RUNS"/cgan/*cgan* 2>/dev/null | head -1)
+[ -n "$run" ] && cx sample "$run" "$R/tmp-cgan" -n 16 --grid --class all --device $DEV > /dev/null && \
+  for c in covid normal viral_pneumonia; do cp "$R/tmp-cgan/$c/grid.png" "$R/grids/cgan_$c.png"; done; rm -rf "$R/tmp-cgan"
+
+tar -czf "$OUT/results.tar.gz" -C "$OUT" results
+say "summary"
+tail -42 "$R/bench.log"; tail -12 "$R/bench-ref512.log"; tail -10 "$R/schedule.log"
