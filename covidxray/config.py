@@ -45,7 +45,6 @@ class ArchConfig:
     max_channels: int = 512             # cap on any layer's width (keeps 256 px models small)
     g_spectral_norm: bool = False       # spectral normalisation on G's layers (Miyato et al. 2018)
     d_spectral_norm: bool = False       # spectral normalisation on D's layers (replaces D's BatchNorm)
-    embed_dim: int = 64                 # label-embedding size fed to G (class-conditional models)
     d_dropout: float = 0.0              # dropout before D's head; > 0 enables Monte-Carlo dropout (uncertainty)
 
 
@@ -55,6 +54,7 @@ class LossConfig:
     r1_gamma: float = 0.0               # R1 penalty weight on reals (Mescheder et al. 2018); 0 = off
     r1_every: int = 16                  # lazy R1: apply every k D steps, weight multiplied by k (StyleGAN2)
     aux_weight: float = 1.0             # ACGAN: weight of the auxiliary classification loss
+    aux_on_fakes: bool = True           # ACGAN: D's classification loss also on fakes (the paper); false = reals only
     cutmix: bool = True                 # U-Net GAN: CutMix consistency regularisation (Schönfeld et al. 2020)
     cutmix_prob: float = 0.5            # U-Net GAN: probability of a CutMix D step once warmed up
     cutmix_warmup_kimg: float = 200.0   # U-Net GAN: CutMix probability ramps linearly from 0 over this many kimg

@@ -23,6 +23,8 @@ def train_cmd(
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file of config overrides."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="Dotted override key=value, repeatable (e.g. train.batch_size=32)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (stored with the run)."),
+    snapshot_every: Optional[int] = typer.Option(None, "--snapshot-every",
+                                                 help="Save the fixed-latent grid every N epochs (train.snapshot_every)."),
     device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this folder from checkpoints/last.pt."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved config and exit."),
@@ -33,7 +35,7 @@ def train_cmd(
     con = console()
     if resume is not None:
         extra = {"--model": model, "--batch-size": batch_size, "--image-size": image_size, "--classes": classes,
-                 "--out": out, "--config": config, "--set": set_, "--seed": seed}
+                 "--out": out, "--config": config, "--set": set_, "--seed": seed, "--snapshot-every": snapshot_every}
         given = [k for k, v in extra.items() if v]
         if given:
             raise CovidXrayError(
@@ -61,7 +63,8 @@ def train_cmd(
     flags = {
         "data": {"path": str(data.resolve()) if data else None, "image_size": image_size,
                  "classes": classes.split(",") if classes else None},
-        "train": {"epochs": epochs, "batch_size": batch_size, "seed": seed, "device": device},
+        "train": {"epochs": epochs, "batch_size": batch_size, "seed": seed, "device": device,
+                  "snapshot_every": snapshot_every},
     }
     cfg = resolve_config(model, config, flags, set_)
     if out is not None:

@@ -194,7 +194,7 @@ def build_unetcgan(cfg) -> dict[str, nn.Module]:
     G: :class:`~covidxray.models.conditional.ConditionalGenerator`; D: :class:`UNetDiscriminator`
     with ``n_classes`` projection heads on the image and pixel outputs. Keys read and defaults: as
     :func:`build_unetgan`, plus ``data.n_classes`` (set by the trainer from the data; else
-    ``len(data.classes)`` or 3) and ``arch.embed_dim`` (64).
+    ``len(data.classes)`` or 3).
     """
     k = n_classes_of(cfg)
     return {"G": conditional_generator(cfg, k), "D": _unet_discriminator(cfg, k)}

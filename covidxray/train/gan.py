@@ -374,7 +374,9 @@ class GANTrainer:
                     loss_d = loss_d + loss_mix + cfg.loss.consistency_weight * cons
                     stats["cutmix_cons"] = cons
             if out_r.class_logits is not None:  # ACGAN: D also classifies reals and fakes
-                ce = F.cross_entropy(out_r.class_logits.float(), labels) + F.cross_entropy(out_f.class_logits.float(), labels)
+                ce = F.cross_entropy(out_r.class_logits.float(), labels)
+                if cfg.loss.aux_on_fakes:  # the paper's L_C; off keeps D's classifier from rewarding easy fakes
+                    ce = ce + F.cross_entropy(out_f.class_logits.float(), labels)
                 loss_d = loss_d + cfg.loss.aux_weight * ce
                 stats["acc_real"] = (out_r.class_logits.argmax(1) == labels).float().mean()
                 stats["acc_fake"] = (out_f.class_logits.argmax(1) == labels).float().mean()

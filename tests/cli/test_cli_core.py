@@ -31,10 +31,12 @@ def test_planned_commands_say_not_available(cli, cmd):
 
 def test_dry_run_prints_resolved_config(cli, demo_prepared, tmp_path):
     r = cli("train", "--model", "rawgan", "--data", demo_prepared, "--epochs", "3", "--batch-size", "8",
-            "--image-size", "64", "--set", "optim.lr_g=1e-3", "--out", tmp_path / "runs", "--dry-run")
+            "--image-size", "64", "--set", "optim.lr_g=1e-3", "--snapshot-every", "7", "--out", tmp_path / "runs",
+            "--dry-run")
     assert r.exit_code == 0, r.output
     out = r.clean_stdout
     assert "epochs: 3" in out and "batch_size: 8" in out and "lr_g: 0.001" in out and "image_size: 64" in out
+    assert "snapshot_every: 7" in out
     assert not (tmp_path / "runs").exists()
 
 

@@ -122,11 +122,10 @@ def test_mc_samples_without_dropout_are_identical(name):
 def test_n_classes_and_spectral_norm_come_from_the_config():
     _, nets = build("cgan", 64, "data.classes=[covid,normal]")
     assert nets["G"].n_classes == nets["D"].n_classes == 2
-    _, nets = build("acgan", 64, "data.n_classes=4", "arch.g_spectral_norm=true", "arch.d_spectral_norm=false",
-                    "arch.embed_dim=5")
+    _, nets = build("acgan", 64, "data.n_classes=4", "arch.g_spectral_norm=true", "arch.d_spectral_norm=false")
     G, D = nets["G"], nets["D"]
     assert D(torch.zeros(2, 1, 64, 64)).class_logits.shape == (2, 4)
-    assert G.embed.embedding_dim == 5
+    assert G.layers[1].gamma.num_embeddings == 4  # class-conditional BatchNorm after the first layer
     assert any(torch.nn.utils.parametrize.is_parametrized(m) for m in G.modules())
     assert not any(torch.nn.utils.parametrize.is_parametrized(m) for m in D.modules())
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in D.modules())
@@ -138,7 +137,7 @@ def test_n_classes_and_spectral_norm_come_from_the_config():
 @pytest.mark.parametrize("D_cls", [ProjectionDiscriminator, ACGANDiscriminator])
 def test_channels_last_and_bf16_autocast(D_cls):
     torch.manual_seed(0)
-    G = ConditionalGenerator(64, latent_dim=16, n_classes=3, embed_dim=8, channels=8)
+    G = ConditionalGenerator(64, latent_dim=16, n_classes=3, channels=8)
     D = D_cls(64, n_classes=3, channels=8, dropout=0.2)
     G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
     y = torch.tensor([0, 1, 2, 0])
@@ -152,3 +151,17 @@ def test_channels_last_and_bf16_autocast(D_cls):
 @pytest.mark.parametrize("name", ["cgan", "acgan"])
 def test_registry_declares_mc_dropout_support(name):
     assert "uncertainty" in get_model(name).features
+
+
+def test_label_survives_a_single_class_training_batch():
+    # With the label concatenated to z, BatchNorm in training mode removed it from a batch whose
+    # labels were all equal; class-conditional BatchNorm applies the class after normalising.
+    torch.manual_seed(0)
+    G = ConditionalGenerator(64, latent_dim=16, n_classes=3, channels=8).train()
+    for cbn in (m for m in G.modules() if m.__class__.__name__ == "ConditionalBatchNorm2d"):
+        torch.nn.init.normal_(cbn.gamma.weight, 1.0, 0.5)
+        torch.nn.init.normal_(cbn.beta.weight, 0.0, 0.5)
+    z = torch.randn(8, 16)
+    a = G(z, torch.zeros(8, dtype=torch.long))
+    b = G(z, torch.full((8,), 2, dtype=torch.long))
+    assert (a - b).abs().mean() > 0.05

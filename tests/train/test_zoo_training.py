@@ -109,3 +109,10 @@ def test_class_option_is_refused_for_unconditional_models(tiny_cfg, cli, tmp_pat
     trainer, _ = start_run(tiny_cfg(epochs=1))
     r = cli("sample", trainer.run_dir, tmp_path / "s", "-n", "2", "--class", "covid")
     assert r.exit_code == 2 and "not class-conditional" in r.clean_stderr
+
+
+def test_acgan_aux_loss_on_reals_only(tiny_cfg):
+    trainer, finished = start_run(tiny_cfg(epochs=1, model="acgan", extra=["loss.aux_on_fakes=false"]))
+    assert finished
+    stats = trainer.run_dir.joinpath("stats.jsonl").read_text()
+    assert "acc_real" in stats and "NaN" not in stats
