@@ -608,8 +608,6 @@ def _hms(s: float | None) -> str:
 
 
 def print_tables(console, res: dict[str, Any], args) -> None:
-    from rich.table import Table
-
     env, sec = res["env"], res["sections_s"]
     env.setdefault("device_name", "?"), env.setdefault("device", "?"), env.setdefault("torch", torch.__version__)
     refs = {(r["size"], r["variant"]): r for r in res["reference"]}

@@ -17,9 +17,8 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 
-# Fixtures of the GAN/dataset/CLI tests of other modules (demo_prepared, cli, tiny_cfg).
-if (Path(__file__).parent / "fixtures.py").is_file():
-    pytest_plugins = ["tests.fixtures"]
+# Fixtures of the GAN/dataset/CLI tests (demo_prepared, demo_at_size, tiny_cfg, cli).
+pytest_plugins = ["tests.fixtures"]
 
 
 # --------------------------------------------------------------------------------------------

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
@@ -13,6 +12,21 @@ ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 #: A tiny, fast rawgan configuration for tests (same code paths as a real run).
 TINY_SETS = ["arch.g_channels=8", "arch.d_channels=8", "train.batch_size=16", "train.log_every=2",
              "train.checkpoint_every=1", "train.grid_size=16", "train.num_threads=1"]
+
+
+SMALL_ARCH = ["arch.g_channels=8", "arch.d_channels=8"]
+
+
+def build_small(name: str, size: int = 64, *sets: str):
+    """Resolve a small config of a registered model and build its networks (seeded)."""
+    import torch
+
+    from covidxray.config import resolve_config
+    from covidxray.models import get_model
+
+    cfg = resolve_config(name, sets=[f"data.image_size={size}", *SMALL_ARCH, *sets])
+    torch.manual_seed(0)
+    return cfg, get_model(name).build(cfg)
 
 
 @pytest.fixture(scope="session")

@@ -185,7 +185,7 @@ def build_unetgan(cfg) -> dict[str, nn.Module]:
     family="gan",
     features=("cutmix", "uncertainty"),
     paper="Schönfeld, Schiele & Khoreva, U-Net GAN (class-conditional), CVPR 2020 (arXiv:2002.12655)",
-    summary="class-conditional U-Net GAN: G gets [z, embed(y)], U-Net D with projection on both outputs",
+    summary="class-conditional U-Net GAN: class-conditional BatchNorm in G, U-Net D with projection on both outputs",
     conditional=True,
 )
 def build_unetcgan(cfg) -> dict[str, nn.Module]:

@@ -1,6 +1,5 @@
 """The CLI through CliRunner: exit codes, one-line errors, the end-to-end smoke test."""
 
-from pathlib import Path
 
 import pytest
 from PIL import Image

@@ -1,17 +1,10 @@
 import pytest
 import torch
 
-from covidxray.config import resolve_config
 from covidxray.models import get_model
 from covidxray.models.conditional import ACGANDiscriminator, ConditionalGenerator, ProjectionDiscriminator
 
-SMALL = ["arch.g_channels=8", "arch.d_channels=8"]
-
-
-def build(name, size=64, *sets):
-    cfg = resolve_config(name, sets=[f"data.image_size={size}", *SMALL, *sets])
-    torch.manual_seed(0)
-    return cfg, get_model(name).build(cfg)
+from tests.fixtures import build_small as build
 
 
 @pytest.mark.parametrize("name", ["cgan", "acgan"])
