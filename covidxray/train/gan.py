@@ -475,6 +475,7 @@ class GANTrainer:
             task = progress.add_task("train", total=total * self.batches_per_epoch,
                                      completed=s.epoch * self.batches_per_epoch + s.batch_in_epoch, info="")
             while s.epoch < total:
+                progress.update(task, description=f"epoch {s.epoch + 1}/{total}")
                 if s.perm is None:
                     s.perm = torch.randperm(len(self.data), generator=self.shuffle_gen)
                 perm = s.perm.to(self.data.images.device)

@@ -1,0 +1,54 @@
+"""Mixed precision on the CPU, the NaN/inf guard and the torch.compile fallback."""
+
+import math
+
+import pytest
+import torch
+
+from covidxray.errors import CovidXrayError
+from covidxray.train.checkpoint import load_checkpoint
+from covidxray.train.gan import GANTrainer, start_run
+
+
+def test_bf16_autocast_trains_on_the_cpu(tiny_cfg):
+    trainer, finished = start_run(tiny_cfg(epochs=1, extra=["train.amp=bf16"]))
+    assert finished and trainer.amp_dtype == torch.bfloat16
+    assert all(torch.isfinite(p).all() for p in trainer.G.parameters())
+    assert all(p.dtype == torch.float32 for p in trainer.G.parameters())  # weights stay fp32
+
+
+def test_fp16_needs_cuda(tiny_cfg):
+    with pytest.raises(CovidXrayError, match="fp16 needs a CUDA device"):
+        start_run(tiny_cfg(extra=["train.amp=fp16"]))
+
+
+def test_nan_losses_stop_with_a_hint_and_keep_the_last_checkpoint(tiny_cfg, monkeypatch):
+    trainer, _ = start_run(tiny_cfg(epochs=1))
+    good = load_checkpoint(trainer.run_dir)
+    real_step = GANTrainer.train_step
+
+    def diverging(self, real, labels):
+        out = real_step(self, real, labels)
+        out["loss_d"] = out["loss_d"] * math.nan
+        return out
+
+    monkeypatch.setattr(GANTrainer, "train_step", diverging)
+    from covidxray.train.gan import resume_run
+
+    with pytest.raises(CovidXrayError, match=r"diverged at step \d+: loss_d became NaN/inf") as err:
+        resume_run(trainer.run_dir, epochs=2)
+    assert "learning rate" in str(err.value)
+    assert load_checkpoint(trainer.run_dir)["step"] == good["step"]  # no NaN checkpoint written
+
+
+def test_compile_failure_falls_back_to_eager_with_a_warning(tiny_cfg, monkeypatch):
+    def broken_compile(module, *args, **kwargs):
+        def fail(*a, **k):
+            raise RuntimeError("no C++ compiler in this test")
+        return fail
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    with pytest.warns(UserWarning, match="torch.compile failed"):
+        trainer, finished = start_run(tiny_cfg(epochs=1, extra=["train.compile=true"]))
+    assert finished and trainer.G_train is trainer.G
+    assert "torch.compile failed" in (trainer.run_dir / "log.txt").read_text()
