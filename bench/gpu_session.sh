@@ -7,7 +7,8 @@
 # Everything lands in $OUT/results.tar.gz; the summary table is printed last.
 # Needs (carried, git-ignored): .devdata/cxr-real (a copy of the real set, Kaggle v4 layout; prepared here at
 # 64/128/256 px in seconds) and .devdata/peer/main.py (pytorch/examples dcgan/main.py, fetched, never committed).
-# QUICK=1 shrinks every phase for a CPU rehearsal.
+# QUICK=1 shrinks every phase for a CPU rehearsal; PHASES="A" (any of: A B C, default "A B C") picks phases,
+# MODELS_A="..." the models of phase A (default rawgan acgan unetgan unetcgan).
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TERM=dumb COLUMNS=160 NO_COLOR=1
@@ -39,31 +40,38 @@ for m in rawgan cgan unetgan; do
 done
 echo "smoke ok"
 
+PHASES=${PHASES:-"A B C"}; MODELS_A=${MODELS_A:-"rawgan acgan unetgan unetcgan"}
+on() { [[ " $PHASES " == *" $1 "* ]]; }
+if on A; then
 say "A real-data runs at 128 px ($EPA epochs each, concurrently)"
 pids=()
-for m in rawgan acgan unetgan unetcgan; do
+for m in $MODELS_A; do
   timeout $(cap 130) python3 -m covidxray train --model $m --data $D128 --epochs $EPA --device $DEV $TINY --out "$RUNS/$m" \
       --set train.grid_size=36 --set train.snapshot_every=$(( EPA / 30 > 0 ? EPA / 30 : 1 )) --set train.checkpoint_every=100 \
       > "$R/train-$m.log" 2>&1 &
   pids+=($!)
 done
 for p in "${pids[@]}"; do wait $p || echo "a run failed (exit $?)"; done
-for m in rawgan acgan unetgan unetcgan; do
+for m in $MODELS_A; do
   run=$(ls -d "$RUNS/$m"/*-$m 2>/dev/null | head -1); [ -n "$run" ] || continue
   cp "$run/stats.jsonl" "$R/stats-$m.jsonl" 2>/dev/null
-  cls=""; [ $m = acgan ] || [ $m = unetcgan ] && cls="--class all"
+  cls=""; [ $m = acgan ] || [ $m = cgan ] || [ $m = unetcgan ] && cls="--class all"
   cx sample "$run" "$R/tmp-$m" -n 16 --grid --seed 0 --device $DEV $cls > /dev/null 2>>"$R/train-$m.log"
   for g in $(cd "$R/tmp-$m" && find . -name grid.png); do cp "$R/tmp-$m/$g" "$R/grids/$m$(dirname "$g" | tr -d . | tr / _).png"; done
   rm -rf "$R/tmp-$m"
 done
-run=$(ls -d "$RUNS/rawgan"/*-rawgan | head -1) && cx gif "$run" -o "$R/rawgan.gif" --fps 6 --max-side 640 && cp "$run/samples/$(ls "$run/samples" | tail -1)" "$R/grids/rawgan_fixed_grid.png"
+run=$(ls -d "$RUNS/rawgan"/*-rawgan 2>/dev/null | head -1) && cx gif "$run" -o "$R/rawgan.gif" --fps 6 --max-side 640 && cp "$run/samples/$(ls "$run/samples" | tail -1)" "$R/grids/rawgan_fixed_grid.png"
 grep -h "done:" "$R"/train-*.log
+fi
 
+if on B; then
 say "B throughput benchmark"
 # Reference capped at 512 channels like our models: a like-for-like (stricter) comparison at 128/256 px.
 timeout $(cap 150) python3 bench/gan_throughput.py $BENCH --device $DEV --data-root $DR --peer .devdata/peer/main.py \
     --also-plain-bf16 --ref-max-channels 512 --json "$R/bench.json" > "$R/bench.log" 2>&1 || echo "bench exit $?"
+fi
 
+if on C; then
 say "C cGAN schedule ($SCHED images at 128 px)"
 start=$(date +%s.%N)
 timeout $(cap 300) python3 bench/gan_throughput.py --device $DEV --skip-models --run-schedule cgan --schedule-images $SCHED \
@@ -73,7 +81,8 @@ echo "cgan schedule wall $(python3 -c "import time; print(round(time.time() - $s
 run=$(ls -d "$RUNS"/cgan/*cgan* 2>/dev/null | head -1)
 [ -n "$run" ] && cx sample "$run" "$R/tmp-cgan" -n 16 --grid --class all --device $DEV > /dev/null && \
   for c in covid normal viral_pneumonia; do cp "$R/tmp-cgan/$c/grid.png" "$R/grids/cgan_$c.png"; done; rm -rf "$R/tmp-cgan"
+fi
 
 tar -czf "$OUT/results.tar.gz" -C "$OUT" results
 say "summary"
-tail -42 "$R/bench.log"; tail -10 "$R/schedule.log"
+[ -f "$R/bench.log" ] && tail -42 "$R/bench.log"; [ -f "$R/schedule.log" ] && tail -10 "$R/schedule.log"; ls "$R/grids"
