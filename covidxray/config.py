@@ -251,8 +251,10 @@ def validate(cfg: Config) -> Config:
             raise CovidXrayError(f"config key '{key}' must be >= 1; got {value}")
     if cfg.data.image_size not in (64, 128, 256):
         raise CovidXrayError(f"config key 'data.image_size' must be 64, 128 or 256; got {cfg.data.image_size}")
-    if cfg.loss.r1_every < 1 or cfg.loss.mc_samples < 2 and cfg.loss.uncertainty != "off":
-        raise CovidXrayError("config keys 'loss.r1_every' must be >= 1 and 'loss.mc_samples' >= 2 with an uncertainty mode")
+    if cfg.loss.r1_every < 1:
+        raise CovidXrayError(f"config key 'loss.r1_every' must be >= 1; got {cfg.loss.r1_every}")
+    if cfg.loss.uncertainty != "off" and cfg.loss.mc_samples < 2:
+        raise CovidXrayError(f"config key 'loss.mc_samples' must be >= 2 with an uncertainty mode; got {cfg.loss.mc_samples}")
     if not 0.0 <= cfg.arch.d_dropout < 1.0:
         raise CovidXrayError(f"config key 'arch.d_dropout' must be in [0, 1); got {cfg.arch.d_dropout}")
     if cfg.loss.uncertainty != "off" and cfg.arch.d_dropout <= 0.0:

@@ -40,6 +40,9 @@ def test_set_parses_yaml_scalars_and_lists():
         ("data.image_size=100", "'data.image_size' must be 64, 128 or 256"),
         ("data.split=holdout", "'data.split' must be one of train, val, test"),
         ("train=3", "'train' must be a mapping"),
+        ("loss.r1_every=0", "'loss.r1_every' must be >= 1"),
+        ("loss.kind=wasserstein", "'loss.kind' must be one of bce, hinge, lsgan"),
+        ("aug.diffaugment=translation,color", "'aug.diffaugment'"),
     ],
 )
 def test_bad_overrides_name_the_key(item, fragment):
@@ -70,3 +73,12 @@ def test_round_trip_through_yaml():
     again = config_from_dict(yaml.safe_load(cfg.to_yaml()))
     assert again == cfg
     assert isinstance(again, Config)
+
+
+def test_uncertainty_needs_mc_dropout_and_two_passes():
+    with pytest.raises(CovidXrayError, match="needs Monte-Carlo dropout"):
+        resolve_config("cgan", sets=["loss.uncertainty=min"])
+    with pytest.raises(CovidXrayError, match="'loss.mc_samples' must be >= 2"):
+        resolve_config("cgan", sets=["loss.uncertainty=max", "arch.d_dropout=0.3", "loss.mc_samples=1"])
+    cfg = resolve_config("cgan", sets=["loss.uncertainty=min", "arch.d_dropout=0.3"])
+    assert cfg.loss.uncertainty == "min"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import sys
 from typing import Callable, TypeVar
 
 import typer
@@ -49,7 +48,3 @@ def user_errors(func: F) -> F:
 def console():
     """The stdout console for progress and tables (made per call, never at import)."""
     return make_console(stderr=False)
-
-
-def is_interactive() -> bool:
-    return sys.stdout.isatty()

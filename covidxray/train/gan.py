@@ -134,11 +134,10 @@ class GANTrainer:
         self.spec = get_model(cfg.model)
         if self.spec.family != "gan":
             raise CovidXrayError(f"model '{cfg.model}' is a {self.spec.family} model, not a GAN")
-        for feature, active in (("uncertainty", cfg.loss.uncertainty != "off"),):
-            if active and feature not in self.spec.features:
-                with_it = [m.name for m in list_models() if feature in m.features]
-                raise CovidXrayError(f"loss.{feature} is not available for model '{cfg.model}'",
-                                     f"Use one of: {', '.join(with_it) or 'none'}, or --set loss.{feature}=off")
+        if cfg.loss.uncertainty != "off" and "uncertainty" not in self.spec.features:
+            with_it = [m.name for m in list_models() if "uncertainty" in m.features]
+            raise CovidXrayError(f"loss.uncertainty is not available for model '{cfg.model}'",
+                                 f"Use one of: {', '.join(with_it)}, or --set loss.uncertainty=off")
         self.device = resolve_device(cfg.train.device)
         if cfg.train.num_threads > 0:
             torch.set_num_threads(cfg.train.num_threads)
