@@ -8,7 +8,8 @@
 # Needs (carried, git-ignored): .devdata/cxr-real (a copy of the real set, Kaggle v4 layout; prepared here at
 # 64/128/256 px in seconds) and .devdata/peer/main.py (pytorch/examples dcgan/main.py, fetched, never committed).
 # QUICK=1 shrinks every phase for a CPU rehearsal; PHASES="A" (any of: A B C, default "A B C") picks phases,
-# MODELS_A="..." the models of phase A (default rawgan acgan unetgan unetcgan).
+# MODELS_A="..." the models of phase A (default rawgan acgan unetgan unetcgan), PREP_SIZES the prepared sizes
+# (default "64 128 256"), SKIP_SMOKE=1 skips the smoke phase, BUDGET the seconds for the whole script.
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TERM=dumb COLUMNS=160 NO_COLOR=1
@@ -28,17 +29,19 @@ say env; (nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2
 python3 -c "import torch,sys; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'python', sys.version.split()[0])" | tee -a "$R/gpu.txt"
 
 say "prepare real data"
-for s in 64 128 256; do
+for s in ${PREP_SIZES:-64 128 256}; do
   python3 -m covidxray prepare .devdata/cxr-real $DR/cxr$s --size $s > "$R/prepare-$s.log" 2>&1 || { echo "PREPARE FAILED"; tail -20 "$R/prepare-$s.log"; exit 1; }
 done
 tail -14 "$R/prepare-128.log"
 
+if [ "${SKIP_SMOKE:-0}" != 1 ]; then
 say "0 smoke"
 for m in rawgan cgan unetgan; do
   timeout 60 python3 -m covidxray train --model $m --data $D64 --image-size 64 --epochs 1 --device $DEV $TINY \
       --out "$RUNS/smoke" > "$R/smoke-$m.log" 2>&1 || { echo "SMOKE FAILED: $m"; tail -30 "$R/smoke-$m.log"; tar -czf "$OUT/results.tar.gz" -C "$OUT" results; exit 1; }
 done
 echo "smoke ok"
+fi
 
 PHASES=${PHASES:-"A B C"}; MODELS_A=${MODELS_A:-"rawgan acgan unetgan unetcgan"}
 on() { [[ " $PHASES " == *" $1 "* ]]; }
