@@ -62,13 +62,29 @@ class LoadedGenerator:
         gen = torch.Generator().manual_seed(seed)
         z = torch.randn(n, self.cfg.arch.latent_dim, generator=gen)
         y = torch.full((n,), label, dtype=torch.long) if self.conditional else None
-        self.G.to(device)
+        return generate_images(self.G.to(device), z, y, device, batch_size)
+
+
+@torch.no_grad()
+def generate_images(G: nn.Module, z: torch.Tensor, y: torch.Tensor | None, device: str | torch.device,
+                    batch_size: int = 256) -> torch.Tensor:
+    """uint8 images (N x 1 x S x S, on the CPU) from latents and labels, batched, G in eval mode.
+
+    Eval mode makes BatchNorm use its running statistics, so an image does not depend on the
+    others in its batch; G's previous mode is restored afterwards.
+    """
+    was_training = G.training
+    G.eval()
+    try:
         out = []
-        for i in range(0, n, batch_size):
+        for i in range(0, len(z), batch_size):
             yi = y[i:i + batch_size].to(device) if y is not None else None
-            out.append(to_uint8(self.G(z[i:i + batch_size].to(device), yi)).cpu())
-        size = self.cfg.data.image_size
-        return torch.cat(out) if out else torch.empty(0, 1, size, size, dtype=torch.uint8)
+            out.append(to_uint8(G(z[i:i + batch_size].to(device), yi)).cpu())
+    finally:
+        G.train(was_training)
+    if not out:
+        return torch.empty(0, 1, G.image_size, G.image_size, dtype=torch.uint8)
+    return torch.cat(out)
 
 
 def load_generator(checkpoint: str | os.PathLike) -> LoadedGenerator:

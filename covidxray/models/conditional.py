@@ -203,7 +203,7 @@ class _PooledDiscriminator(nn.Module):
         self.image_size, self.n_classes, self.dropout = image_size, n_classes, float(dropout)
         self.trunk, self.width = dcgan_trunk(image_size, channels, max_channels, in_channels, spectral_norm)
         if not spectral_norm:
-            dcgan_init(self.trunk)  # (a no-op on SN-wrapped convs, which keep PyTorch's default init)
+            dcgan_init(self.trunk)  # with SN the trunk keeps PyTorch's default init (documented in docs/models.md)
 
     def features(self, x: torch.Tensor, mc_samples: int) -> torch.Tensor:
         """Pooled trunk features after dropout: (N, C), or (K, N, C) for ``mc_samples = K > 1``."""

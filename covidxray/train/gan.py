@@ -35,8 +35,9 @@ import torch
 import torch.nn.functional as F
 
 from covidxray.config import Config, config_from_dict
-from covidxray.data.datasets import TensorData, load_tensor_data, to_float, to_uint8
+from covidxray.data.datasets import TensorData, load_tensor_data, to_float
 from covidxray.errors import CovidXrayError
+from covidxray.generate import generate_images
 from covidxray.models.registry import get_model, list_models
 from covidxray.train import losses
 from covidxray.train.augment import diff_augment, parse_policy
@@ -299,20 +300,9 @@ class GANTrainer:
         """The generator used for snapshots and sampling: G_ema when there is one."""
         return self.ema.ema_model if self.ema is not None else self.G
 
-    @torch.no_grad()
     def generate(self, z: torch.Tensor, y: torch.Tensor | None = None, batch: int = 256) -> torch.Tensor:
-        """uint8 images from latents (and labels), eval mode (BatchNorm running statistics)."""
-        G = self.G_eval
-        was_training = G.training
-        G.eval()
-        try:
-            out = []
-            for i in range(0, len(z), batch):
-                yi = y[i:i + batch].to(self.device) if y is not None else None
-                out.append(to_uint8(G(z[i:i + batch].to(self.device), yi)).cpu())
-        finally:
-            G.train(was_training)
-        return torch.cat(out)
+        """uint8 images from latents (and labels) with :attr:`G_eval` in eval mode."""
+        return generate_images(self.G_eval, z, y, self.device, batch)
 
     def snapshot(self) -> Path:
         path = self.run_dir / "samples" / f"epoch_{self.state.epoch:04d}.png"
