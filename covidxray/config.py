@@ -54,7 +54,8 @@ class LossConfig:
     r1_gamma: float = 0.0               # R1 penalty weight on reals (Mescheder et al. 2018); 0 = off
     r1_every: int = 16                  # lazy R1: apply every k D steps, weight multiplied by k (StyleGAN2)
     aux_weight: float = 1.0             # ACGAN: weight of the auxiliary classification loss
-    aux_on_fakes: bool = True           # ACGAN: D's classification loss also on fakes (the paper); false = reals only
+    aux_mode: str = "acgan"             # ACGAN classifier training: acgan (D classifies reals and fakes, the paper)
+                                        # | real (reals only) | tac (twin classifier on fakes, Gong et al. 2019)
     cutmix: bool = True                 # U-Net GAN: CutMix consistency regularisation (Schönfeld et al. 2020)
     cutmix_prob: float = 0.5            # U-Net GAN: probability of a CutMix D step once warmed up
     cutmix_warmup_kimg: float = 200.0   # U-Net GAN: CutMix probability ramps linearly from 0 over this many kimg
@@ -123,6 +124,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.on_device": ("auto", "yes", "no"),
     "loss.kind": ("bce", "hinge", "lsgan"),
     "loss.uncertainty": ("off", "min", "max"),
+    "loss.aux_mode": ("acgan", "real", "tac"),
     "train.amp": ("auto", "bf16", "fp16", "off"),
 }
 
@@ -315,6 +317,13 @@ def resolve_config(
 def config_from_dict(data: dict[str, Any]) -> Config:
     """Rebuild a Config from ``to_dict()`` output (e.g. a checkpoint or a run's config.yaml)."""
     data = dict(data)
+    loss = data.get("loss")
+    if isinstance(loss, dict) and "aux_on_fakes" in loss:
+        # Runs from before loss.aux_mode (version 0.1.0 stored a boolean): same meaning, new key.
+        loss = dict(loss)
+        loss.setdefault("aux_mode", "acgan" if loss.pop("aux_on_fakes") else "real")
+        loss.pop("aux_on_fakes", None)
+        data["loss"] = loss
     cfg = Config(model=data.pop("model", "rawgan"))
     apply_overrides(cfg, data, source="stored config")
     return cfg

@@ -82,3 +82,12 @@ def test_uncertainty_needs_mc_dropout_and_two_passes():
         resolve_config("cgan", sets=["loss.uncertainty=max", "arch.d_dropout=0.3", "loss.mc_samples=1"])
     cfg = resolve_config("cgan", sets=["loss.uncertainty=min", "arch.d_dropout=0.3"])
     assert cfg.loss.uncertainty == "min"
+
+
+@pytest.mark.parametrize("old, new", [(True, "acgan"), (False, "real")])
+def test_stored_configs_with_the_old_aux_key_still_load(old, new):
+    # checkpoints written before loss.aux_mode stored loss.aux_on_fakes (a boolean)
+    data = Config(model="acgan").to_dict()
+    del data["loss"]["aux_mode"]
+    data["loss"]["aux_on_fakes"] = old
+    assert config_from_dict(data).loss.aux_mode == new

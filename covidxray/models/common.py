@@ -26,11 +26,13 @@ class DOutput:
         logits: real/fake logit per image, (N,) - or (K, N) for K Monte-Carlo dropout passes.
         class_logits: class logits per image (N, C) for auxiliary-classifier models, else None.
         pixel_logits: real/fake logit per pixel (N, 1, H, W) for U-Net discriminators, else None.
+        twin_logits: class logits of TAC-GAN's twin classifier (N, C), else None.
     """
 
     logits: torch.Tensor
     class_logits: torch.Tensor | None = None
     pixel_logits: torch.Tensor | None = None
+    twin_logits: torch.Tensor | None = None
 
 
 def maybe_sn(module: nn.Module, enabled: bool) -> nn.Module:

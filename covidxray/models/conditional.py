@@ -249,20 +249,26 @@ class ACGANDiscriminator(_PooledDiscriminator):
     ``mc_samples = K > 1``: ``logits`` (K, N) and ``class_logits`` from the first of the K dropout
     passes (N, n_classes), so the auxiliary loss can share the pass.
 
-    Args: as :class:`ProjectionDiscriminator`.
+    With ``twin=True`` a third head, the twin classifier of TAC-GAN (Gong et al., NeurIPS 2019,
+    arXiv:1907.02690), gives ``twin_logits`` (N, n_classes) on the same features: it is trained to
+    classify generated images only, and G is pushed away from what it finds easy to classify.
+
+    Args: as :class:`ProjectionDiscriminator`, plus ``twin``.
     """
 
     def __init__(self, image_size: int = 128, n_classes: int = 3, channels: int = 64, max_channels: int = 512,
-                 in_channels: int = 1, spectral_norm: bool = True, dropout: float = 0.0):
+                 in_channels: int = 1, spectral_norm: bool = True, dropout: float = 0.0, twin: bool = False):
         super().__init__(image_size, n_classes, channels, max_channels, in_channels, spectral_norm, dropout)
         self.linear = maybe_sn(init_head(nn.Linear(self.width, 1)), spectral_norm)
         self.classifier = maybe_sn(init_head(nn.Linear(self.width, n_classes)), spectral_norm)
+        self.twin = maybe_sn(init_head(nn.Linear(self.width, n_classes)), spectral_norm) if twin else None
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None, mc_samples: int = 1) -> DOutput:
         check_image(x, self.image_size)
         h = self.features(x, mc_samples)
         first = h if h.ndim == 2 else h[0]
-        return DOutput(self.linear(h).squeeze(-1), class_logits=self.classifier(first))
+        return DOutput(self.linear(h).squeeze(-1), class_logits=self.classifier(first),
+                       twin_logits=self.twin(first) if self.twin is not None else None)
 
 
 def conditional_generator(cfg, n_classes: int) -> ConditionalGenerator:
@@ -311,12 +317,14 @@ def build_acgan(cfg) -> dict[str, nn.Module]:
     """Build ``{"G", "D"}`` of the acgan model (Odena et al., ICML 2017, arXiv:1610.09585).
 
     G: :class:`ConditionalGenerator`; D: :class:`ACGANDiscriminator` (DCGAN trunk, real/fake and
-    class heads; D does not take ``y``). Keys read and defaults: as :func:`build_cgan`.
+    class heads; D does not take ``y``). Keys read and defaults: as :func:`build_cgan`, plus
+    ``loss.aux_mode`` ("acgan"; "tac" adds the twin classifier head).
     """
     size, arch, k = cfg.data.image_size, cfg.arch, n_classes_of(cfg)
     return {
         "G": conditional_generator(cfg, k),
         "D": ACGANDiscriminator(size, k, arch.d_channels, arch.max_channels,
                                 spectral_norm=arch_option(cfg, "d_spectral_norm"),
-                                dropout=arch_option(cfg, "d_dropout")),
+                                dropout=arch_option(cfg, "d_dropout"),
+                                twin=getattr(getattr(cfg, "loss", None), "aux_mode", "acgan") == "tac"),
     }

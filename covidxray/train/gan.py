@@ -32,7 +32,6 @@ import math
 import warnings
 
 import torch
-import torch.nn.functional as F
 
 from covidxray.config import Config, config_from_dict
 from covidxray.data.datasets import TensorData, load_tensor_data, to_float
@@ -362,11 +361,11 @@ class GANTrainer:
                                                      out_f.pixel_logits, mask)
                     loss_d = loss_d + loss_mix + cfg.loss.consistency_weight * cons
                     stats["cutmix_cons"] = cons
-            if out_r.class_logits is not None:  # ACGAN: D also classifies reals and fakes
-                ce = F.cross_entropy(out_r.class_logits.float(), labels)
-                if cfg.loss.aux_on_fakes:  # the paper's L_C; off keeps D's classifier from rewarding easy fakes
-                    ce = ce + F.cross_entropy(out_f.class_logits.float(), labels)
-                loss_d = loss_d + cfg.loss.aux_weight * ce
+            if out_r.class_logits is not None:  # ACGAN: D also classifies (see docs/training.md)
+                loss_d = loss_d + cfg.loss.aux_weight * losses.aux_d_loss(
+                    cfg.loss.aux_mode, out_r.class_logits, labels, out_f.class_logits, out_f.twin_logits)
+                if out_f.twin_logits is not None:
+                    stats["acc_twin"] = (out_f.twin_logits.argmax(1) == labels).float().mean()
                 stats["acc_real"] = (out_r.class_logits.argmax(1) == labels).float().mean()
                 stats["acc_fake"] = (out_f.class_logits.argmax(1) == labels).float().mean()
             if cfg.loss.uncertainty != "off":
@@ -392,7 +391,8 @@ class GANTrainer:
             if out_g.pixel_logits is not None:
                 loss_g = loss_g + losses.g_loss(kind, out_g.pixel_logits)
             if out_g.class_logits is not None:
-                loss_g = loss_g + cfg.loss.aux_weight * F.cross_entropy(out_g.class_logits.float(), labels)
+                loss_g = loss_g + cfg.loss.aux_weight * losses.aux_g_loss(out_g.class_logits, labels,
+                                                                           out_g.twin_logits)
             if cfg.loss.uncertainty != "off":
                 u_g = losses.mc_dropout_uncertainty(self.D_train(fake_aug, y, mc_samples=cfg.loss.mc_samples).logits)
                 _, term_g = losses.uncertainty_terms(cfg.loss.uncertainty, u_g)

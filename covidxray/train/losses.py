@@ -11,6 +11,8 @@ Contents (formulas and defaults in ``docs/training.md``):
 
 * :func:`d_loss`, :func:`g_loss` - ``bce`` (non-saturating), ``hinge``, ``lsgan``;
 * :func:`r1_penalty` - R1 gradient penalty on reals (Mescheder et al. 2018);
+* :func:`aux_d_loss`, :func:`aux_g_loss` - ACGAN's auxiliary classification losses
+  (Odena et al. 2017) and the TAC-GAN correction (Gong et al. 2019);
 * :func:`mc_dropout_uncertainty`, :func:`uncertainty_terms` - the project's
   Monte-Carlo-dropout uncertainty regulariser;
 * :func:`cutmix_masks`, :func:`cutmix`, :func:`cutmix_consistency`,
@@ -132,6 +134,43 @@ def g_loss(kind: str, logits_fake: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- R1
+
+
+AUX_MODES = ("acgan", "real", "tac")
+
+
+def aux_d_loss(mode: str, class_real: torch.Tensor, labels: torch.Tensor, class_fake: torch.Tensor | None = None,
+               twin_fake: torch.Tensor | None = None) -> torch.Tensor:
+    """D's auxiliary classification loss (unweighted), class logits (N, C) and labels (N,).
+
+    * ``acgan`` (Odena et al. 2017, the paper's L_C): ``CE(C(x), y) + CE(C(G(z, y)), y)``;
+    * ``real``: ``CE(C(x), y)`` - the classifier never learns the fakes;
+    * ``tac`` (Gong et al., "Twin Auxiliary Classifiers GAN", NeurIPS 2019):
+      ``CE(C(x), y) + CE(C_twin(G(z, y)), y)`` - the twin classifier learns the fakes instead.
+    """
+    if mode not in AUX_MODES:
+        raise ValueError(f"unknown aux mode {mode!r}; expected one of {', '.join(AUX_MODES)}")
+    loss = F.cross_entropy(class_real.float(), labels)
+    if mode == "acgan":
+        if class_fake is None:
+            raise ValueError("aux mode 'acgan' needs the class logits of the fakes")
+        loss = loss + F.cross_entropy(class_fake.float(), labels)
+    elif mode == "tac":
+        if twin_fake is None:
+            raise ValueError("aux mode 'tac' needs the twin classifier's logits of the fakes")
+        loss = loss + F.cross_entropy(twin_fake.float(), labels)
+    return loss
+
+
+def aux_g_loss(class_fake: torch.Tensor, labels: torch.Tensor, twin_fake: torch.Tensor | None = None) -> torch.Tensor:
+    """G's auxiliary loss (unweighted): ``CE(C(G(z, y)), y)``, minus ``CE(C_twin(G(z, y)), y)`` with a twin
+    classifier (TAC-GAN). The difference estimates the KL divergence between the real and generated
+    class-conditional distributions; without it G is rewarded for the easiest-to-classify image of a class,
+    the known collapse of ACGAN (Gong et al. 2019, Sec. 3)."""
+    loss = F.cross_entropy(class_fake.float(), labels)
+    if twin_fake is not None:
+        loss = loss - F.cross_entropy(twin_fake.float(), labels)
+    return loss
 
 
 def r1_penalty(real_logits: torch.Tensor, real_images: torch.Tensor) -> torch.Tensor:

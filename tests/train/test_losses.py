@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from covidxray.train import losses
 from covidxray.train.losses import (
     LOSS_KINDS,
     UNCERTAINTY_MODES,
@@ -244,3 +245,41 @@ def test_cuda_generator_device_mismatch():
     with pytest.raises(ValueError, match="Generator"):
         cutmix_masks(2, 4, 4, generator=torch.Generator(), device="cuda")
     assert cutmix_masks(2, 4, 4, generator=torch.Generator(device="cuda")).device.type == "cuda"
+
+
+# ---------------------------------------------------------------- ACGAN / TAC-GAN auxiliary losses
+def _ce(logits, labels):
+    # cross-entropy written out: -log softmax of the true class, averaged
+    return float(-(logits - logits.exp().sum(1, keepdim=True).log()).gather(1, labels[:, None]).mean())
+
+
+def test_aux_losses_known_answers():
+    cls_r = torch.tensor([[2.0, 0.0, -1.0], [0.0, 1.0, 0.0]])
+    cls_f = torch.tensor([[0.0, 0.0, 3.0], [1.0, 1.0, 1.0]])
+    twin_f = torch.tensor([[1.0, -1.0, 0.0], [0.0, 2.0, 0.0]])
+    y = torch.tensor([0, 1])
+    r, f, t = _ce(cls_r, y), _ce(cls_f, y), _ce(twin_f, y)
+    assert losses.aux_d_loss("acgan", cls_r, y, cls_f, twin_f).item() == pytest.approx(r + f, abs=1e-6)
+    assert losses.aux_d_loss("real", cls_r, y, cls_f, twin_f).item() == pytest.approx(r, abs=1e-6)
+    assert losses.aux_d_loss("tac", cls_r, y, cls_f, twin_f).item() == pytest.approx(r + t, abs=1e-6)
+    assert losses.aux_g_loss(cls_f, y).item() == pytest.approx(f, abs=1e-6)
+    assert losses.aux_g_loss(cls_f, y, twin_f).item() == pytest.approx(f - t, abs=1e-6)
+    # a uniform classifier costs log C per image
+    assert losses.aux_g_loss(torch.zeros(2, 3), y).item() == pytest.approx(math.log(3), abs=1e-6)
+
+
+def test_tac_generator_term_vanishes_when_both_classifiers_agree():
+    # G's TAC term is CE(C) - CE(C_twin): when the twin equals the classifier, G gets no class gradient
+    logits = torch.randn(4, 3, requires_grad=True)
+    y = torch.tensor([0, 1, 2, 0])
+    loss = losses.aux_g_loss(logits, y, logits)
+    loss.backward()
+    assert loss.item() == pytest.approx(0.0, abs=1e-7) and logits.grad.abs().max().item() < 1e-7
+
+
+def test_aux_losses_refuse_missing_inputs():
+    y = torch.tensor([0])
+    with pytest.raises(ValueError, match="unknown aux mode"):
+        losses.aux_d_loss("twin", torch.zeros(1, 3), y)
+    with pytest.raises(ValueError, match="twin"):
+        losses.aux_d_loss("tac", torch.zeros(1, 3), y, torch.zeros(1, 3))

@@ -1,5 +1,7 @@
 """Every registered GAN trains through the one loop: one step at each size, resume, sampling."""
 
+import json
+
 import pytest
 import torch
 
@@ -112,7 +114,24 @@ def test_class_option_is_refused_for_unconditional_models(tiny_cfg, cli, tmp_pat
 
 
 def test_acgan_aux_loss_on_reals_only(tiny_cfg):
-    trainer, finished = start_run(tiny_cfg(epochs=1, model="acgan", extra=["loss.aux_on_fakes=false"]))
+    trainer, finished = start_run(tiny_cfg(epochs=1, model="acgan", extra=["loss.aux_mode=real"]))
     assert finished
     stats = trainer.run_dir.joinpath("stats.jsonl").read_text()
     assert "acc_real" in stats and "NaN" not in stats
+
+
+def test_acgan_tac_mode_trains_a_twin_classifier(tiny_cfg):
+    trainer, finished = start_run(tiny_cfg(epochs=1, model="acgan", extra=["loss.aux_mode=tac"]))
+    assert finished
+    assert trainer.D.twin is not None and trainer.D.twin.weight.shape[0] == trainer.D.classifier.weight.shape[0]
+    records = [json.loads(line) for line in trainer.run_dir.joinpath("stats.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "acc_twin" in r]
+    assert steps and all(0.0 <= r["acc_twin"] <= 1.0 for r in steps)
+    # the default (the paper's mode) builds no twin head
+    plain, _ = start_run(tiny_cfg(epochs=1, model="acgan"))
+    assert plain.D.twin is None
+
+
+def test_unknown_aux_mode_is_refused(cli, demo_prepared, tmp_path):
+    r = cli("train", "--model", "acgan", "--data", demo_prepared, "--set", "loss.aux_mode=twin", "--dry-run")
+    assert r.exit_code == 2 and "loss.aux_mode" in r.clean_stderr and "tac" in r.clean_stderr
