@@ -13,7 +13,7 @@ from covidxray.cli._common import console, user_errors
 @user_errors
 def gif_cmd(
     run_dir: Path = typer.Argument(..., help="Run folder (runs/<id>-<model>/)."),
-    output: Optional[Path] = typer.Option(None, "-o", "--output", help="GIF path [default: RUN_DIR/progress.gif]."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="GIF path (default: RUN_DIR/progress.gif)."),
     fps: float = typer.Option(5.0, "--fps", help="Frames per second."),
     every: int = typer.Option(1, "--every", help="Use every K-th snapshot (the last is always used)."),
     max_side: int = typer.Option(1024, "--max-side", help="Downscale frames larger than this (pixels)."),

@@ -19,7 +19,7 @@ def train_cmd(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per step."),
     image_size: Optional[int] = typer.Option(None, "--image-size", help="64, 128 or 256; must equal the prepared size."),
     classes: Optional[str] = typer.Option(None, "--classes", help="Comma-separated class subset, e.g. covid."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Parent folder of run folders [default: runs]."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Parent folder of run folders (default: runs)."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file of config overrides."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="Dotted override key=value, repeatable (e.g. train.batch_size=32)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (stored with the run)."),

@@ -86,3 +86,10 @@ def test_end_to_end_prepare_train_resume_sample_gif(cli, tmp_path):
     assert r.exit_code == 0, r.output
     assert (tmp_path / "progress.gif").stat().st_size > 0
     assert "3 frames" in r.clean_stdout
+
+
+@pytest.mark.parametrize("command, text", [("gif", "RUN_DIR/progress.gif"), ("train", "(default: runs)")])
+def test_help_shows_defaults_written_in_the_help_text(cli, command, text):
+    # rich would swallow "[default: ...]" written inside a help string as a markup tag
+    r = cli(command, "--help")
+    assert r.exit_code == 0 and text in r.clean_stdout
