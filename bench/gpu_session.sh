@@ -7,9 +7,12 @@
 # Everything lands in $OUT/results.tar.gz; the summary table is printed last.
 # Needs (carried, git-ignored): .devdata/cxr-real (a copy of the real set, Kaggle v4 layout; prepared here at
 # 64/128/256 px in seconds) and .devdata/peer/main.py (pytorch/examples dcgan/main.py, fetched, never committed).
-# QUICK=1 shrinks every phase for a CPU rehearsal; PHASES="A" (any of: A B C, default "A B C") picks phases,
-# MODELS_A="..." the models of phase A (default rawgan acgan unetgan unetcgan), PREP_SIZES the prepared sizes
-# (default "64 128 256"), SKIP_SMOKE=1 skips the smoke phase, BUDGET the seconds for the whole script.
+#   Q. bench/gan_quality.py: GAN-test class fidelity and per-class diversity of every run of phases A and C
+# QUICK=1 shrinks every phase for a CPU rehearsal; PHASES="C A Q" (any of A B C Q, run in the order given,
+# default "A B C") picks phases, MODELS_A="..." the models of phase A (default rawgan acgan unetgan unetcgan),
+# entries "label@model" with settings in SETS_<label> (e.g. MODELS_A="acgan tac@acgan" SETS_tac="--set
+# loss.aux_mode=tac"), EPA its epochs and CAP_A its time cap in s (200, 130), BENCH_ARGS extra arguments of phase B (PEER= skips its peer run), PREP_SIZES the
+# prepared sizes (default "64 128 256"), SKIP_SMOKE=1 skips the smoke phase, BUDGET the seconds for the whole script.
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TERM=dumb COLUMNS=160 NO_COLOR=1
@@ -18,7 +21,9 @@ R=$OUT/results; mkdir -p "$R/grids"
 RUNS=$(mktemp -d)/runs
 DR=$(mktemp -d)/data; D64=$DR/cxr64; D128=$DR/cxr128
 QUICK=${QUICK:-0}
-if [ "$QUICK" = 1 ]; then DEV=cpu; EPA=2; SCHED=3000; BENCH="--quick"; TINY="--set arch.g_channels=8 --set arch.d_channels=8"; else DEV=cuda; EPA=200; SCHED=1700000; BENCH="--steps 15 --warmup 3 --epochs 1"; TINY=""; fi
+if [ "$QUICK" = 1 ]; then DEV=cpu; EPA=2; SCHED=3000; BENCH="--quick"; TINY="--set arch.g_channels=8 --set arch.d_channels=8"; QQ="-n 16 --clf-epochs 1 --clf-seeds 2"
+else DEV=cuda; EPA=${EPA:-200}; SCHED=1700000; BENCH="--steps 15 --warmup 3 --epochs 1"; TINY=""; QQ=""; fi
+BENCH_ARGS=${BENCH_ARGS:-}   # e.g. "--sizes 128 --models cgan acgan" to re-measure only some models
 T0=$(date +%s); BUDGET=${BUDGET:-560}   # seconds this script may use in all; later phases get what is left
 left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
 cap() { local l; l=$(left); (( l < $1 )) && echo $(( l > 5 ? l : 5 )) || echo "$1"; }   # min(wanted, left)
@@ -43,38 +48,48 @@ done
 echo "smoke ok"
 fi
 
-PHASES=${PHASES:-"A B C"}; MODELS_A=${MODELS_A:-"rawgan acgan unetgan unetcgan"}
-on() { [[ " $PHASES " == *" $1 "* ]]; }
-if on A; then
-say "A real-data runs at 128 px ($EPA epochs each, concurrently)"
+PHASES=${PHASES:-"A B C"}; MODELS_A=${MODELS_A:-"rawgan acgan unetgan unetcgan"}; CAP_A=${CAP_A:-130}
+phase_A() {
+say "A real-data runs at 128 px ($EPA epochs each, concurrently, ${CAP_A} s cap)"
 pids=()
-for m in $MODELS_A; do
-  timeout $(cap 130) python3 -m covidxray train --model $m --data $D128 --epochs $EPA --device $DEV $TINY --out "$RUNS/$m" \
+for spec in $MODELS_A; do   # "model" or "label@model"; extra settings of a label in SETS_<label>
+  l=${spec%@*}; m=${spec#*@}; v=SETS_$l
+  timeout $(cap $CAP_A) python3 -m covidxray train --model $m --data $D128 --epochs $EPA --device $DEV $TINY --out "$RUNS/$l" \
       --set train.grid_size=36 --set train.snapshot_every=$(( EPA / 30 > 0 ? EPA / 30 : 1 )) --set train.checkpoint_every=100 \
-      > "$R/train-$m.log" 2>&1 &
+      ${!v:-} > "$R/train-$l.log" 2>&1 &
   pids+=($!)
 done
-for p in "${pids[@]}"; do wait $p || echo "a run failed (exit $?)"; done
-for m in $MODELS_A; do
-  run=$(ls -d "$RUNS/$m"/*-$m 2>/dev/null | head -1); [ -n "$run" ] || continue
-  cp "$run/stats.jsonl" "$R/stats-$m.jsonl" 2>/dev/null
+for p in "${pids[@]}"; do wait $p || echo "a run ended by the cap or failed (exit $?)"; done
+for spec in $MODELS_A; do
+  l=${spec%@*}; m=${spec#*@}
+  run=$(ls -d "$RUNS/$l"/*-$m 2>/dev/null | head -1); [ -n "$run" ] || continue
+  cp "$run/stats.jsonl" "$R/stats-$l.jsonl" 2>/dev/null
   cls=""; [ $m = acgan ] || [ $m = cgan ] || [ $m = unetcgan ] && cls="--class all"
-  cx sample "$run" "$R/tmp-$m" -n 16 --grid --seed 0 --device $DEV $cls > /dev/null 2>>"$R/train-$m.log"
-  for g in $(cd "$R/tmp-$m" && find . -name grid.png); do cp "$R/tmp-$m/$g" "$R/grids/$m$(dirname "$g" | tr -d . | tr / _).png"; done
-  rm -rf "$R/tmp-$m"
+  cx sample "$run" "$R/tmp-$l" -n 16 --grid --seed 0 --device $DEV $cls > /dev/null 2>>"$R/train-$l.log"
+  for g in $(cd "$R/tmp-$l" && find . -name grid.png); do cp "$R/tmp-$l/$g" "$R/grids/$l$(dirname "$g" | tr -d . | tr / _).png"; done
+  rm -rf "$R/tmp-$l"
+  cx gif "$run" -o "$R/$l.gif" --fps 6 --max-side 480 > /dev/null && cp "$run/samples/$(ls "$run/samples" | tail -1)" "$R/grids/${l}_fixed_grid.png"
 done
-run=$(ls -d "$RUNS/rawgan"/*-rawgan 2>/dev/null | head -1) && cx gif "$run" -o "$R/rawgan.gif" --fps 6 --max-side 640 && cp "$run/samples/$(ls "$run/samples" | tail -1)" "$R/grids/rawgan_fixed_grid.png"
 grep -h "done:" "$R"/train-*.log
-fi
+}
 
-if on B; then
+phase_Q() {
+say "Q class fidelity and diversity (bench/gan_quality.py) of every run so far"
+runs=$(ls -d "$RUNS"/*/*-* 2>/dev/null | grep -v /smoke/)
+[ -n "$runs" ] && timeout $(cap 120) python3 bench/gan_quality.py --data $D128 $runs --device $DEV $QQ \
+    --json "$R/quality.json" > "$R/quality.log" 2>&1 || echo "quality exit $?"
+cat "$R/quality.log"
+}
+
+phase_B() {
 say "B throughput benchmark"
 # Reference capped at 512 channels like our models: a like-for-like (stricter) comparison at 128/256 px.
-timeout $(cap 150) python3 bench/gan_throughput.py $BENCH --device $DEV --data-root $DR --peer .devdata/peer/main.py \
-    --also-plain-bf16 --ref-max-channels 512 --json "$R/bench.json" > "$R/bench.log" 2>&1 || echo "bench exit $?"
-fi
+peer=${PEER-.devdata/peer/main.py}   # PEER= (empty) skips the PyTorch-examples run
+timeout $(cap 150) python3 bench/gan_throughput.py $BENCH --device $DEV --data-root $DR ${peer:+--peer $peer} \
+    --also-plain-bf16 --ref-max-channels 512 --json "$R/bench.json" $BENCH_ARGS > "$R/bench.log" 2>&1 || echo "bench exit $?"
+}
 
-if on C; then
+phase_C() {
 say "C cGAN schedule ($SCHED images at 128 px)"
 start=$(date +%s.%N)
 timeout $(cap 300) python3 bench/gan_throughput.py --device $DEV --skip-models --run-schedule cgan --schedule-images $SCHED \
@@ -84,7 +99,10 @@ echo "cgan schedule wall $(python3 -c "import time; print(round(time.time() - $s
 run=$(ls -d "$RUNS"/cgan/*cgan* 2>/dev/null | head -1)
 [ -n "$run" ] && cx sample "$run" "$R/tmp-cgan" -n 16 --grid --class all --device $DEV > /dev/null && \
   for c in covid normal viral_pneumonia; do cp "$R/tmp-cgan/$c/grid.png" "$R/grids/cgan_$c.png"; done; rm -rf "$R/tmp-cgan"
-fi
+[ -n "$run" ] && cx gif "$run" -o "$R/cgan.gif" --fps 6 --max-side 480 > /dev/null
+}
+
+for ph in $PHASES; do "phase_$ph"; done   # in the order given
 
 tar -czf "$OUT/results.tar.gz" -C "$OUT" results
 say "summary"
