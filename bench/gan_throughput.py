@@ -376,7 +376,7 @@ def _timed_fit(trainer, epochs: int, device: torch.device) -> dict[str, Any]:
     trainer.on_step = on_step
     t0 = time.perf_counter()
     try:
-        trainer.fit()
+        finished = trainer.fit()  # False when stopped early (Ctrl-C, SIGTERM from `timeout`)
     finally:
         trainer.on_step = old
     _sync(device)
@@ -397,7 +397,8 @@ def _timed_fit(trainer, epochs: int, device: torch.device) -> dict[str, Any]:
     typical = inner[len(inner) // 2] if inner else 0.0
     epoch_end_s = sum(max(0.0, g - typical) for g in starts)
     return {"images_per_s": _rate(images, window), "window_s": window, "window_images": images,
-            "steps": len(stamps), "fit_total_s": t_end - t0, "epoch_end_s": epoch_end_s, "note": note}
+            "steps": len(stamps), "fit_total_s": t_end - t0, "epoch_end_s": epoch_end_s, "note": note,
+            "finished": bool(finished), "images_seen": s.images_seen}
 
 
 def measure_model(model: str, size: int, data: DataInfo, batch: int, device: torch.device, args, tmp: Path,
@@ -574,7 +575,12 @@ def run_schedule(model: str, data: DataInfo, batch: int, images: int, device: to
         res.update(build_s=t_built - t0, fit_s=fit["fit_total_s"], wall_s=time.perf_counter() - t0,
                    train_images_per_s=fit["images_per_s"], epoch_end_s=fit["epoch_end_s"],
                    epoch_end_per_epoch_s=fit["epoch_end_s"] / max(1, epochs - 1),
-                   run_dir=str(run_dir) if keep else None)
+                   run_dir=str(run_dir) if keep else None, finished=fit["finished"],
+                   images_done=fit["images_seen"])
+        if not fit["finished"]:
+            # Stopped before the end (e.g. by a time limit): the wall time is not the schedule's.
+            res["error"] = (f"stopped after {fit['images_seen']:,} of {res['images_trained']:,} images "
+                            f"({res['wall_s']:.0f} s)")
     except Exception as exc:
         res["error"] = _short(exc, 300)
         traceback.print_exc(file=sys.stderr)
@@ -705,7 +711,9 @@ def _schedule_table(console, sched) -> None:
         t.add_row(run["model"], "", _f(run.get("epochs")), "",
                   f"[red]{run['error'][:40]}[/]" if run.get("error") else _hms(run.get("wall_s")))
     console.print(t)
-    if run and not run.get("error"):
+    if run and "fit_s" in run:
+        if run.get("error"):
+            console.print(f"[red]schedule run {run['model']} {run['error']}: not a measurement of the schedule[/]")
         console.print(f"schedule run {run['model']}: wall {_hms(run['wall_s'])} (fit {_hms(run['fit_s'])}, "
                       f"steps at {_f(run.get('train_images_per_s'))} img/s, {run.get('epochs')} epoch ends "
                       f"~{_hms(run.get('epoch_end_s'))} = {_f(run.get('epoch_end_per_epoch_s'), '{:.3f}')} s each, "
