@@ -157,6 +157,12 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
     elif typ is str:
+        if isinstance(value, bool) and key in CHOICES:
+            # YAML 1.1 reads off/no/false (on/yes/true) as booleans: map them back to the key's word.
+            words = ("off", "no", "false") if value is False else ("on", "yes", "true")
+            for word in words:
+                if word in CHOICES[key]:
+                    return word
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
     else:  # pragma: no cover - schema uses only the types above

@@ -91,3 +91,27 @@ def test_stored_configs_with_the_old_aux_key_still_load(old, new):
     del data["loss"]["aux_mode"]
     data["loss"]["aux_on_fakes"] = old
     assert config_from_dict(data).loss.aux_mode == new
+
+
+@pytest.mark.parametrize("item, key, expected", [
+    ("train.amp=off", ("train", "amp"), "off"),      # YAML 1.1 reads "off" as False
+    ("train.amp=false", ("train", "amp"), "off"),
+    ("loss.uncertainty=off", ("loss", "uncertainty"), "off"),
+    ("data.on_device=no", ("data", "on_device"), "no"),
+    ("data.on_device=yes", ("data", "on_device"), "yes"),
+])
+def test_choice_words_that_yaml_reads_as_booleans(item, key, expected):
+    cfg = resolve_config("rawgan", sets=[item])
+    assert getattr(getattr(cfg, key[0]), key[1]) == expected
+
+
+def test_choice_words_in_a_yaml_file(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  amp: off\ndata:\n  on_device: no\n")
+    cfg = resolve_config("rawgan", config_file=f)
+    assert cfg.train.amp == "off" and cfg.data.on_device == "no"
+
+
+def test_a_boolean_for_a_string_key_without_such_a_word_is_refused():
+    with pytest.raises(CovidXrayError, match="loss.kind"):
+        resolve_config("rawgan", sets=["loss.kind=off"])
