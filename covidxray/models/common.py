@@ -34,6 +34,18 @@ class DOutput:
     pixel_logits: torch.Tensor | None = None
     twin_logits: torch.Tensor | None = None
 
+    def split(self, n: int) -> tuple["DOutput", "DOutput"]:
+        """Split the output of one pass over ``cat([a, b])`` (a of ``n`` images) into a's and b's.
+
+        Only for single passes (``logits`` of shape (N,)), and only meaningful for a discriminator
+        whose images do not see each other (no BatchNorm in train mode)."""
+        if self.logits.ndim != 1:
+            raise ValueError(f"split() needs per-image logits (N,), got shape {tuple(self.logits.shape)}")
+        fields = ("logits", "class_logits", "pixel_logits", "twin_logits")
+        parts = [(None, None) if getattr(self, f) is None else (getattr(self, f)[:n], getattr(self, f)[n:])
+                 for f in fields]
+        return DOutput(*(a for a, _ in parts)), DOutput(*(b for _, b in parts))
+
 
 def maybe_sn(module: nn.Module, enabled: bool) -> nn.Module:
     """Wrap a conv/linear layer in spectral normalisation (Miyato et al. 2018) when enabled."""

@@ -32,6 +32,7 @@ import math
 import warnings
 
 import torch
+from torch import nn
 
 from covidxray.config import Config, config_from_dict
 from covidxray.data.datasets import TensorData, load_tensor_data, to_float
@@ -181,6 +182,9 @@ class GANTrainer:
         self.scaler_d = torch.amp.GradScaler("cuda", enabled=fp16)
         self.ema = EMA(self.G) if cfg.train.ema_kimg > 0 else None
         self.policy = parse_policy(cfg.aug.diffaugment) if cfg.aug.diffaugment else ()
+        # A D without BatchNorm judges each image on its own: reals and fakes can then share one
+        # forward/backward pass (same losses, half the kernel launches; the step is launch-bound on GPUs).
+        self.d_joint = not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.D.modules())
         self.G_train, self.D_train = self.G, self.D
         self._compiled_ok = False
         if cfg.train.compile:
@@ -343,7 +347,11 @@ class GANTrainer:
             r1_now = cfg.loss.r1_gamma > 0 and self.state.step % cfg.loss.r1_every == 0
             if r1_now:
                 real_aug = real_aug.detach().requires_grad_(True)
-            out_r, out_f = self.D_train(real_aug, y), self.D_train(fake_aug, y)
+            if self.d_joint:  # one pass over reals and fakes: half the launches of D's update
+                out_r, out_f = self.D_train(torch.cat([real_aug, fake_aug]),
+                                            None if y is None else torch.cat([y, y])).split(n)
+            else:
+                out_r, out_f = self.D_train(real_aug, y), self.D_train(fake_aug, y)
             loss_d = losses.d_loss(kind, out_r.logits, out_f.logits)
             if out_r.pixel_logits is not None:  # U-Net D: per-pixel real/fake decision too
                 loss_d = loss_d + losses.d_loss(kind, out_r.pixel_logits, out_f.pixel_logits)
