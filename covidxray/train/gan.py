@@ -343,14 +343,18 @@ class GANTrainer:
         self.D.requires_grad_(True)
         with self._autocast():
             fake = self.G_train(z, y)
-            real_aug, fake_aug = self._augment(real), self._augment(fake.detach())
             r1_now = cfg.loss.r1_gamma > 0 and self.state.step % cfg.loss.r1_every == 0
-            if r1_now:
-                real_aug = real_aug.detach().requires_grad_(True)
-            if self.d_joint:  # one pass over reals and fakes: half the launches of D's update
-                out_r, out_f = self.D_train(torch.cat([real_aug, fake_aug]),
-                                            None if y is None else torch.cat([y, y])).split(n)
+            if self.d_joint:  # one augmentation and one D pass over reals and fakes: half the launches
+                both = self._augment(torch.cat([real, fake.detach().to(real.dtype)]))
+                real_aug, fake_aug = both[:n], both[n:]
+                if r1_now:  # R1 needs the reals as their own leaf
+                    real_aug = real_aug.detach().requires_grad_(True)
+                    both = torch.cat([real_aug, fake_aug])
+                out_r, out_f = self.D_train(both, None if y is None else torch.cat([y, y])).split(n)
             else:
+                real_aug, fake_aug = self._augment(real), self._augment(fake.detach())
+                if r1_now:
+                    real_aug = real_aug.detach().requires_grad_(True)
                 out_r, out_f = self.D_train(real_aug, y), self.D_train(fake_aug, y)
             loss_d = losses.d_loss(kind, out_r.logits, out_f.logits)
             if out_r.pixel_logits is not None:  # U-Net D: per-pixel real/fake decision too
