@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     for run in args.runs:
         lg = load_generator(run)
         row = {"run": str(run), "model": lg.cfg.model, "size": lg.G.image_size, "weights": lg.weights,
-               "kimg": round(int(lg.checkpoint.get("images_seen", 0)) / 1000, 1)}
+               "kimg": round(int(lg.checkpoint.get("images_seen", 0)) / 1000, 3)}
         if lg.conditional:
             missing = [c for c in lg.classes if c not in classes]
             if missing:
