@@ -98,6 +98,7 @@ class TrainConfig:
     amp: str = "auto"                   # mixed precision: auto (bf16 on CUDA, off on CPU) | bf16 | fp16 (CUDA) | off
     channels_last: bool = True          # channels_last memory format (faster convolutions on GPUs and CPUs)
     compile: bool = False               # torch.compile G and D (falls back to eager with a warning)
+    compile_mode: str = "default"       # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune
 
 
 @dataclass
@@ -126,6 +127,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "loss.uncertainty": ("off", "min", "max"),
     "loss.aux_mode": ("acgan", "real", "tac"),
     "train.amp": ("auto", "bf16", "fp16", "off"),
+    "train.compile_mode": ("default", "reduce-overhead", "max-autotune"),
 }
 
 

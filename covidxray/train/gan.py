@@ -208,7 +208,8 @@ class GANTrainer:
 
     def _compile(self) -> None:
         try:
-            self.G_train, self.D_train = torch.compile(self.G), torch.compile(self.D)
+            mode = self.cfg.train.compile_mode
+            self.G_train, self.D_train = torch.compile(self.G, mode=mode), torch.compile(self.D, mode=mode)
         except Exception as exc:  # e.g. no compiler toolchain: train eagerly
             self._compile_failed(exc)
 

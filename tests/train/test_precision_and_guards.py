@@ -52,3 +52,15 @@ def test_compile_failure_falls_back_to_eager_with_a_warning(tiny_cfg, monkeypatc
         trainer, finished = start_run(tiny_cfg(epochs=1, extra=["train.compile=true"]))
     assert finished and trainer.G_train is trainer.G
     assert "torch.compile failed" in (trainer.run_dir / "log.txt").read_text()
+
+
+def test_compile_mode_is_passed_to_torch_compile(tiny_cfg, monkeypatch):
+    seen = []
+
+    def recording_compile(module, *args, mode=None, **kwargs):
+        seen.append(mode)
+        return module  # eager: only the call is checked here
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    trainer, finished = start_run(tiny_cfg(epochs=1, extra=["train.compile=true", "train.compile_mode=reduce-overhead"]))
+    assert finished and seen == ["reduce-overhead", "reduce-overhead"]
