@@ -4,10 +4,11 @@
 #   A. real-data training runs at 128 px for the README/docs grids and GIF (run concurrently)
 #   B. bench/gan_throughput.py: every GAN x 64/128/256 px vs the plain DCGAN reference, and the peer script
 #   C. the seed's cGAN schedule (~1.7 M images at 128 px), timed
-# Everything lands in $OUT/results.tar.gz; the summary table is printed last.
+# Everything lands in $OUT/results.tar.gz (GIFs beside it); the summary table is printed last.
 # Needs (carried, git-ignored): .devdata/cxr-real (a copy of the real set, Kaggle v4 layout; prepared here at
 # 64/128/256 px in seconds) and .devdata/peer/main.py (pytorch/examples dcgan/main.py, fetched, never committed).
-#   Q. bench/gan_quality.py: GAN-test class fidelity and per-class diversity of every run of phases A and C
+#   Q. bench/gan_quality.py: GAN-train/GAN-test and per-class diversity of every run of phases A and C
+#   K. torch.compile (default and reduce-overhead modes) of cgan and rawgan at 128 px: step rates
 # QUICK=1 shrinks every phase for a CPU rehearsal; PHASES="C A Q" (any of A B C Q, run in the order given,
 # default "A B C") picks phases, MODELS_A="..." the models of phase A (default rawgan acgan unetgan unetcgan),
 # entries "label@model" with settings in SETS_<label> (e.g. MODELS_A="acgan tac@acgan" SETS_tac="--set
@@ -17,12 +18,20 @@ set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TERM=dumb COLUMNS=160 NO_COLOR=1
 OUT=${OUT:-/tmp/gpu-out}
-R=$OUT/results; mkdir -p "$R/grids"
+# Results are collected outside $OUT and packed at the end (the device tool returns at most 8 files of
+# at most 16 MiB): results.tar.gz without the GIFs, and up to 6 GIFs beside it.
+R=$(mktemp -d)/results; mkdir -p "$R/grids" "$OUT"
+pack() {
+  tar -czf "$OUT/results.tar.gz" --exclude='*.gif' -C "$(dirname "$R")" results
+  ls "$R"/*.gif 2>/dev/null | head -6 | xargs -r -I{} cp {} "$OUT"/
+  du -sh "$OUT"/* 2>/dev/null
+}
 RUNS=$(mktemp -d)/runs
 DR=$(mktemp -d)/data; D64=$DR/cxr64; D128=$DR/cxr128
 QUICK=${QUICK:-0}
 if [ "$QUICK" = 1 ]; then DEV=cpu; EPA=2; SCHED=3000; BENCH="--quick"; TINY="--set arch.g_channels=8 --set arch.d_channels=8"; QQ="-n 16 --clf-epochs 1 --clf-seeds 2"
-else DEV=cuda; EPA=${EPA:-200}; SCHED=1700000; BENCH="--steps 15 --warmup 3 --epochs 1"; TINY=""; QQ=""; fi
+  KQ="--steps 2 --warmup 1 --batch 8 --set arch.g_channels=8 arch.d_channels=8"
+else DEV=cuda; EPA=${EPA:-200}; SCHED=1700000; BENCH="--steps 15 --warmup 3 --epochs 1"; TINY=""; QQ=""; KQ=""; fi
 BENCH_ARGS=${BENCH_ARGS:-}   # e.g. "--sizes 128 --models cgan acgan" to re-measure only some models
 T0=$(date +%s); BUDGET=${BUDGET:-560}   # seconds this script may use in all; later phases get what is left
 left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
@@ -43,7 +52,7 @@ if [ "${SKIP_SMOKE:-0}" != 1 ]; then
 say "0 smoke"
 for m in rawgan cgan unetgan; do
   timeout 60 python3 -m covidxray train --model $m --data $D64 --image-size 64 --epochs 1 --device $DEV $TINY \
-      --out "$RUNS/smoke" > "$R/smoke-$m.log" 2>&1 || { echo "SMOKE FAILED: $m"; tail -30 "$R/smoke-$m.log"; tar -czf "$OUT/results.tar.gz" -C "$OUT" results; exit 1; }
+      --out "$RUNS/smoke" > "$R/smoke-$m.log" 2>&1 || { echo "SMOKE FAILED: $m"; tail -30 "$R/smoke-$m.log"; pack; exit 1; }
 done
 echo "smoke ok"
 fi
@@ -89,6 +98,16 @@ timeout $(cap 150) python3 bench/gan_throughput.py $BENCH --device $DEV --data-r
     --also-plain-bf16 --ref-max-channels 512 --json "$R/bench.json" $BENCH_ARGS > "$R/bench.log" 2>&1 || echo "bench exit $?"
 }
 
+phase_K() {
+say "K torch.compile check: cgan at 128 px, compiled in each mode (channels_last off: it failed with it in session 2)"
+for mode in default reduce-overhead; do
+  timeout $(cap 120) python3 bench/gan_throughput.py --device $DEV --data-root $DR --sizes 128 --models cgan rawgan \
+      --steps 30 --warmup 10 --epochs 1 --set train.compile=true train.compile_mode=$mode train.channels_last=false $KQ \
+      --json "$R/compile-$mode.json" > "$R/compile-$mode.log" 2>&1 || echo "compile $mode exit $?"
+  grep -E "^(cgan|rawgan) 128|error" "$R/compile-$mode.log" | head -4
+done
+}
+
 phase_C() {
 say "C cGAN schedule ($SCHED images at 128 px)"
 start=$(date +%s.%N)
@@ -104,6 +123,6 @@ run=$(ls -d "$RUNS"/cgan/*cgan* 2>/dev/null | head -1)
 
 for ph in $PHASES; do "phase_$ph"; done   # in the order given
 
-tar -czf "$OUT/results.tar.gz" -C "$OUT" results
+pack
 say "summary"
 [ -f "$R/bench.log" ] && tail -42 "$R/bench.log"; [ -f "$R/schedule.log" ] && tail -10 "$R/schedule.log"; ls "$R/grids"
