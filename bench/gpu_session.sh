@@ -13,7 +13,7 @@
 # default "A B C") picks phases, MODELS_A="..." the models of phase A (default rawgan acgan unetgan unetcgan),
 # entries "label@model" with settings in SETS_<label> (e.g. MODELS_A="acgan tac@acgan" SETS_tac="--set
 # loss.aux_mode=tac"), EPA its epochs and CAP_A its time cap in s (200, 130), BENCH_ARGS extra arguments of phase B (PEER= skips its peer run), PREP_SIZES the
-# prepared sizes (default "64 128 256"), SKIP_SMOKE=1 skips the smoke phase, BUDGET the seconds for the whole script.
+# prepared sizes (default "64 128 256"), SETS_C extra config values of the schedule run (e.g. "train.compile=true"), SKIP_SMOKE=1 skips the smoke phase, BUDGET the seconds for the whole script.
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TERM=dumb COLUMNS=160 NO_COLOR=1
@@ -112,7 +112,7 @@ phase_C() {
 say "C cGAN schedule ($SCHED images at 128 px)"
 start=$(date +%s.%N)
 timeout $(cap 300) python3 bench/gan_throughput.py --device $DEV --skip-models --run-schedule cgan --schedule-images $SCHED \
-    --data128 $D128 --schedule-out "$RUNS/cgan" --set train.checkpoint_every=100 $TINY \
+    --data128 $D128 --schedule-out "$RUNS/cgan" --set train.checkpoint_every=100 ${SETS_C:-} $TINY \
     --json "$R/schedule.json" > "$R/schedule.log" 2>&1 || echo "schedule exit $?"
 echo "cgan schedule wall $(python3 -c "import time; print(round(time.time() - $start, 1))") s"
 run=$(ls -d "$RUNS"/cgan/*cgan* 2>/dev/null | head -1)
