@@ -133,7 +133,7 @@ def g_loss(kind: str, logits_fake: torch.Tensor) -> torch.Tensor:
     return 0.5 * (f - 1.0).square().mean()
 
 
-# --------------------------------------------------------------------------- R1
+# --------------------------------------------------------------------------- ACGAN / TAC-GAN
 
 
 AUX_MODES = ("acgan", "real", "tac")
@@ -171,6 +171,9 @@ def aux_g_loss(class_fake: torch.Tensor, labels: torch.Tensor, twin_fake: torch.
     if twin_fake is not None:
         loss = loss - F.cross_entropy(twin_fake.float(), labels)
     return loss
+
+
+# --------------------------------------------------------------------------- R1
 
 
 def r1_penalty(real_logits: torch.Tensor, real_images: torch.Tensor) -> torch.Tensor:
