@@ -24,6 +24,7 @@ import re
 import signal
 import time
 from contextlib import contextmanager
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -345,13 +346,18 @@ class GANTrainer:
         with self._autocast():
             fake = self.G_train(z, y)
             r1_now = cfg.loss.r1_gamma > 0 and self.state.step % cfg.loss.r1_every == 0
+            mc = cfg.loss.mc_samples if cfg.loss.uncertainty != "off" else 1
+            logits_k = None
             if self.d_joint:  # one augmentation and one D pass over reals and fakes: half the launches
                 both = self._augment(torch.cat([real, fake.detach().to(real.dtype)]))
                 real_aug, fake_aug = both[:n], both[n:]
                 if r1_now:  # R1 needs the reals as their own leaf
                     real_aug = real_aug.detach().requires_grad_(True)
                     both = torch.cat([real_aug, fake_aug])
-                out_r, out_f = self.D_train(both, None if y is None else torch.cat([y, y])).split(n)
+                out = self.D_train(both, None if y is None else torch.cat([y, y]), mc_samples=mc)
+                if mc > 1:  # uncertainty: K dropout passes over one trunk pass; the first is the main one
+                    logits_k, out = out.logits, dataclasses.replace(out, logits=out.logits[0])
+                out_r, out_f = out.split(n)
             else:
                 real_aug, fake_aug = self._augment(real), self._augment(fake.detach())
                 if r1_now:
@@ -382,7 +388,9 @@ class GANTrainer:
                 stats["acc_real"] = (out_r.class_logits.argmax(1) == labels).float().mean()
                 stats["acc_fake"] = (out_f.class_logits.argmax(1) == labels).float().mean()
             if cfg.loss.uncertainty != "off":
-                u_d = losses.mc_dropout_uncertainty(self.D_train(fake_aug, y, mc_samples=cfg.loss.mc_samples).logits)
+                fake_k = (logits_k[:, n:] if logits_k is not None  # joint pass: its fake half
+                          else self.D_train(fake_aug, y, mc_samples=mc).logits)
+                u_d = losses.mc_dropout_uncertainty(fake_k)
                 term_d, _ = losses.uncertainty_terms(cfg.loss.uncertainty, u_d)
                 loss_d = loss_d + cfg.loss.uncertainty_weight * term_d
                 stats["uncertainty_fake"] = u_d
@@ -399,7 +407,9 @@ class GANTrainer:
         self.D.requires_grad_(False)  # no D gradients are needed for G's update
         with self._autocast():
             fake_aug = self._augment(fake)
-            out_g = self.D_train(fake_aug, y)
+            out_g = self.D_train(fake_aug, y, mc_samples=mc)
+            if mc > 1:  # as in D's update: one trunk pass, the first dropout pass is the main one
+                logits_gk, out_g = out_g.logits, dataclasses.replace(out_g, logits=out_g.logits[0])
             loss_g = losses.g_loss(kind, out_g.logits)
             if out_g.pixel_logits is not None:
                 loss_g = loss_g + losses.g_loss(kind, out_g.pixel_logits)
@@ -407,7 +417,7 @@ class GANTrainer:
                 loss_g = loss_g + cfg.loss.aux_weight * losses.aux_g_loss(out_g.class_logits, labels,
                                                                            out_g.twin_logits)
             if cfg.loss.uncertainty != "off":
-                u_g = losses.mc_dropout_uncertainty(self.D_train(fake_aug, y, mc_samples=cfg.loss.mc_samples).logits)
+                u_g = losses.mc_dropout_uncertainty(logits_gk)
                 _, term_g = losses.uncertainty_terms(cfg.loss.uncertainty, u_g)
                 loss_g = loss_g + cfg.loss.uncertainty_weight * term_g
         self.opt_g.zero_grad(set_to_none=True)

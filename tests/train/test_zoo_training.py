@@ -174,3 +174,22 @@ def test_a_batchnorm_discriminator_keeps_separate_passes(tiny_cfg, tmp_path):
     from covidxray.train.gan import GANTrainer
 
     assert not GANTrainer(tiny_cfg(epochs=1), tmp_path / "r").d_joint  # DCGAN D: BatchNorm mixes the batch
+
+
+@pytest.mark.parametrize("model", ["cgan", "acgan"])
+def test_uncertainty_shares_the_trunk_pass(tiny_cfg, tmp_path, model):
+    # With MC dropout the K dropout passes ride on the step's own trunk pass: one trunk pass in D's
+    # update (reals and fakes together) and one in G's, as without the regulariser.
+    from covidxray.train.gan import GANTrainer
+
+    counts = {}
+    for mode in ("off", "min"):
+        cfg = tiny_cfg(epochs=1, model=model, extra=[f"loss.uncertainty={mode}", "arch.d_dropout=0.3"])
+        tr = GANTrainer(cfg, tmp_path / mode)
+        calls = []
+        tr.D.trunk.register_forward_hook(lambda mod, inp, out: calls.append(inp[0].shape[0]))
+        stats = tr.train_step(tr.data.images[:8], tr.data.labels[:8])
+        counts[mode] = calls
+        if mode == "min":
+            assert 0.0 <= stats["uncertainty_fake"].item() <= 0.25  # variance of probabilities
+    assert counts["off"] == counts["min"] == [16, 8]
