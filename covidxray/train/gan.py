@@ -196,6 +196,8 @@ class GANTrainer:
         self.shuffle_gen = torch.Generator().manual_seed(cfg.train.seed)
         self.noise_gen = torch.Generator(device=self.device).manual_seed(cfg.train.seed + 1)
         self.aug_gen = torch.Generator(device=self.device).manual_seed(cfg.train.seed + 3)
+        # The CutMix coin is decided on the host: a draw on the GPU would need a sync every step.
+        self.coin_gen = torch.Generator().manual_seed(cfg.train.seed + 4)
         grid_gen = torch.Generator().manual_seed(cfg.train.seed + 2)
         self.fixed_z = torch.randn(cfg.train.grid_size, cfg.arch.latent_dim, generator=grid_gen)
         # Conditional models: the grid shows the classes in contiguous blocks.
@@ -236,7 +238,8 @@ class GANTrainer:
     # -------------------------------------------------------------- state I/O
     def state_dict(self) -> dict[str, Any]:
         rng = {"shuffle": self.shuffle_gen.get_state(), "noise": self.noise_gen.get_state(),
-               "aug": self.aug_gen.get_state(), "torch_cpu": torch.get_rng_state()}
+               "aug": self.aug_gen.get_state(), "coin": self.coin_gen.get_state(),
+               "torch_cpu": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["torch_cuda"] = torch.cuda.get_rng_state(self.device)
         s = self.state
@@ -273,6 +276,10 @@ class GANTrainer:
         self.scaler_d.load_state_dict(ckpt["scalers"]["D"])
         rng = ckpt["rng"]
         self.shuffle_gen.set_state(rng["shuffle"])
+        if "coin" in rng:  # older checkpoints drew the CutMix coin from aug_gen
+            self.coin_gen.set_state(rng["coin"])
+        else:
+            self.coin_gen.manual_seed(self.cfg.train.seed + 4 + ckpt["step"])
         try:
             self.noise_gen.set_state(rng["noise"])
             self.aug_gen.set_state(rng["aug"])
@@ -367,8 +374,9 @@ class GANTrainer:
             if out_r.pixel_logits is not None:  # U-Net D: per-pixel real/fake decision too
                 loss_d = loss_d + losses.d_loss(kind, out_r.pixel_logits, out_f.pixel_logits)
                 p = self.cutmix_prob()
-                # Drawn from aug_gen so that a resumed run makes the same draws.
-                if p > 0 and float(torch.rand((), generator=self.aug_gen, device=self.device)) < p:
+                # From a host generator saved in checkpoints: no device sync, and a resumed run
+                # makes the same draws.
+                if p > 0 and float(torch.rand((), generator=self.coin_gen)) < p:
                     mask = losses.cutmix_masks(n, real.shape[-2], real.shape[-1], generator=self.aug_gen,
                                                device=self.device)
                     mixed = losses.cutmix(real_aug.detach(), fake_aug, mask)

@@ -68,16 +68,21 @@ def test_uncertainty_is_refused_for_models_without_mc_dropout(tiny_cfg):
         start_run(tiny_cfg(extra=["loss.uncertainty=min", "arch.d_dropout=0.3"]))
 
 
-def test_cgan_resume_with_ema_and_diffaugment_equals_uninterrupted(tiny_cfg):
+@pytest.mark.parametrize("model, more", [
+    ("cgan", []),
+    # CutMix at p = 0.5 from the first step: its coin and masks must continue exactly too
+    ("unetcgan", ["loss.cutmix_warmup_kimg=0"]),
+])
+def test_resume_with_ema_and_diffaugment_equals_uninterrupted(tiny_cfg, model, more):
     extra = ["aug.diffaugment=translation,cutout,brightness,contrast", "train.ema_kimg=0.05", "loss.r1_gamma=0.5",
-             "loss.r1_every=2"]
-    ref, _ = start_run(tiny_cfg(epochs=2, model="cgan", extra=extra))
+             "loss.r1_every=2"] + more
+    ref, _ = start_run(tiny_cfg(epochs=2, model=model, extra=extra))
 
     def stop(trainer):
         if trainer.state.step == 4:  # in the middle of the second epoch
             trainer.request_stop()
 
-    part, finished = start_run(tiny_cfg(epochs=2, model="cgan", extra=extra), on_step=stop)
+    part, finished = start_run(tiny_cfg(epochs=2, model=model, extra=extra), on_step=stop)
     assert not finished
     resumed, finished = resume_run(part.run_dir)
     assert finished
@@ -86,6 +91,8 @@ def test_cgan_resume_with_ema_and_diffaugment_equals_uninterrupted(tiny_cfg):
             assert torch.equal(value, b.state_dict()[key]), f"{name}.{key}"
     assert (ref.run_dir / "samples" / "epoch_0002.png").read_bytes() == \
         (part.run_dir / "samples" / "epoch_0002.png").read_bytes()
+    if more:
+        assert "cutmix_cons" in (ref.run_dir / "stats.jsonl").read_text()  # CutMix steps did happen
 
 
 @pytest.mark.parametrize("name", CONDITIONAL)
