@@ -158,3 +158,24 @@ def test_label_survives_a_single_class_training_batch():
     a = G(z, torch.zeros(8, dtype=torch.long))
     b = G(z, torch.full((8,), 2, dtype=torch.long))
     assert (a - b).abs().mean() > 0.05
+
+
+def test_doutput_split_separates_every_field():
+    from covidxray.models.common import DOutput
+
+    out = DOutput(torch.arange(6.0), class_logits=torch.arange(18.0).view(6, 3), twin_logits=None,
+                  pixel_logits=torch.zeros(6, 1, 2, 2))
+    a, b = out.split(2)
+    assert a.logits.tolist() == [0.0, 1.0] and b.logits.tolist() == [2.0, 3.0, 4.0, 5.0]
+    assert a.class_logits.shape == (2, 3) and b.class_logits[0].tolist() == [6.0, 7.0, 8.0]
+    assert a.pixel_logits.shape == (2, 1, 2, 2) and b.twin_logits is None
+    with pytest.raises(ValueError, match="per-image logits"):
+        DOutput(torch.zeros(4, 6)).split(3)  # (K, N) Monte-Carlo logits cannot be split this way
+
+
+def test_tac_discriminator_has_a_twin_head_on_the_same_features():
+    d = ACGANDiscriminator(64, 3, channels=8, max_channels=32, twin=True)
+    out = d(torch.randn(5, 1, 64, 64))
+    assert out.twin_logits.shape == (5, 3) and out.class_logits.shape == (5, 3)
+    assert not torch.equal(out.twin_logits, out.class_logits)  # separately initialised heads
+    assert ACGANDiscriminator(64, 3, channels=8, max_channels=32)(torch.randn(2, 1, 64, 64)).twin_logits is None
