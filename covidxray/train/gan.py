@@ -355,20 +355,18 @@ class GANTrainer:
             r1_now = cfg.loss.r1_gamma > 0 and self.state.step % cfg.loss.r1_every == 0
             mc = cfg.loss.mc_samples if cfg.loss.uncertainty != "off" else 1
             logits_k = None
-            if self.d_joint:  # one augmentation and one D pass over reals and fakes: half the launches
-                both = self._augment(torch.cat([real, fake.detach().to(real.dtype)]))
-                real_aug, fake_aug = both[:n], both[n:]
-                if r1_now:  # R1 needs the reals as their own leaf
-                    real_aug = real_aug.detach().requires_grad_(True)
-                    both = torch.cat([real_aug, fake_aug])
+            # One augmentation call for reals and fakes (per-image draws): fewer launches.
+            both = self._augment(torch.cat([real, fake.detach().to(real.dtype)]))
+            real_aug, fake_aug = both[:n], both[n:]
+            if r1_now:  # R1 needs the reals as their own leaf
+                real_aug = real_aug.detach().requires_grad_(True)
+                both = torch.cat([real_aug, fake_aug])
+            if self.d_joint:  # and one D pass over both: half the launches of D's update
                 out = self.D_train(both, None if y is None else torch.cat([y, y]), mc_samples=mc)
                 if mc > 1:  # uncertainty: K dropout passes over one trunk pass; the first is the main one
                     logits_k, out = out.logits, dataclasses.replace(out, logits=out.logits[0])
                 out_r, out_f = out.split(n)
-            else:
-                real_aug, fake_aug = self._augment(real), self._augment(fake.detach())
-                if r1_now:
-                    real_aug = real_aug.detach().requires_grad_(True)
+            else:  # BatchNorm in D: reals and fakes in separate batches
                 out_r, out_f = self.D_train(real_aug, y), self.D_train(fake_aug, y)
             loss_d = losses.d_loss(kind, out_r.logits, out_f.logits)
             if out_r.pixel_logits is not None:  # U-Net D: per-pixel real/fake decision too
