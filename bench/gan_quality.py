@@ -43,6 +43,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from covidxray.data.datasets import load_tensor_data, to_float  # noqa: E402
+from covidxray.errors import CovidXrayError  # noqa: E402
 from covidxray.generate import load_generator  # noqa: E402
 from covidxray.utils import atomic_path  # noqa: E402
 
@@ -193,10 +194,12 @@ def main(argv: list[str] | None = None) -> int:
     xs = {s: resize_u8(d.images, args.clf_size).to(dev) for s, d in splits.items()}
     ys = {s: d.labels.to(dev) for s, d in splits.items()}
     clfs = [cached_classifier(args, splits, xs, ys, k, seed, dev) for seed in range(args.clf_seeds)]
-    real = {"test_accuracy": mean_std([float((predict(m, xs["test"]) == ys["test"]).float().mean()) for m in clfs]),
-            "test_balanced_accuracy": mean_std([balanced_accuracy(predict(m, xs["test"]), ys["test"], k) for m in clfs]),
-            "test_per_class": {c: mean_std([float((predict(m, xs["test"][ys["test"] == i]) == i).float().mean())
-                                            for m in clfs]) for i, c in enumerate(classes)},
+    preds = [predict(m, xs["test"]) for m in clfs]
+    yt = ys["test"]
+    real = {"test_accuracy": mean_std([float((p == yt).float().mean()) for p in preds]),
+            "test_balanced_accuracy": mean_std([balanced_accuracy(p, yt, k) for p in preds]),
+            "test_per_class": {c: mean_std([float((p[yt == i] == i).float().mean()) for p in preds])
+                               for i, c in enumerate(classes)},
             "train_diversity": {c: diversity(splits["train"].images[splits["train"].labels == i])
                                 for i, c in enumerate(classes)},
             "train_mix": {c: float((splits["train"].labels == i).float().mean()) for i, c in enumerate(classes)}}
@@ -251,10 +254,15 @@ def main(argv: list[str] | None = None) -> int:
                 f"{c} {fmt(v)}" for c, v in row["mix"].items()))
     print(f"total {time.perf_counter() - t0:.0f} s")
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "classes": classes, "real": real,
-                                               "runs": results}, indent=1))
+        with atomic_path(args.json) as tmp:
+            tmp.write_text(json.dumps({"args": vars(args), "classes": classes, "real": real, "runs": results},
+                                      indent=1))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except CovidXrayError as exc:  # a missing run or data folder: one line, no traceback
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
