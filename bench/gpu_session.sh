@@ -1,19 +1,24 @@
 #!/usr/bin/env bash
-# One device call for everything that needs a GPU (the device budget allows about one call per session):
+# One device call for everything that needs a GPU (the device budget allows about one call per session).
+# Phases, run in the order PHASES lists them (default "A B C"; any of A B C Q K):
 #   0. smoke: one epoch of rawgan / cgan / unetgan on real 64 px data (stop early if the CUDA path breaks)
-#   A. real-data training runs at 128 px for the README/docs grids and GIF (run concurrently)
+#   A. real-data training runs at 128 px, concurrently, with grids and GIFs
 #   B. bench/gan_throughput.py: every GAN x 64/128/256 px vs the plain DCGAN reference, and the peer script
 #   C. the seed's cGAN schedule (~1.7 M images at 128 px), timed
-# Everything lands in $OUT/results.tar.gz (GIFs beside it); the summary table is printed last.
-# Needs (carried, git-ignored): .devdata/cxr-real (a copy of the real set, Kaggle v4 layout; prepared here at
-# 64/128/256 px in seconds) and .devdata/peer/main.py (pytorch/examples dcgan/main.py, fetched, never committed).
 #   Q. bench/gan_quality.py: GAN-train/GAN-test and per-class diversity of every run of phases A and C
 #   K. torch.compile (default and reduce-overhead modes) of cgan and rawgan at 128 px: step rates
-# QUICK=1 shrinks every phase for a CPU rehearsal; PHASES="C A Q" (any of A B C Q, run in the order given,
-# default "A B C") picks phases, MODELS_A="..." the models of phase A (default rawgan acgan unetgan unetcgan),
-# entries "label@model" with settings in SETS_<label> (e.g. MODELS_A="acgan tac@acgan" SETS_tac="--set
-# loss.aux_mode=tac"), EPA its epochs and CAP_A its time cap in s (200, 130), BENCH_ARGS extra arguments of phase B (PEER= skips its peer run), PREP_SIZES the
-# prepared sizes (default "64 128 256"), SETS_C extra config values of the schedule run (e.g. "train.compile=true"), SKIP_SMOKE=1 skips the smoke phase, BUDGET the seconds for the whole script.
+# Everything lands in $OUT/results.tar.gz (GIFs beside it); the summary table is printed last.
+# Needs (carried, git-ignored): .devdata/cxr-real (a copy of the real set, Kaggle v4 layout; prepared here in
+# seconds) and, for B's peer run, .devdata/peer/main.py (pytorch/examples dcgan/main.py, never committed).
+# Knobs (environment):
+#   QUICK=1          shrink every phase for a CPU rehearsal
+#   SKIP_SMOKE=1     skip the smoke phase;  PREP_SIZES  prepared sizes (default "64 128 256")
+#   MODELS_A         phase A's runs (default "rawgan acgan unetgan unetcgan"); an entry "label@model" takes
+#                    extra settings from SETS_<label>, e.g. MODELS_A="acgan tac@acgan" SETS_tac="--set loss.aux_mode=tac"
+#   EPA, CAP_A       phase A's epochs (200) and time cap in s (130)
+#   BENCH_ARGS       extra arguments of phase B (e.g. "--sizes 128");  PEER= (empty) skips B's peer run
+#   SETS_C           extra config values of the schedule run (e.g. "train.compile=true")
+#   BUDGET           seconds for the whole script (560); later phases get what is left
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TERM=dumb COLUMNS=160 NO_COLOR=1
