@@ -12,6 +12,7 @@ Interface of the networks the training loop relies on:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +34,13 @@ class DOutput:
     class_logits: torch.Tensor | None = None
     pixel_logits: torch.Tensor | None = None
     twin_logits: torch.Tensor | None = None
+
+    def mc_split(self) -> tuple[torch.Tensor, "DOutput"]:
+        """For Monte-Carlo logits (K, N): those logits, and this output with the first of the K
+        dropout passes as its ordinary ``logits`` (N,) (the other fields already come from that pass)."""
+        if self.logits.ndim != 2:
+            raise ValueError(f"mc_split() needs Monte-Carlo logits (K, N), got shape {tuple(self.logits.shape)}")
+        return self.logits, dataclasses.replace(self, logits=self.logits[0])
 
     def split(self, n: int) -> tuple["DOutput", "DOutput"]:
         """Split the output of one pass over ``cat([a, b])`` (a of ``n`` images) into a's and b's.

@@ -24,7 +24,6 @@ import re
 import signal
 import time
 from contextlib import contextmanager
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -364,7 +363,7 @@ class GANTrainer:
             if self.d_joint:  # and one D pass over both: half the launches of D's update
                 out = self.D_train(both, None if y is None else torch.cat([y, y]), mc_samples=mc)
                 if mc > 1:  # uncertainty: K dropout passes over one trunk pass; the first is the main one
-                    logits_k, out = out.logits, dataclasses.replace(out, logits=out.logits[0])
+                    logits_k, out = out.mc_split()
                 out_r, out_f = out.split(n)
             else:  # BatchNorm in D: reals and fakes in separate batches
                 out_r, out_f = self.D_train(real_aug, y), self.D_train(fake_aug, y)
@@ -415,7 +414,7 @@ class GANTrainer:
             fake_aug = self._augment(fake)
             out_g = self.D_train(fake_aug, y, mc_samples=mc)
             if mc > 1:  # as in D's update: one trunk pass, the first dropout pass is the main one
-                logits_gk, out_g = out_g.logits, dataclasses.replace(out_g, logits=out_g.logits[0])
+                logits_gk, out_g = out_g.mc_split()
             loss_g = losses.g_loss(kind, out_g.logits)
             if out_g.pixel_logits is not None:
                 loss_g = loss_g + losses.g_loss(kind, out_g.pixel_logits)

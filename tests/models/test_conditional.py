@@ -179,3 +179,13 @@ def test_tac_discriminator_has_a_twin_head_on_the_same_features():
     assert out.twin_logits.shape == (5, 3) and out.class_logits.shape == (5, 3)
     assert not torch.equal(out.twin_logits, out.class_logits)  # separately initialised heads
     assert ACGANDiscriminator(64, 3, channels=8, max_channels=32)(torch.randn(2, 1, 64, 64)).twin_logits is None
+
+
+def test_doutput_mc_split_takes_the_first_pass_as_main():
+    from covidxray.models.common import DOutput
+
+    k_logits = torch.arange(6.0).view(3, 2)  # K = 3 passes, N = 2 images
+    logits_k, main = DOutput(k_logits, class_logits=torch.ones(2, 3)).mc_split()
+    assert logits_k is k_logits and main.logits.tolist() == [0.0, 1.0] and main.class_logits.shape == (2, 3)
+    with pytest.raises(ValueError, match="Monte-Carlo logits"):
+        DOutput(torch.zeros(2)).mc_split()
