@@ -360,24 +360,31 @@ class GANTrainer:
             if r1_now:  # R1 needs the reals as their own leaf
                 real_aug = real_aug.detach().requires_grad_(True)
                 both = torch.cat([real_aug, fake_aug])
-            if self.d_joint:  # and one D pass over both: half the launches of D's update
-                out = self.D_train(both, None if y is None else torch.cat([y, y]), mc_samples=mc)
-                if mc > 1:  # uncertainty: K dropout passes over one trunk pass; the first is the main one
-                    logits_k, out = out.mc_split()
-                out_r, out_f = out.split(n)
-            else:  # BatchNorm in D: reals and fakes in separate batches
-                out_r, out_f = self.D_train(real_aug, y), self.D_train(fake_aug, y)
-            loss_d = losses.d_loss(kind, out_r.logits, out_f.logits)
-            if out_r.pixel_logits is not None:  # U-Net D: per-pixel real/fake decision too
-                loss_d = loss_d + losses.d_loss(kind, out_r.pixel_logits, out_f.pixel_logits)
+            mixed = None
+            if "cutmix" in self.spec.features:  # U-Net D: CutMix with probability p (warmed up)
                 p = self.cutmix_prob()
-                # From a host generator saved in checkpoints: no device sync, and a resumed run
-                # makes the same draws.
+                # The coin comes from a host generator saved in checkpoints: no device sync, and a
+                # resumed run makes the same draws.
                 if p > 0 and float(torch.rand((), generator=self.coin_gen)) < p:
                     mask = losses.cutmix_masks(n, real.shape[-2], real.shape[-1], generator=self.aug_gen,
                                                device=self.device)
                     mixed = losses.cutmix(real_aug.detach(), fake_aug, mask)
-                    out_m = self.D_train(mixed, y)
+            if self.d_joint:  # and one D pass over all of them: a third of the launches of D's update
+                x_d = both if mixed is None else torch.cat([both, mixed])
+                out = self.D_train(x_d, None if y is None else y.repeat(x_d.shape[0] // n), mc_samples=mc)
+                if mc > 1:  # uncertainty: K dropout passes over one trunk pass; the first is the main one
+                    logits_k, out = out.mc_split()
+                    logits_k = logits_k[:, :2 * n]
+                out_r, out_f = out.split(n)
+                if mixed is not None:
+                    out_f, out_m = out_f.split(n)
+            else:  # BatchNorm in D: reals, fakes (and mixes) in separate batches
+                out_r, out_f = self.D_train(real_aug, y), self.D_train(fake_aug, y)
+                out_m = self.D_train(mixed, y) if mixed is not None else None
+            loss_d = losses.d_loss(kind, out_r.logits, out_f.logits)
+            if out_r.pixel_logits is not None:  # U-Net D: per-pixel real/fake decision too
+                loss_d = loss_d + losses.d_loss(kind, out_r.pixel_logits, out_f.pixel_logits)
+                if mixed is not None:
                     # Encoder: a mixed image is fake. Decoder: each pixel is real where it came from a real image.
                     loss_mix = (losses.mixed_pixel_d_loss(kind, out_m.logits, torch.zeros_like(out_m.logits))
                                 + losses.mixed_pixel_d_loss(kind, out_m.pixel_logits, mask))

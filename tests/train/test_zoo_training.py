@@ -145,7 +145,10 @@ def test_unknown_aux_mode_is_refused(cli, demo_prepared, tmp_path):
 
 
 @pytest.mark.parametrize("model, extra", [("cgan", []), ("acgan", ["loss.aux_mode=tac"]), ("unetcgan", []),
-                                          ("acgan", ["loss.r1_gamma=1", "loss.r1_every=1"])])
+                                          ("acgan", ["loss.r1_gamma=1", "loss.r1_every=1"]),
+                                          # CutMix images ride in the same pass (p = 0.5 from the start)
+                                          ("unetcgan", ["loss.cutmix_warmup_kimg=0", "loss.cutmix_prob=1"])])
+# (not with MC dropout: one pass draws its dropout masks differently from two)
 def test_joint_real_fake_pass_of_d_equals_two_passes(tiny_cfg, tmp_path, model, extra):
     # Discriminators without BatchNorm see reals and fakes in one pass; the step must not change.
     from covidxray.train.gan import GANTrainer
@@ -164,10 +167,18 @@ def test_joint_real_fake_pass_of_d_equals_two_passes(tiny_cfg, tmp_path, model, 
         for t in (a, b):
             for _ in range(200):
                 t.D(probe, y)
+    calls = {"a": 0, "b": 0}
+    a.D.register_forward_hook(lambda *_: calls.__setitem__("a", calls["a"] + 1))
+    b.D.register_forward_hook(lambda *_: calls.__setitem__("b", calls["b"] + 1))
     for _ in range(2):
         sa, sb = a.train_step(x, y), b.train_step(x, y)
+        assert set(sa) == set(sb)
         for key in sa:
             assert torch.allclose(sa[key], sb[key], rtol=1e-3, atol=1e-4), key
+    mixing = "loss.cutmix_prob=1" in extra
+    assert ("cutmix_cons" in sa) == mixing
+    # per step: one D pass in D's update and one in G's; two or three D passes without the joint pass
+    assert calls == {"a": 4, "b": 2 * (4 if mixing else 3)}
     # Adam turns float-rounding-sized gradient differences of near-zero gradients into up to
     # 2 x lr per step, so parameters can only be compared to that bound (the second step's equal
     # losses above already show that the updated networks agree).
