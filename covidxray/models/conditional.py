@@ -141,7 +141,8 @@ class ConditionalBatchNorm2d(nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         h = self.bn(x)
-        return h * self.gamma(y)[:, :, None, None].to(h.dtype) + self.beta(y)[:, :, None, None].to(h.dtype)
+        gamma, beta = self.gamma(y)[:, :, None, None].to(h.dtype), self.beta(y)[:, :, None, None].to(h.dtype)
+        return torch.addcmul(beta, h, gamma)  # beta + h * gamma in one kernel
 
 
 class ConditionalGenerator(nn.Module):

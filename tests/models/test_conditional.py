@@ -189,3 +189,20 @@ def test_doutput_mc_split_takes_the_first_pass_as_main():
     assert logits_k is k_logits and main.logits.tolist() == [0.0, 1.0] and main.class_logits.shape == (2, 3)
     with pytest.raises(ValueError, match="Monte-Carlo logits"):
         DOutput(torch.zeros(2)).mc_split()
+
+
+def test_conditional_batchnorm_known_answer():
+    from covidxray.models.conditional import ConditionalBatchNorm2d
+
+    cbn = ConditionalBatchNorm2d(2, n_classes=2).train()
+    with torch.no_grad():
+        cbn.gamma.weight.copy_(torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
+        cbn.beta.weight.copy_(torch.tensor([[0.5, 0.0], [0.0, -1.0]]))
+    x = torch.randn(4, 2, 3, 3).contiguous(memory_format=torch.channels_last)
+    y = torch.tensor([0, 1, 1, 0])
+    mean, var = x.mean((0, 2, 3), keepdim=True), x.var((0, 2, 3), unbiased=False, keepdim=True)
+    normed = (x - mean) / torch.sqrt(var + cbn.bn.eps)
+    expected = normed * cbn.gamma.weight[y][:, :, None, None] + cbn.beta.weight[y][:, :, None, None]
+    out = cbn(x, y)
+    assert torch.allclose(out, expected, atol=1e-5)
+    assert out.is_contiguous(memory_format=torch.channels_last)  # the layout the next conv wants
