@@ -359,7 +359,8 @@ class GANTrainer:
             real_aug, fake_aug = both[:n], both[n:]
             if r1_now:  # R1 needs the reals as their own leaf
                 real_aug = real_aug.detach().requires_grad_(True)
-                both = torch.cat([real_aug, fake_aug])
+                if self.d_joint:
+                    both = torch.cat([real_aug, fake_aug])
             mixed = None
             if "cutmix" in self.spec.features:  # U-Net D: CutMix with probability p (warmed up)
                 p = self.cutmix_prob()
