@@ -430,6 +430,8 @@ def measure_model(model: str, size: int, data: DataInfo, batch: int, device: tor
         dt_s = time.perf_counter() - t0
         row["step_images_per_s"] = _rate(args.steps * n, dt_s)
         row["step_s"] = dt_s / args.steps
+        gr = trainer.graphs  # whole-step CUDA graphs: replayed, failed (eager fallback), or off
+        row["cuda_graphs"] = "off" if gr is None else "failed" if gr.failed else f"{len(gr.graphs)} replayed"
         fit = _timed_fit(trainer, epochs, trainer.device)
         row["epoch_images_per_s"] = fit.pop("images_per_s")
         row.update({f"fit_{k}": v for k, v in fit.items()})
@@ -642,7 +644,7 @@ def _models_table(console, res, args, refs, has_bf16) -> None:
     env, sec = res["env"], res["sections_s"]
     t = Table(title=f"GAN training img/s - {env['device_name']} ({env['device']}), batch {args.batch}, "
                     f"{_hms(sec.get('models'))}", title_justify="left")
-    for col in ("model", "px", "data", "step", "epoch", "ep/step", "ref fp32", "x ref"):
+    for col in ("model", "px", "data", "graphs", "step", "epoch", "ep/step", "ref fp32", "x ref"):
         t.add_column(col, justify="left" if col in ("model", "data") else "right")
     if has_bf16:
         t.add_column("ref bf16CL", justify="right")
@@ -653,10 +655,11 @@ def _models_table(console, res, args, refs, has_bf16) -> None:
         ratio = (r["step_images_per_s"] / ref["images_per_s"]
                  if r.get("step_images_per_s") and ref.get("images_per_s") else None)
         if r.get("error"):
-            cells = [r["model"], str(r["size"]), r.get("data", ""), "[red]error[/]", "-", "-", "-", "-"]
+            cells = [r["model"], str(r["size"]), r.get("data", ""), "-", "[red]error[/]", "-", "-", "-", "-"]
             errors.append(f"{r['model']} {r['size']} px: {r['error']}")
         else:
-            cells = [r["model"], str(r["size"]), r.get("data", ""), _f(r.get("step_images_per_s")),
+            cells = [r["model"], str(r["size"]), r.get("data", ""), r.get("cuda_graphs", "?"),
+                     _f(r.get("step_images_per_s")),
                      _f(r.get("epoch_images_per_s")), _f(r.get("epoch_over_step"), "{:.2f}"),
                      _f(ref.get("images_per_s")) if "error" not in ref else "err", _f(ratio, "{:.2f}x")]
         if has_bf16:

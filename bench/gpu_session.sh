@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # One device call for everything that needs a GPU (the device budget allows about one call per session).
-# Phases, run in the order PHASES lists them (default "A B C"; any of A B C Q K):
+# Phases, run in the order PHASES lists them (default "A B C"; any of G A B C Q K):
+#   G. the CUDA-only tests (CUDA graphs equal eager steps, resume with graphs, GPU RNG/EMA/augment checks);
+#      pytest comes from wheels carried in .devdata/wheels (`pip download pytest -d .devdata/wheels`)
 #   0. smoke: one epoch of rawgan / cgan / unetgan on real 64 px data (stop early if the CUDA path breaks)
 #   A. real-data training runs at 128 px, concurrently, with grids and GIFs
 #   B. bench/gan_throughput.py: every GAN x 64/128/256 px vs the plain DCGAN reference, and the peer script
@@ -17,6 +19,7 @@
 #                    extra settings from SETS_<label>, e.g. MODELS_A="acgan tac@acgan" SETS_tac="--set loss.aux_mode=tac"
 #   EPA, CAP_A       phase A's epochs (200) and time cap in s (130)
 #   BENCH_ARGS       extra arguments of phase B (e.g. "--sizes 128");  PEER= (empty) skips B's peer run
+#   B_EAGER=1        phase B also times cgan and rawgan at 128 px with train.cuda_graphs=no
 #   SETS_C           extra config values of the schedule run (e.g. "train.compile=true")
 #   BUDGET           seconds for the whole script (560); later phases get what is left
 set -u
@@ -87,6 +90,15 @@ done
 grep -h "done:" "$R"/train-*.log
 }
 
+phase_G() {
+say "G CUDA-only tests"
+python3 -c "import pytest" 2>/dev/null || python3 -m pip install -q --no-index --find-links .devdata/wheels pytest \
+    > "$R/pip.log" 2>&1 || { echo "no pytest: carry .devdata/wheels"; tail -3 "$R/pip.log"; return; }
+timeout $(cap 150) python3 -m pytest -q -p no:cacheprovider -rs tests/train/test_cuda_graphs.py tests/train/test_ema.py \
+    tests/train/test_losses.py tests/train/test_augment.py > "$R/gpu-tests.log" 2>&1 || echo "gpu tests exit $?"
+grep -E "passed|failed|error|Error|assert" "$R/gpu-tests.log" | tail -25
+}
+
 phase_Q() {
 say "Q class fidelity and diversity (bench/gan_quality.py) of every run so far"
 runs=$(ls -d "$RUNS"/*/*-* 2>/dev/null | grep -v /smoke/)
@@ -101,6 +113,11 @@ say "B throughput benchmark"
 peer=${PEER-.devdata/peer/main.py}   # PEER= (empty) skips the PyTorch-examples run
 timeout $(cap 150) python3 bench/gan_throughput.py $BENCH --device $DEV --data-root $DR ${peer:+--peer $peer} \
     --also-plain-bf16 --ref-max-channels 512 --json "$R/bench.json" $BENCH_ARGS > "$R/bench.log" 2>&1 || echo "bench exit $?"
+if [ "${B_EAGER:-0}" = 1 ]; then   # the same card without whole-step CUDA graphs, for the comparison
+  timeout $(cap 90) python3 bench/gan_throughput.py $BENCH --device $DEV --data-root $DR --sizes 128 --models cgan rawgan \
+      --set train.cuda_graphs=no --json "$R/bench-eager.json" > "$R/bench-eager.log" 2>&1 || echo "bench eager exit $?"
+  grep -E "^(cgan|rawgan) 128" "$R/bench-eager.log"
+fi
 }
 
 phase_K() {

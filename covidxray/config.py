@@ -99,6 +99,7 @@ class TrainConfig:
     channels_last: bool = True          # channels_last memory format (faster convolutions on GPUs and CPUs)
     compile: bool = False               # torch.compile G and D (falls back to eager with a warning)
     compile_mode: str = "default"       # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune
+    cuda_graphs: str = "auto"           # replay each training step as one CUDA graph: auto (on CUDA, unless compiled or fp16) | yes | no
 
 
 @dataclass
@@ -128,6 +129,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "loss.aux_mode": ("acgan", "real", "tac"),
     "train.amp": ("auto", "bf16", "fp16", "off"),
     "train.compile_mode": ("default", "reduce-overhead", "max-autotune"),
+    "train.cuda_graphs": ("auto", "yes", "no"),
 }
 
 

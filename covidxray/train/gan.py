@@ -43,6 +43,7 @@ from covidxray.train import losses
 from covidxray.train.augment import diff_augment, parse_policy
 from covidxray.train.checkpoint import load_checkpoint, save_checkpoint
 from covidxray.train.ema import EMA, decay_for
+from covidxray.train.graphs import StepGraphs
 from covidxray.train.images import save_grid
 from covidxray.utils import atomic_write_text, seed_everything
 
@@ -69,6 +70,27 @@ def new_run_dir(out: str | Path, model: str) -> Path:
             return path
         except FileExistsError:  # another process took it
             run_id += 1
+
+
+def load_optimizer(opt: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """``opt.load_state_dict(state)``, keeping how ``opt`` was built to run here.
+
+    A saved optimizer carries its implementation flags (``fused``, ``capturable``,
+    ``foreach``), and ``load_state_dict`` would adopt them: a run saved on a GPU and resumed
+    on a CPU would ask for a CUDA-only Adam, an eager run resumed with CUDA graphs could not
+    be captured. The flags of ``opt`` are kept and Adam's step counters moved to where those
+    flags want them (the parameters' device for fused/capturable, the CPU otherwise).
+    """
+    keys = ("fused", "capturable", "foreach")
+    flags = [{k: g[k] for k in keys if k in g} for g in opt.param_groups]
+    opt.load_state_dict(state)
+    for group, f in zip(opt.param_groups, flags):
+        group.update(f)
+        on_device = bool(group.get("fused") or group.get("capturable"))
+        for p in group["params"]:
+            st = opt.state.get(p, {})
+            if torch.is_tensor(st.get("step")):
+                st["step"] = st["step"].to(p.device if on_device else "cpu", torch.float32)
 
 
 @dataclass
@@ -170,14 +192,29 @@ class GANTrainer:
         if self.device.type == "cuda" and not cfg.train.deterministic:
             torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest kernels
 
+        # Whole-step CUDA graphs (covidxray/train/graphs.py): on by default on CUDA. fp16's loss
+        # scaler syncs with the host every step, and torch.compile brings its own graphs.
+        self.graphs: StepGraphs | None = None
+        fp16 = self.amp_dtype == torch.float16
+        if cfg.train.cuda_graphs == "yes":
+            why = ("it needs a CUDA device" if self.device.type != "cuda" else
+                   "fp16's loss scaler syncs with the host every step" if fp16 else
+                   "torch.compile brings its own CUDA graphs" if cfg.train.compile else "")
+            if why:
+                raise CovidXrayError(f"train.cuda_graphs=yes cannot be used here: {why}",
+                                     "Use --set train.cuda_graphs=auto (graphs where they work) or no")
+        use_graphs = (cfg.train.cuda_graphs != "no" and self.device.type == "cuda" and not fp16
+                      and not cfg.train.compile)
+
         nets = self.spec.build(cfg)
         self.G = nets["G"].to(self.device, memory_format=self.memory_format)
         self.D = nets["D"].to(self.device, memory_format=self.memory_format)
         betas = (cfg.optim.beta1, cfg.optim.beta2)
         fused = {"fused": True} if self.device.type == "cuda" else {}
+        if use_graphs:
+            fused["capturable"] = True  # the step counter lives on the GPU, so the update can be captured
         self.opt_g = torch.optim.Adam(self.G.parameters(), lr=cfg.optim.lr_g, betas=betas, **fused)
         self.opt_d = torch.optim.Adam(self.D.parameters(), lr=cfg.optim.lr_d, betas=betas, **fused)
-        fp16 = self.amp_dtype == torch.float16
         self.scaler_g = torch.amp.GradScaler("cuda", enabled=fp16)
         self.scaler_d = torch.amp.GradScaler("cuda", enabled=fp16)
         self.ema = EMA(self.G) if cfg.train.ema_kimg > 0 else None
@@ -202,6 +239,8 @@ class GANTrainer:
         # Conditional models: the grid shows the classes in contiguous blocks.
         self.fixed_y = (torch.arange(cfg.train.grid_size) * max(cfg.data.n_classes, 1) // cfg.train.grid_size
                         if self.conditional else None)
+        if use_graphs:
+            self.graphs = StepGraphs(self._step, [self.noise_gen, self.aug_gen], self._graphs_failed)
         self.state = RunState()
         # Running averages of the current log interval and epoch (kept across a mid-epoch resume).
         self.interval_meter, self.epoch_meter = Meter(), Meter()
@@ -214,6 +253,12 @@ class GANTrainer:
             self.G_train, self.D_train = torch.compile(self.G, mode=mode), torch.compile(self.D, mode=mode)
         except Exception as exc:  # e.g. no compiler toolchain: train eagerly
             self._compile_failed(exc)
+
+    def _graphs_failed(self, exc: BaseException) -> None:
+        msg = (f"CUDA graph capture failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+               f"training eagerly (--set train.cuda_graphs=no silences this)")
+        warnings.warn(msg, stacklevel=2)
+        self.log(f"warning: {msg}")
 
     def _compile_failed(self, exc: BaseException) -> None:
         msg = f"torch.compile failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); training eagerly"
@@ -269,8 +314,8 @@ class GANTrainer:
         self.D.load_state_dict(ckpt["models"]["D"])
         if self.ema is not None:
             self.ema.load_state_dict(ckpt["models"]["G_ema"])
-        self.opt_g.load_state_dict(ckpt["optimizers"]["G"])
-        self.opt_d.load_state_dict(ckpt["optimizers"]["D"])
+        load_optimizer(self.opt_g, ckpt["optimizers"]["G"])
+        load_optimizer(self.opt_d, ckpt["optimizers"]["D"])
         self.scaler_g.load_state_dict(ckpt["scalers"]["G"])
         self.scaler_d.load_state_dict(ckpt["scalers"]["D"])
         rng = ckpt["rng"]
@@ -333,11 +378,39 @@ class GANTrainer:
         return diff_augment(x, self.policy, generator=self.aug_gen) if self.policy else x
 
     def _autocast(self):
+        # No cast cache with CUDA graphs: a cached cast would outlive the capture.
         return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
-                              enabled=self.amp_dtype is not None)
+                              enabled=self.amp_dtype is not None, cache_enabled=self.graphs is None)
 
     def train_step(self, real_u8: torch.Tensor, labels: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        """One D update and one G update; returns detached scalars for the logs."""
+        """One D update and one G update; returns detached scalars for the logs.
+
+        With CUDA graphs the scalars are the graph's output buffers: read them (as the
+        loop's meters do) before the next step overwrites them.
+        """
+        cfg = self.cfg
+        # What varies from step to step is decided here, on the host, before the device work:
+        # each combination is one captured graph.
+        r1_now = cfg.loss.r1_gamma > 0 and self.state.step % cfg.loss.r1_every == 0
+        mix = False
+        if "cutmix" in self.spec.features:  # U-Net D: CutMix with probability p (warmed up)
+            p = self.cutmix_prob()
+            # The coin comes from a host generator saved in checkpoints: no device sync, and a
+            # resumed run makes the same draws.
+            mix = p > 0 and float(torch.rand((), generator=self.coin_gen)) < p
+        if self.graphs is not None:
+            stats = self.graphs.step(real_u8, labels, r1_now, mix)
+        else:
+            stats = self._step(real_u8, labels, r1_now, mix)
+        if self.ema is not None:
+            n = real_u8.shape[0]
+            beta = decay_for(n, cfg.train.ema_kimg, cfg.train.ema_rampup or None, self.state.images_seen + n)
+            self.ema.update(self.G, beta)
+        return stats
+
+    def _step(self, real_u8: torch.Tensor, labels: torch.Tensor | None, r1_now: bool,
+              mix: bool) -> dict[str, torch.Tensor]:
+        """The device work of one step (no host syncs, so that it can be captured as a CUDA graph)."""
         cfg, kind = self.cfg, self.cfg.loss.kind
         real = to_float(real_u8).contiguous(memory_format=self.memory_format)
         n = real.shape[0]
@@ -351,7 +424,6 @@ class GANTrainer:
         self.D.requires_grad_(True)
         with self._autocast():
             fake = self.G_train(z, y)
-            r1_now = cfg.loss.r1_gamma > 0 and self.state.step % cfg.loss.r1_every == 0
             mc = cfg.loss.mc_samples if cfg.loss.uncertainty != "off" else 1
             logits_k = None
             # One augmentation call for reals and fakes (per-image draws): fewer launches.
@@ -362,14 +434,10 @@ class GANTrainer:
                 if self.d_joint:
                     both = torch.cat([real_aug, fake_aug])
             mixed = None
-            if "cutmix" in self.spec.features:  # U-Net D: CutMix with probability p (warmed up)
-                p = self.cutmix_prob()
-                # The coin comes from a host generator saved in checkpoints: no device sync, and a
-                # resumed run makes the same draws.
-                if p > 0 and float(torch.rand((), generator=self.coin_gen)) < p:
-                    mask = losses.cutmix_masks(n, real.shape[-2], real.shape[-1], generator=self.aug_gen,
-                                               device=self.device)
-                    mixed = losses.cutmix(real_aug.detach(), fake_aug, mask)
+            if mix:  # U-Net D: this step mixes (the coin was tossed in train_step)
+                mask = losses.cutmix_masks(n, real.shape[-2], real.shape[-1], generator=self.aug_gen,
+                                           device=self.device)
+                mixed = losses.cutmix(real_aug.detach(), fake_aug, mask)
             if self.d_joint:  # and one D pass over all of them: a third of the launches of D's update
                 x_d = both if mixed is None else torch.cat([both, mixed])
                 out = self.D_train(x_d, None if y is None else y.repeat(x_d.shape[0] // n), mc_samples=mc)
@@ -439,13 +507,11 @@ class GANTrainer:
         self.scaler_g.update()
         self.D.requires_grad_(True)
 
-        if self.ema is not None:
-            beta = decay_for(n, cfg.train.ema_kimg, cfg.train.ema_rampup or None, self.state.images_seen + n)
-            self.ema.update(self.G, beta)
         logits_r, logits_f = out_r.logits.detach().float(), out_f.logits.detach().float()
-        stats.update(loss_d=loss_d.detach(), loss_g=loss_g.detach(),
+        stats.update(loss_d=loss_d, loss_g=loss_g,
                      d_real=torch.sigmoid(logits_r).mean(), d_fake=torch.sigmoid(logits_f).mean())
-        return stats
+        # Detached: a returned value holding the autograd graph would keep this step's graph alive.
+        return {k: v.detach() for k, v in stats.items()}
 
     # ------------------------------------------------------------------- loop
     def request_stop(self) -> None:
