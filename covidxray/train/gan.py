@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import signal
 import time
 from contextlib import contextmanager
@@ -691,9 +692,10 @@ def start_run(cfg: Config, console=None, on_step=None) -> tuple[GANTrainer, bool
     try:
         trainer = GANTrainer(cfg, run_dir, console=console, on_step=on_step)
     except BaseException:
-        # Nothing was trained: do not leave an empty run folder behind.
-        if not any(run_dir.iterdir()):
-            run_dir.rmdir()
+        # Nothing was trained: do not leave a run folder behind (at most the data-loading lines of
+        # log.txt were written; the error itself is shown to the user).
+        if {p.name for p in run_dir.iterdir()} <= {"log.txt"}:
+            shutil.rmtree(run_dir, ignore_errors=True)
         raise
     return trainer, trainer.fit()
 

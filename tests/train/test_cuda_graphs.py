@@ -16,8 +16,11 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 
 def test_graphs_are_off_on_the_cpu_and_yes_says_why(tiny_cfg, tmp_path):
     assert GANTrainer(tiny_cfg(epochs=1, model="cgan"), tmp_path / "auto").graphs is None
+    cfg = tiny_cfg(epochs=1, model="cgan", extra=["train.cuda_graphs=yes"])
     with pytest.raises(CovidXrayError, match="cuda_graphs=yes cannot be used here: it needs a CUDA device"):
-        GANTrainer(tiny_cfg(epochs=1, model="cgan", extra=["train.cuda_graphs=yes"]), tmp_path / "yes")
+        start_run(cfg)
+    # the data had been loaded (and logged) before the refusal: no run folder is left behind
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 
 def test_bad_cuda_graphs_value_is_refused(tiny_cfg):
