@@ -83,12 +83,10 @@ class StepGraphs:
 
     def _capture(self, key: tuple, real_u8: torch.Tensor, labels: torch.Tensor | None, r1_now: bool,
                  mix: bool) -> _Graph | None:
-        # Static inputs live outside the graph's memory pool; each replay copies the batch in.
+        # Static inputs live outside the graph's memory pool; each replay copies the batch in
+        # (capture only records, so their contents do not matter yet).
         real = torch.empty_like(real_u8)
         lab = None if labels is None else torch.empty_like(labels)
-        real.copy_(real_u8)
-        if lab is not None:
-            lab.copy_(labels)
         states = [gen.get_state() for gen in self.generators]
         graph = torch.cuda.CUDAGraph()
         try:
