@@ -211,11 +211,11 @@ class GANTrainer:
         self.G = nets["G"].to(self.device, memory_format=self.memory_format)
         self.D = nets["D"].to(self.device, memory_format=self.memory_format)
         betas = (cfg.optim.beta1, cfg.optim.beta2)
-        fused = {"fused": True} if self.device.type == "cuda" else {}
+        adam_kw = {"fused": True} if self.device.type == "cuda" else {}
         if use_graphs:
-            fused["capturable"] = True  # the step counter lives on the GPU, so the update can be captured
-        self.opt_g = torch.optim.Adam(self.G.parameters(), lr=cfg.optim.lr_g, betas=betas, **fused)
-        self.opt_d = torch.optim.Adam(self.D.parameters(), lr=cfg.optim.lr_d, betas=betas, **fused)
+            adam_kw["capturable"] = True  # the step counter lives on the GPU, so the update can be captured
+        self.opt_g = torch.optim.Adam(self.G.parameters(), lr=cfg.optim.lr_g, betas=betas, **adam_kw)
+        self.opt_d = torch.optim.Adam(self.D.parameters(), lr=cfg.optim.lr_d, betas=betas, **adam_kw)
         self.scaler_g = torch.amp.GradScaler("cuda", enabled=fp16)
         self.scaler_d = torch.amp.GradScaler("cuda", enabled=fp16)
         self.ema = EMA(self.G) if cfg.train.ema_kimg > 0 else None
@@ -255,16 +255,17 @@ class GANTrainer:
         except Exception as exc:  # e.g. no compiler toolchain: train eagerly
             self._compile_failed(exc)
 
-    def _graphs_failed(self, exc: BaseException) -> None:
-        msg = (f"CUDA graph capture failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
-               f"training eagerly (--set train.cuda_graphs=no silences this)")
-        warnings.warn(msg, stacklevel=2)
+    def _warn_eager(self, what: str, exc: BaseException, hint: str = "") -> None:
+        """Warn (and log) that ``what`` failed with ``exc`` and training goes on eagerly."""
+        msg = f"{what} failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); training eagerly{hint}"
+        warnings.warn(msg, stacklevel=3)
         self.log(f"warning: {msg}")
 
+    def _graphs_failed(self, exc: BaseException) -> None:
+        self._warn_eager("CUDA graph capture", exc, " (--set train.cuda_graphs=no silences this)")
+
     def _compile_failed(self, exc: BaseException) -> None:
-        msg = f"torch.compile failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); training eagerly"
-        warnings.warn(msg, stacklevel=2)
-        self.log(f"warning: {msg}")
+        self._warn_eager("torch.compile", exc)
         self.G_train, self.D_train = self.G, self.D
 
     # ----------------------------------------------------------------- logging

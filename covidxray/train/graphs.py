@@ -14,8 +14,8 @@ ramp-up; it is one fused kernel).
 Each combination first runs ``WARMUP`` eager steps on a side stream (cuDNN picks its
 algorithms, Adam creates its state, lazy initialisations happen), then is captured and
 replayed from then on. Capture records work without running it, so the capturing step's
-batch is trained by the first replay. The data-order, noise and augmentation generators are
-registered with every graph, so a replay draws the same random numbers an eager step would
+batch is trained by the first replay. The noise and augmentation generators (and PyTorch's
+default CUDA generator, which dropout uses) are registered with every graph, so a replay draws the same random numbers an eager step would
 and their saved states stay exact for ``--resume``.
 
 If a capture fails (an old PyTorch, an operation that syncs with the host), training goes
@@ -98,7 +98,6 @@ class StepGraphs:
         except Exception as exc:  # noqa: BLE001 - any failure means: train eagerly
             self.failed = True
             self.graphs.clear()
-            del graph
             for gen, st in zip(self.generators, states):
                 gen.set_state(st)
             self.on_failure(exc)
