@@ -17,7 +17,7 @@ class fidelity). This script measures both for one or more run folders on the sa
   the closest single number to "do these images help a classifier".
 * For unconditional models: the class mix the classifier sees in the samples, next to the real mix.
 
-The classifier (a small CNN at ``--clf-size`` px, default 64) is trained ``--clf-seeds`` times; every
+The classifier (the package's ``smallcnn`` at ``--clf-size`` px, default 64) is trained ``--clf-seeds`` times; every
 number is the mean ± std over those classifiers. Generated images of any size are area-resized to the
 classifier's size. This is *not* FID and is not called so.
 
@@ -47,25 +47,17 @@ from covidxray.errors import CovidXrayError  # noqa: E402
 from covidxray.generate import load_generator  # noqa: E402
 from covidxray.utils import atomic_path  # noqa: E402
 
-CLF_VERSION = 1  # bump when the classifier or its training changes (invalidates cached classifiers)
+CLF_VERSION = 2  # bump when the classifier or its training changes (invalidates cached classifiers)
+                 # 2: the package's smallcnn (same layers, new state_dict names)
 
 
-class SmallCNN(nn.Module):
-    """Four stride-2 conv blocks (16-32-64-128, BatchNorm, ReLU), global average pool, dropout, linear."""
+def small_cnn(k: int, size: int) -> nn.Module:
+    """The package's ``smallcnn`` classifier (covidxray.models.classifiers; dropout 0.3 from
+    configs/smallcnn.yaml) for ``k`` classes at ``size`` px."""
+    from covidxray.config import resolve_config
+    from covidxray.models import DataSpec, get_model
 
-    def __init__(self, n_classes: int, width: int = 16):
-        super().__init__()
-        layers, c_in = [], 1
-        for i in range(4):
-            c = width * 2**i
-            layers += [nn.Conv2d(c_in, c, 3, 1, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True),
-                       nn.Conv2d(c, c, 3, 2, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True)]
-            c_in = c
-        self.features = nn.Sequential(*layers)
-        self.head = nn.Sequential(nn.Dropout(0.3), nn.Linear(c_in, n_classes))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x).mean((2, 3)))
+    return get_model("smallcnn").build(resolve_config("smallcnn"), DataSpec(k, size))["net"]
 
 
 def resize_u8(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -112,7 +104,7 @@ def train_classifier(train_x, train_y, val_x, val_y, k: int, seed: int, epochs: 
     balanced validation accuracy."""
     torch.manual_seed(seed)
     gen = torch.Generator(device=device).manual_seed(seed)
-    model = SmallCNN(k).to(device)
+    model = small_cnn(k, train_x.shape[-1]).to(device)
     counts = torch.bincount(train_y, minlength=k).float()
     weight = (counts.sum() / (k * counts.clamp(min=1))).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=5e-4)
@@ -145,7 +137,7 @@ def cached_classifier(args, splits, xs, ys, k: int, seed: int, dev) -> nn.Module
         h.update(splits[s].images.numpy().tobytes())
         h.update(splits[s].labels.numpy().tobytes())
     path = Path(args.data) / ".cache" / f"gan_quality-clf-{h.hexdigest()[:16]}.pt"
-    model = SmallCNN(k).to(dev)
+    model = small_cnn(k, args.clf_size).to(dev)
     if path.is_file():
         model.load_state_dict(torch.load(path, map_location=dev, weights_only=True))
         return model.eval()
@@ -211,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for run in args.runs:
         lg = load_generator(run)
-        row = {"run": str(run), "model": lg.cfg.model, "size": lg.G.image_size, "weights": lg.weights,
+        row = {"run": str(run), "model": lg.cfg.model.name, "size": lg.G.image_size, "weights": lg.weights,
                "kimg": round(int(lg.checkpoint.get("images_seen", 0)) / 1000, 3)}
         if lg.conditional:
             missing = [c for c in lg.classes if c not in classes]

@@ -9,11 +9,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from covidxray.checkpoint import load_checkpoint
 from covidxray.config import Config, config_from_dict
 from covidxray.data.datasets import to_uint8
 from covidxray.errors import CovidXrayError
-from covidxray.models.registry import get_model
-from covidxray.train.checkpoint import load_checkpoint
+from covidxray.models.registry import DataSpec, get_model
 
 
 @dataclass
@@ -37,7 +37,7 @@ class LoadedGenerator:
         """Index of a class name of a conditional model; a clear error lists the valid names."""
         if not self.conditional:
             raise CovidXrayError(
-                f"model '{self.cfg.model}' is not class-conditional (trained on {', '.join(self.classes)} merged)",
+                f"model '{self.cfg.model.name}' is not class-conditional (trained on {', '.join(self.classes)} merged)",
                 "Drop --class, or train a conditional model such as cgan",
             )
         if name not in self.classes:
@@ -57,7 +57,7 @@ class LoadedGenerator:
             label: class index for a conditional model (required there, refused otherwise).
         """
         if self.conditional and label is None:
-            raise CovidXrayError(f"model '{self.cfg.model}' is class-conditional: choose a class "
+            raise CovidXrayError(f"model '{self.cfg.model.name}' is class-conditional: choose a class "
                                  f"({', '.join(self.classes)} or all)")
         gen = torch.Generator().manual_seed(seed)
         z = torch.randn(n, self.cfg.arch.latent_dim, generator=gen)
@@ -90,11 +90,13 @@ def generate_images(G: nn.Module, z: torch.Tensor, y: torch.Tensor | None, devic
 def load_generator(checkpoint: str | os.PathLike) -> LoadedGenerator:
     """Rebuild G from a checkpoint (file or run folder); prefers the EMA weights when present."""
     ckpt = load_checkpoint(checkpoint)
-    cfg = config_from_dict(ckpt["config"])
-    spec = get_model(cfg.model)
-    if spec.family != "gan":
-        raise CovidXrayError(f"{ckpt['path']} holds a {spec.family} model ('{cfg.model}'); `sample` needs a GAN")
-    G = spec.build(cfg)["G"]
+    if ckpt["family"] != "gan":
+        raise CovidXrayError(f"{ckpt['path']} holds a {ckpt['family']} model ('{ckpt.get('model')}'); "
+                             f"`sample` needs a GAN")
+    cfg = config_from_dict(ckpt["config"], family="gan")
+    spec = get_model(cfg.model.name)
+    classes = tuple(ckpt.get("classes", ()))
+    G = spec.build(cfg, DataSpec(len(classes), int(ckpt.get("image_size") or cfg.data.image_size), 1, classes))["G"]
     weights = "G_ema" if "G_ema" in ckpt["models"] else "G"
     G.load_state_dict(ckpt["models"][weights])
     G.eval()
@@ -103,6 +105,6 @@ def load_generator(checkpoint: str | os.PathLike) -> LoadedGenerator:
 
 def write_samples(images: torch.Tensor, out: Path, prefix: str = "sample") -> list[Path]:
     """Write each uint8 image as ``<out>/<prefix>_00000.png`` … (atomically)."""
-    from covidxray.train.images import save_png
+    from covidxray.data.imaging import save_png
 
     return [save_png(img[0], out / f"{prefix}_{i:05d}.png") for i, img in enumerate(images)]

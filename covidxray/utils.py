@@ -1,4 +1,4 @@
-"""Small shared helpers: seeding, atomic file writes, console factory."""
+"""Small shared helpers: seeding, the device choice, atomic file writes, console factory."""
 
 from __future__ import annotations
 
@@ -31,6 +31,23 @@ def seed_everything(seed: int, deterministic: bool = False) -> int:
         torch.use_deterministic_algorithms(True, warn_only=True)
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     return seed
+
+
+def resolve_device(name: str):
+    """``auto`` -> CUDA when available, else CPU; a CUDA device asked for on a machine without one
+    is a user error (:class:`~covidxray.errors.CovidXrayError`)."""
+    import torch
+
+    from covidxray.errors import CovidXrayError
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise CovidXrayError(f"device '{name}' was asked but no CUDA GPU is available", "Use --device cpu or auto")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise CovidXrayError(f"unknown device '{name}'", "Use auto, cpu, cuda or cuda:N") from None
 
 
 @contextlib.contextmanager

@@ -17,16 +17,17 @@ TINY_SETS = ["arch.g_channels=8", "arch.d_channels=8", "train.batch_size=16", "t
 SMALL_ARCH = ["arch.g_channels=8", "arch.d_channels=8"]
 
 
-def build_small(name: str, size: int = 64, *sets: str):
-    """Resolve a small config of a registered model and build its networks (seeded)."""
+def build_small(name: str, size: int = 64, *sets: str, n_classes: int = 3):
+    """Resolve a small config of a registered GAN and build its networks (seeded) for data of
+    ``n_classes`` classes at ``size`` px."""
     import torch
 
     from covidxray.config import resolve_config
-    from covidxray.models import get_model
+    from covidxray.models import DataSpec, get_model
 
     cfg = resolve_config(name, sets=[f"data.image_size={size}", *SMALL_ARCH, *sets])
     torch.manual_seed(0)
-    return cfg, get_model(name).build(cfg)
+    return cfg, get_model(name).build(cfg, DataSpec.example(size, n_classes))
 
 
 @pytest.fixture(scope="session")

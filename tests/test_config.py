@@ -87,7 +87,7 @@ def test_uncertainty_needs_mc_dropout_and_two_passes():
 @pytest.mark.parametrize("old, new", [(True, "acgan"), (False, "real")])
 def test_stored_configs_with_the_old_aux_key_still_load(old, new):
     # checkpoints written before loss.aux_mode stored loss.aux_on_fakes (a boolean)
-    data = Config(model="acgan").to_dict()
+    data = resolve_config("acgan").to_dict()
     del data["loss"]["aux_mode"]
     data["loss"]["aux_on_fakes"] = old
     assert config_from_dict(data).loss.aux_mode == new

@@ -6,7 +6,7 @@ import typer
 
 app = typer.Typer(
     name="covidxray",
-    help="Synthetic chest X-rays (GANs), lung segmentation and evaluation for COVID-19 research.",
+    help="Synthetic chest X-rays (GANs), classifiers, lung segmentation and evaluation for COVID-19 research.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -16,14 +16,14 @@ app = typer.Typer(
 def _register() -> None:
     # Each module owns one command; heavy imports (torch) happen inside the commands,
     # so that `covidxray --help` stays fast.
-    from covidxray.cli import demo, gif, models, planned, prepare, sample, train
+    from covidxray.cli import demo, evaluate, gif, models, planned, prepare, sample, train
 
     app.command("prepare")(prepare.prepare_cmd)
     app.command("train")(train.train_cmd)
     app.command("sample")(sample.sample_cmd)
     app.command("segment")(planned.segment_cmd)
     app.command("gif")(gif.gif_cmd)
-    app.command("evaluate")(planned.evaluate_cmd)
+    app.command("evaluate")(evaluate.evaluate_cmd)
     app.command("models")(models.models_cmd)
     app.command("demo")(demo.demo_cmd)
 

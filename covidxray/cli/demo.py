@@ -28,11 +28,12 @@ def demo_cmd(
     from rich.table import Table
 
     from covidxray.config import resolve_config
+    from covidxray.data.grids import save_grid
     from covidxray.data.prepare import prepare_demo
     from covidxray.generate import load_generator, write_samples
     from covidxray.gif import make_gif
-    from covidxray.train.gan import resolve_device, start_run
-    from covidxray.train.images import save_grid
+    from covidxray.train.loop import start_run
+    from covidxray.utils import resolve_device
 
     con = console()
     t0 = time.perf_counter()

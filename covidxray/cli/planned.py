@@ -13,9 +13,3 @@ def segment_cmd(args: Optional[List[str]] = typer.Argument(None, help="(not avai
     """[not available yet] Train/apply U-Net lung segmentation on prepared images with masks (Dice, IoU)."""
     raise fail("`covidxray segment` is not available yet: it will train and apply U-Net lung segmentation "
                "on prepared images with masks; follow the project's issues for it")
-
-
-def evaluate_cmd(args: Optional[List[str]] = typer.Argument(None, help="(not available yet)")) -> None:
-    """[not available yet] Score generators (FID/KID with Inception-v3 features) and synthetic-data gains on a classifier."""
-    raise fail("`covidxray evaluate` is not available yet: it will score generated images (FID/KID from "
-               "Inception-v3 features) and measure whether synthetic images help a classifier")

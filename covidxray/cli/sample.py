@@ -25,9 +25,9 @@ def sample_cmd(
     overwrite: bool = typer.Option(False, "--overwrite", help="Allow writing into a folder that already holds samples."),
 ) -> None:
     """Generate N grayscale PNGs at the training size (EMA generator when the checkpoint has one)."""
+    from covidxray.data.grids import grid_nrow, save_grid
     from covidxray.generate import load_generator, write_samples
-    from covidxray.train.gan import resolve_device
-    from covidxray.train.images import grid_nrow, save_grid
+    from covidxray.utils import resolve_device
 
     if n < 1:
         raise CovidXrayError(f"-n must be at least 1, got {n}")

@@ -17,7 +17,9 @@ def train_cmd(
     data: Optional[Path] = typer.Option(None, "--data", help="Prepared folder (output of `covidxray prepare`)."),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Total epochs (with --resume: the new total)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per step."),
-    image_size: Optional[int] = typer.Option(None, "--image-size", help="64, 128 or 256; must equal the prepared size."),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="Input side in px (default: the prepared size). "
+                                             "GANs: 64, 128 or 256, equal to the prepared size; classifiers: 64-299, "
+                                             "resized on the device."),
     classes: Optional[str] = typer.Option(None, "--classes", help="Comma-separated class subset, e.g. covid."),
     out: Optional[Path] = typer.Option(None, "--out", help="Parent folder of run folders (default: runs)."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file of config overrides."),
@@ -30,7 +32,7 @@ def train_cmd(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved config and exit."),
 ) -> None:
     """Train MODEL on prepared data; a run folder runs/<id>-<model>/ collects everything."""
-    from covidxray.train.gan import resume_run, start_run
+    from covidxray.train.loop import resume_run, start_run
 
     con = console()
     if resume is not None:
@@ -43,7 +45,7 @@ def train_cmd(
                 "Only --epochs, --data and --device go with --resume; start a new run to change the rest",
             )
         if dry_run:
-            from covidxray.train.checkpoint import load_checkpoint
+            from covidxray.checkpoint import load_checkpoint
             import yaml
 
             ckpt = load_checkpoint(resume)

@@ -192,6 +192,25 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return images.detach().float().add(1.0).mul(127.5).round_().clamp_(0, 255).to(torch.uint8)
 
 
+def resize_u8(images: torch.Tensor, size: int, chunk: int = 256) -> torch.Tensor:
+    """Resize uint8 images (N x C x H x W) to ``size`` x ``size``, on their device, as uint8.
+
+    Bilinear, antialiased when shrinking (``F.interpolate(..., antialias=True)``), rounded back
+    to uint8; processed in chunks of ``chunk`` images to bound the float memory.
+    """
+    import torch.nn.functional as F
+
+    if images.shape[-2:] == (size, size):
+        return images
+    out = torch.empty((*images.shape[:2], size, size), dtype=torch.uint8, device=images.device)
+    for i in range(0, images.shape[0], chunk):
+        x = images[i:i + chunk].float()
+        y = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
+                          antialias=size < images.shape[-1])
+        out[i:i + chunk] = y.round_().clamp_(0, 255).to(torch.uint8)
+    return out
+
+
 @dataclass
 class TensorData:
     """A whole split in memory: ``images`` uint8 N x 1 x H x W, ``labels`` int64 N."""

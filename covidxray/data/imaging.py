@@ -25,8 +25,11 @@ import struct
 import warnings
 import zlib
 from dataclasses import dataclass
+from pathlib import Path
 
 from PIL import Image, ImageChops, ImageOps, UnidentifiedImageError
+
+from covidxray.utils import atomic_write_bytes
 
 #: File extensions read as images (compared lower-cased).
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
@@ -275,7 +278,29 @@ def _png_chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
-def save_png(gray: Image.Image, path: str | os.PathLike) -> None:
-    """Write an ``L`` image as PNG with :func:`encode_png` (not atomic: wrap in ``atomic_path``)."""
-    with open(path, "wb") as fh:
-        fh.write(encode_png(gray))
+def save_png(image, path: str | os.PathLike, atomic: bool = True) -> Path:
+    """Write a grayscale image as PNG with :func:`encode_png`; the one PNG writer of the package.
+
+    Args:
+        image: an ``L`` Pillow image, or an H x W ``uint8`` array / tensor (CPU or GPU).
+        path: where to write it.
+        atomic: write a temporary file beside ``path`` and rename it (a reader never sees half a
+            file). ``prepare`` passes False because it already writes into a staged temporary file.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+    """
+    if not isinstance(image, Image.Image):
+        array = image.detach().cpu().numpy() if hasattr(image, "detach") else image
+        if getattr(array, "dtype", None) is None or str(array.dtype) != "uint8" or array.ndim != 2:
+            raise ValueError(f"save_png needs an L image or an H x W uint8 array, got "
+                             f"{getattr(array, 'dtype', type(array).__name__)} of shape {getattr(array, 'shape', '?')}")
+        image = Image.fromarray(array, mode="L")
+    data = encode_png(image)
+    path = Path(path)
+    if atomic:
+        atomic_write_bytes(path, data)
+    else:
+        with open(path, "wb") as fh:
+            fh.write(data)
+    return path

@@ -159,14 +159,14 @@ def process_task(job: Job, task: Task) -> dict[str, Any]:
         gray = imaging.to_gray8(img)
     rec.update(ok=True, pix=imaging.pixel_sha256(gray), w=gray.width, h=gray.height)
     with atomic_path(img_path) as tmp:
-        imaging.save_png(imaging.fit_image(gray, job.size, job.fit), tmp)
+        imaging.save_png(imaging.fit_image(gray, job.size, job.fit), tmp, atomic=False)
 
     if mask_img is None and task.mask_path is not None:
         mask_img, rec["mask_reason"] = _read_mask(task.mask_path, gray.size)
     if mask_img is not None:
         mask = imaging.fit_mask(mask_img, gray.size, job.size, job.fit)
         with atomic_path(mask_path) as tmp:
-            imaging.save_png(mask, tmp)
+            imaging.save_png(mask, tmp, atomic=False)
         rec["mask_ok"] = True
     elif task.mask_path is not None:
         rec["mask_ok"] = False

@@ -1,5 +1,5 @@
 """Model families (one file each), registered in :mod:`covidxray.models.registry`."""
 
-from covidxray.models.registry import ModelSpec, get_model, list_models, register_model
+from covidxray.models.registry import DataSpec, ModelSpec, get_model, list_models, register_model
 
-__all__ = ["ModelSpec", "get_model", "list_models", "register_model"]
+__all__ = ["DataSpec", "ModelSpec", "get_model", "list_models", "register_model"]

@@ -38,37 +38,13 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from covidxray.models.common import DOutput, check_labels, maybe_sn
 from covidxray.models.dcgan import DCGANGenerator, dcgan_init, dcgan_trunk
-from covidxray.models.registry import register_model
-
-#: Defaults of the architecture keys that class-conditional / U-Net models read (``cfg.arch.<key>``).
-ARCH_DEFAULTS: dict[str, Any] = {
-    "d_spectral_norm": True,   # SN on D (set in configs/<model>.yaml, since the schema's default is False)
-    "g_spectral_norm": False,  # SN on G
-    "d_dropout": 0.0,          # MC-dropout probability on D's pooled features
-}
-
-
-def arch_option(cfg, key: str) -> Any:
-    """``cfg.arch.<key>``, or :data:`ARCH_DEFAULTS` for a config that predates the key."""
-    return getattr(cfg.arch, key, ARCH_DEFAULTS[key])
-
-
-def n_classes_of(cfg) -> int:
-    """Number of classes of a conditional model.
-
-    ``cfg.data.n_classes`` is set by the trainer from the prepared data; before that (e.g. building
-    a model to inspect it) the number of ``--classes`` given, else 3.
-    """
-    return int(getattr(cfg.data, "n_classes", 0) or len(cfg.data.classes) or 3)
-
+from covidxray.models.registry import DataSpec, register_model
 
 def apply_spectral_norm(module: nn.Module) -> nn.Module:
     """Wrap every convolution and linear layer of ``module`` in spectral norm, in place; returns it.
@@ -272,11 +248,11 @@ class ACGANDiscriminator(_PooledDiscriminator):
                        twin_logits=self.twin(first) if self.twin is not None else None)
 
 
-def conditional_generator(cfg, n_classes: int) -> ConditionalGenerator:
+def conditional_generator(cfg, data: DataSpec) -> ConditionalGenerator:
     """The :class:`ConditionalGenerator` of a resolved config (shared by cgan, acgan and unetcgan)."""
     arch = cfg.arch
-    return ConditionalGenerator(cfg.data.image_size, arch.latent_dim, n_classes,
-                                arch.g_channels, arch.max_channels, arch_option(cfg, "g_spectral_norm"))
+    return ConditionalGenerator(data.image_size, arch.latent_dim, data.n_classes,
+                                arch.g_channels, arch.max_channels, arch.g_spectral_norm)
 
 
 @register_model(
@@ -287,22 +263,20 @@ def conditional_generator(cfg, n_classes: int) -> ConditionalGenerator:
     summary="class-conditional DCGAN: class-conditional BatchNorm in G, SN projection discriminator, optional MC dropout",
     conditional=True,
 )
-def build_cgan(cfg) -> dict[str, nn.Module]:
+def build_cgan(cfg, data: DataSpec) -> dict[str, nn.Module]:
     """Build ``{"G", "D"}`` of the cgan model (Mirza & Osindero 2014, arXiv:1411.1784).
 
     G: :class:`ConditionalGenerator` (DCGAN G with class-conditional BatchNorm); D: :class:`ProjectionDiscriminator`
-    (DCGAN trunk + projection head, Miyato & Koyama 2018). Keys read (default when absent):
-    ``data.image_size``, ``data.n_classes`` (set by the trainer from the data; else
-    ``len(data.classes)`` or 3), ``arch.latent_dim``, ``arch.g_channels``, ``arch.d_channels``,
-    ``arch.max_channels``, ``arch.g_spectral_norm`` (False),
-    ``arch.d_spectral_norm`` (True; configs/cgan.yaml sets it), ``arch.d_dropout`` (0.0).
+    (DCGAN trunk + projection head, Miyato & Koyama 2018). Reads the image side and number of
+    classes from ``data``, and ``arch.latent_dim``, ``arch.g_channels``, ``arch.d_channels``,
+    ``arch.max_channels``, ``arch.g_spectral_norm``, ``arch.d_spectral_norm`` (configs/cgan.yaml turns
+    it on), ``arch.d_dropout`` (defaults: ``covidxray/config/gan.py``).
     """
-    size, arch, k = cfg.data.image_size, cfg.arch, n_classes_of(cfg)
+    size, arch, k = data.image_size, cfg.arch, data.n_classes
     return {
-        "G": conditional_generator(cfg, k),
+        "G": conditional_generator(cfg, data),
         "D": ProjectionDiscriminator(size, k, arch.d_channels, arch.max_channels,
-                                     spectral_norm=arch_option(cfg, "d_spectral_norm"),
-                                     dropout=arch_option(cfg, "d_dropout")),
+                                     spectral_norm=arch.d_spectral_norm, dropout=arch.d_dropout),
     }
 
 
@@ -314,18 +288,17 @@ def build_cgan(cfg) -> dict[str, nn.Module]:
     summary="auxiliary-classifier GAN: class-conditional BatchNorm in G, SN D predicts real/fake and the class",
     conditional=True,
 )
-def build_acgan(cfg) -> dict[str, nn.Module]:
+def build_acgan(cfg, data: DataSpec) -> dict[str, nn.Module]:
     """Build ``{"G", "D"}`` of the acgan model (Odena et al., ICML 2017, arXiv:1610.09585).
 
     G: :class:`ConditionalGenerator`; D: :class:`ACGANDiscriminator` (DCGAN trunk, real/fake and
     class heads; D does not take ``y``). Keys read and defaults: as :func:`build_cgan`, plus
     ``loss.aux_mode`` ("acgan"; "tac" adds the twin classifier head).
     """
-    size, arch, k = cfg.data.image_size, cfg.arch, n_classes_of(cfg)
+    size, arch, k = data.image_size, cfg.arch, data.n_classes
     return {
-        "G": conditional_generator(cfg, k),
+        "G": conditional_generator(cfg, data),
         "D": ACGANDiscriminator(size, k, arch.d_channels, arch.max_channels,
-                                spectral_norm=arch_option(cfg, "d_spectral_norm"),
-                                dropout=arch_option(cfg, "d_dropout"),
-                                twin=getattr(getattr(cfg, "loss", None), "aux_mode", "acgan") == "tac"),
+                                spectral_norm=arch.d_spectral_norm, dropout=arch.d_dropout,
+                                twin=cfg.loss.aux_mode == "tac"),
     }

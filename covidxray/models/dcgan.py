@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from covidxray.models.common import DOutput, maybe_sn
-from covidxray.models.registry import register_model
+from covidxray.models.registry import DataSpec, register_model
 
 SIZES = (64, 128, 256)
 
@@ -146,9 +146,14 @@ class DCGANDiscriminator(nn.Module):
     paper="Radford et al., DCGAN, ICLR 2016 (arXiv:1511.06434)",
     summary="DCGAN on all classes merged (or one class with --classes), grayscale, 64/128/256 px",
 )
-def build_rawgan(cfg) -> dict[str, nn.Module]:
-    """Build ``{"G", "D"}`` of the rawgan model from a resolved :class:`~covidxray.config.Config`."""
-    size, arch = cfg.data.image_size, cfg.arch
+def build_rawgan(cfg, data: DataSpec) -> dict[str, nn.Module]:
+    """Build ``{"G", "D"}`` of the rawgan model (Radford et al., ICLR 2016, arXiv:1511.06434).
+
+    G: :class:`DCGANGenerator`; D: :class:`DCGANDiscriminator` (BatchNorm). Reads ``data.image_size``
+    and ``arch.latent_dim``, ``arch.g_channels``, ``arch.d_channels``, ``arch.max_channels``
+    (defaults: ``covidxray/config/gan.py``); the classes of ``data`` are merged (unconditional).
+    """
+    size, arch = data.image_size, cfg.arch
     return {
         "G": DCGANGenerator(size, arch.latent_dim, arch.g_channels, arch.max_channels),
         "D": DCGANDiscriminator(size, arch.d_channels, arch.max_channels),

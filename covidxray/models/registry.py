@@ -1,7 +1,10 @@
 """A plain dict registry of models (the segmentation_models.pytorch pattern).
 
 Each model family registers a builder with :func:`register_model`; the CLI looks
-models up by name with :func:`get_model`, whose error lists the valid names.
+models up by name with :func:`get_model`, whose error lists the valid names. A
+builder is called as ``build(cfg, data)``: ``cfg`` the resolved configuration of its
+family, ``data`` a :class:`DataSpec` saying what the training data are (number of
+classes, image side, channels), so that no builder reads facts of the data from the config.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
+from covidxray.config import FAMILIES
 from covidxray.errors import CovidXrayError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -18,27 +22,53 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 @dataclass(frozen=True)
+class DataSpec:
+    """What a builder needs to know of the data.
+
+    Attributes:
+        n_classes: number of classes in the training data (class-conditional GANs, classifiers).
+        image_size: side of the (square) images the networks see.
+        channels: image channels (1: grayscale X-rays).
+        classes: the class names, in label order.
+    """
+
+    n_classes: int
+    image_size: int
+    channels: int = 1
+    classes: tuple[str, ...] = ()
+
+    @classmethod
+    def example(cls, image_size: int, n_classes: int = 3) -> "DataSpec":
+        """A spec for building a model without data (inspection, tests): classes ``class0``..."""
+        return cls(n_classes, image_size, 1, tuple(f"class{i}" for i in range(n_classes)))
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """What the registry knows about one model.
 
     Attributes:
         name: registry key, used as ``--model NAME``.
-        family: ``gan`` or ``segmentation`` (picks the training loop).
+        family: a declared family (``covidxray.config.FAMILIES``: ``gan``, ``classifier``); picks the
+            configuration schema and the training task.
         paper: short citation of the paper the model follows.
         summary: one line for ``covidxray models``.
-        build: ``build(cfg) -> dict[str, nn.Module]`` (for GANs: ``{"G": ..., "D": ...}``).
-        conditional: whether the model takes class labels.
+        build: ``build(cfg, data: DataSpec) -> dict[str, nn.Module]`` (GANs: ``{"G", "D"}``;
+            classifiers: ``{"net"}``).
+        conditional: whether a generator takes class labels.
         features: optional training features the model supports, e.g. ``("uncertainty",)``
             (Monte-Carlo dropout in D) or ``("cutmix",)`` (per-pixel D output).
+        min_image_size: the smallest input side the architecture accepts (0: no limit beyond the family's).
     """
 
     name: str
     family: str
     paper: str
     summary: str
-    build: Callable[["Config"], dict[str, "nn.Module"]]
+    build: Callable[["Config", DataSpec], dict[str, "nn.Module"]]
     conditional: bool = False
     features: tuple[str, ...] = ()
+    min_image_size: int = 0
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
@@ -52,13 +82,18 @@ class UnknownModelError(CovidXrayError, KeyError):
 
 
 def register_model(name: str, *, family: str, paper: str, summary: str, conditional: bool = False,
-                   features: tuple[str, ...] = ()):
-    """Decorator registering ``build(cfg)`` under ``name``. Registering a name twice is an error."""
+                   features: tuple[str, ...] = (), min_image_size: int = 0):
+    """Decorator registering ``build(cfg, data)`` under ``name``.
+
+    Registering a name twice, or under a family that is not declared, is an error.
+    """
+    if family not in FAMILIES:
+        raise ValueError(f"model {name!r}: unknown family {family!r}; declared families: {', '.join(sorted(FAMILIES))}")
 
     def decorator(build):
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} is already registered")
-        _REGISTRY[name] = ModelSpec(name, family, paper, summary, build, conditional, tuple(features))
+        _REGISTRY[name] = ModelSpec(name, family, paper, summary, build, conditional, tuple(features), min_image_size)
         return build
 
     return decorator
@@ -66,6 +101,7 @@ def register_model(name: str, *, family: str, paper: str, summary: str, conditio
 
 def _load_families() -> None:
     # Importing the families runs their @register_model decorators.
+    import covidxray.models.classifiers  # noqa: F401
     import covidxray.models.conditional  # noqa: F401
     import covidxray.models.dcgan  # noqa: F401
     import covidxray.models.unetgan  # noqa: F401
@@ -82,7 +118,7 @@ def get_model(name: str) -> ModelSpec:
         ) from None
 
 
-def list_models() -> list[ModelSpec]:
-    """All registered models, sorted by name."""
+def list_models(family: str | None = None) -> list[ModelSpec]:
+    """All registered models (of one family when given), sorted by name."""
     _load_families()
-    return [_REGISTRY[k] for k in sorted(_REGISTRY)]
+    return [_REGISTRY[k] for k in sorted(_REGISTRY) if family is None or _REGISTRY[k].family == family]

@@ -45,15 +45,13 @@ from covidxray.models.common import DOutput, maybe_sn
 from covidxray.models.conditional import (
     conditional_generator,
     apply_spectral_norm,
-    arch_option,
     check_image,
     check_int_labels,
     init_head,
     mc_dropout,
-    n_classes_of,
 )
 from covidxray.models.dcgan import DCGANGenerator, dcgan_init, dcgan_trunk
-from covidxray.models.registry import register_model
+from covidxray.models.registry import DataSpec, register_model
 
 
 def _split_after(trunk: nn.Sequential, kind: type[nn.Module]) -> nn.ModuleList:
@@ -152,10 +150,10 @@ class UNetDiscriminator(nn.Module):
         return DOutput(logits, pixel_logits=pixel_logits)
 
 
-def _unet_discriminator(cfg, n_classes: int) -> UNetDiscriminator:
+def _unet_discriminator(cfg, image_size: int, n_classes: int) -> UNetDiscriminator:
     arch = cfg.arch
-    return UNetDiscriminator(cfg.data.image_size, n_classes, arch.d_channels, arch.max_channels,
-                             spectral_norm=arch_option(cfg, "d_spectral_norm"), dropout=arch_option(cfg, "d_dropout"))
+    return UNetDiscriminator(image_size, n_classes, arch.d_channels, arch.max_channels,
+                             spectral_norm=arch.d_spectral_norm, dropout=arch.d_dropout)
 
 
 @register_model(
@@ -165,19 +163,19 @@ def _unet_discriminator(cfg, n_classes: int) -> UNetDiscriminator:
     paper="Schönfeld, Schiele & Khoreva, U-Net GAN, CVPR 2020 (arXiv:2002.12655)",
     summary="DCGAN G + SN U-Net discriminator (per-image and per-pixel real/fake logits)",
 )
-def build_unetgan(cfg) -> dict[str, nn.Module]:
+def build_unetgan(cfg, data: DataSpec) -> dict[str, nn.Module]:
     """Build ``{"G", "D"}`` of the unetgan model (Schönfeld et al., CVPR 2020, arXiv:2002.12655).
 
     G: :class:`~covidxray.models.dcgan.DCGANGenerator` (SN optional); D: :class:`UNetDiscriminator`
-    (unconditional). Keys read (default when absent): ``data.image_size``, ``arch.latent_dim``,
-    ``arch.g_channels``, ``arch.d_channels``, ``arch.max_channels``, ``arch.g_spectral_norm``
-    (False), ``arch.d_spectral_norm`` (True; configs/unetgan.yaml sets it), ``arch.d_dropout`` (0.0).
+    (unconditional). Reads the image side from ``data`` and ``arch.latent_dim``, ``arch.g_channels``,
+    ``arch.d_channels``, ``arch.max_channels``, ``arch.g_spectral_norm``, ``arch.d_spectral_norm``
+    (configs/unetgan.yaml turns it on), ``arch.d_dropout`` (defaults: ``covidxray/config/gan.py``).
     """
-    size, arch = cfg.data.image_size, cfg.arch
+    size, arch = data.image_size, cfg.arch
     G = DCGANGenerator(size, arch.latent_dim, arch.g_channels, arch.max_channels)
-    if arch_option(cfg, "g_spectral_norm"):
+    if arch.g_spectral_norm:
         apply_spectral_norm(G)
-    return {"G": G, "D": _unet_discriminator(cfg, 0)}
+    return {"G": G, "D": _unet_discriminator(cfg, size, 0)}
 
 
 @register_model(
@@ -188,13 +186,11 @@ def build_unetgan(cfg) -> dict[str, nn.Module]:
     summary="class-conditional U-Net GAN: class-conditional BatchNorm in G, U-Net D with projection on both outputs",
     conditional=True,
 )
-def build_unetcgan(cfg) -> dict[str, nn.Module]:
+def build_unetcgan(cfg, data: DataSpec) -> dict[str, nn.Module]:
     """Build ``{"G", "D"}`` of the unetcgan model (Schönfeld et al., CVPR 2020, conditional version).
 
     G: :class:`~covidxray.models.conditional.ConditionalGenerator`; D: :class:`UNetDiscriminator`
     with ``n_classes`` projection heads on the image and pixel outputs. Keys read and defaults: as
-    :func:`build_unetgan`, plus ``data.n_classes`` (set by the trainer from the data; else
-    ``len(data.classes)`` or 3).
+    :func:`build_unetgan`, plus the number of classes of ``data``.
     """
-    k = n_classes_of(cfg)
-    return {"G": conditional_generator(cfg, k), "D": _unet_discriminator(cfg, k)}
+    return {"G": conditional_generator(cfg, data), "D": _unet_discriminator(cfg, data.image_size, data.n_classes)}

@@ -1,15 +1,17 @@
-"""Whole-step CUDA graphs for GAN training.
+"""Whole-step CUDA graphs for every task of the training loop.
 
-A GAN step at 128 px is small: on an H100/H200 the GPU finishes its kernels long before the
+Any task's step can be graphed when its device work does no host syncs; what varies from step to
+step is the task's *variant* (a tuple decided on the host), and each variant gets its own graph.
+The motivating case: a GAN step at 128 px is small: on an H100/H200 the GPU finishes its kernels long before the
 host has launched the next ones (about 11 ms of GPU work in about 35 ms per ``cgan`` step,
 see ``docs/benchmarks.md``). Capturing the whole step - G's forward pass, D's and G's
 losses, both backward passes and both fused Adam updates - as one CUDA graph turns about a
 thousand kernel launches into one replay.
 
 What the graph cannot contain is decided on the host before each step, and each combination
-gets its own graph: whether the lazy R1 penalty runs this step, and whether the U-Net GAN's
-CutMix coin came up. The EMA of G's weights stays outside (its decay changes during the
-ramp-up; it is one fused kernel).
+gets its own graph: for GANs, whether the lazy R1 penalty runs this step, and whether the U-Net
+GAN's CutMix coin came up (a classifier's step has one variant). The EMA of G's weights stays
+outside (its decay changes during the ramp-up; it is one fused kernel).
 
 Each combination first runs ``WARMUP`` eager steps on a side stream (cuDNN picks its
 algorithms, Adam creates its state, lazy initialisations happen), then is captured and
@@ -32,16 +34,20 @@ WARMUP = 2  # eager steps of each graph variant before it is captured
 
 
 class _Graph:
-    def __init__(self, graph: torch.cuda.CUDAGraph, real: torch.Tensor, labels: torch.Tensor | None,
+    def __init__(self, graph: torch.cuda.CUDAGraph, inputs: tuple[torch.Tensor | None, ...],
                  outputs: dict[str, torch.Tensor]):
-        self.graph, self.real, self.labels, self.outputs = graph, real, labels, outputs
+        self.graph, self.inputs, self.outputs = graph, inputs, outputs
+
+
+def _shape(t: torch.Tensor | None) -> tuple | None:
+    return None if t is None else tuple(t.shape)
 
 
 class StepGraphs:
-    """Runs ``step_fn(real_u8, labels, r1_now, mix)`` eagerly ``WARMUP`` times per variant, then as CUDA graphs.
+    """Runs ``step_fn(*inputs, *variant)`` eagerly ``WARMUP`` times per variant, then as CUDA graphs.
 
     Args:
-        step_fn: the trainer's device work of one step; returns a dict of scalar tensors.
+        step_fn: the task's device work of one step; returns a dict of scalar tensors.
         generators: CUDA generators the step draws from (besides the default one).
         on_failure: called with the exception when a capture fails; graphs are then off.
     """
@@ -54,22 +60,23 @@ class StepGraphs:
         self.failed = False
         self.side = torch.cuda.Stream()
 
-    def step(self, real_u8: torch.Tensor, labels: torch.Tensor | None, r1_now: bool,
-             mix: bool) -> dict[str, torch.Tensor]:
+    def step(self, inputs: tuple[torch.Tensor | None, ...], variant: tuple = ()) -> dict[str, torch.Tensor]:
+        """One step: ``inputs`` are the batch tensors (copied into the graph's static inputs),
+        ``variant`` the host decisions of this step (part of the graph key, passed on to ``step_fn``)."""
         if self.failed:
-            return self.step_fn(real_u8, labels, r1_now, mix)
-        key = (r1_now, mix, tuple(real_u8.shape), None if labels is None else tuple(labels.shape))
+            return self.step_fn(*inputs, *variant)
+        key = (tuple(variant), tuple(_shape(t) for t in inputs))
         g = self.graphs.get(key)
         if g is None:
             self.seen[key] = self.seen.get(key, 0) + 1
             if self.seen[key] <= WARMUP:
-                return self._side_stream(real_u8, labels, r1_now, mix)
-            g = self._capture(key, real_u8, labels, r1_now, mix)
+                return self._side_stream(*inputs, *variant)
+            g = self._capture(key, inputs, variant)
             if g is None:  # capture failed: this step (and every later one) runs eagerly
-                return self.step_fn(real_u8, labels, r1_now, mix)
-        g.real.copy_(real_u8)
-        if labels is not None:
-            g.labels.copy_(labels)
+                return self.step_fn(*inputs, *variant)
+        for static, t in zip(g.inputs, inputs):
+            if static is not None:
+                static.copy_(t)
         g.graph.replay()
         return g.outputs
 
@@ -81,12 +88,10 @@ class StepGraphs:
         main.wait_stream(self.side)
         return out
 
-    def _capture(self, key: tuple, real_u8: torch.Tensor, labels: torch.Tensor | None, r1_now: bool,
-                 mix: bool) -> _Graph | None:
+    def _capture(self, key: tuple, inputs: tuple[torch.Tensor | None, ...], variant: tuple) -> _Graph | None:
         # Static inputs live outside the graph's memory pool; each replay copies the batch in
         # (capture only records, so their contents do not matter yet).
-        real = torch.empty_like(real_u8)
-        lab = None if labels is None else torch.empty_like(labels)
+        static = tuple(None if t is None else torch.empty_like(t) for t in inputs)
         states = [gen.get_state() for gen in self.generators]
         graph = torch.cuda.CUDAGraph()
         try:
@@ -94,7 +99,7 @@ class StepGraphs:
                 graph.register_generator_state(gen)
             # thread_local: rich's progress thread may run Python meanwhile; it does no CUDA work.
             with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                outputs = self.step_fn(real, lab, r1_now, mix)
+                outputs = self.step_fn(*static, *variant)
         except Exception as exc:  # noqa: BLE001 - any failure means: train eagerly
             self.failed = True
             self.graphs.clear()
@@ -102,6 +107,6 @@ class StepGraphs:
                 gen.set_state(st)
             self.on_failure(exc)
             return None
-        g = _Graph(graph, real, lab, outputs)
+        g = _Graph(graph, static, outputs)
         self.graphs[key] = g
         return g

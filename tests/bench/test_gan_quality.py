@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from covidxray.train.gan import start_run
+from covidxray.train.loop import start_run
 
 ROOT = Path(__file__).resolve().parents[2]
 

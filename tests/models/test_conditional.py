@@ -13,7 +13,7 @@ def test_shapes_range_and_gradients_at_each_size(name, size):
     cfg, nets = build(name, size)
     G, D = nets["G"], nets["D"]
     assert get_model(name).conditional
-    assert G.n_classes == D.n_classes == 3  # schema fallback: no data.n_classes, no --classes
+    assert G.n_classes == D.n_classes == 3  # the data's classes (build_small: 3)
     assert (G.latent_dim, G.image_size, D.image_size) == (cfg.arch.latent_dim, size, size)
     y = torch.tensor([0, 2])
     x = G(torch.randn(2, cfg.arch.latent_dim), y)
@@ -112,10 +112,10 @@ def test_mc_samples_without_dropout_are_identical(name):
         D(x, y, mc_samples=0)
 
 
-def test_n_classes_and_spectral_norm_come_from_the_config():
-    _, nets = build("cgan", 64, "data.classes=[covid,normal]")
+def test_n_classes_come_from_the_data_and_spectral_norm_from_the_config():
+    _, nets = build("cgan", 64, n_classes=2)
     assert nets["G"].n_classes == nets["D"].n_classes == 2
-    _, nets = build("acgan", 64, "data.n_classes=4", "arch.g_spectral_norm=true", "arch.d_spectral_norm=false")
+    _, nets = build("acgan", 64, "arch.g_spectral_norm=true", "arch.d_spectral_norm=false", n_classes=4)
     G, D = nets["G"], nets["D"]
     assert D(torch.zeros(2, 1, 64, 64)).class_logits.shape == (2, 4)
     assert G.layers[1].gamma.num_embeddings == 4  # class-conditional BatchNorm after the first layer

@@ -1,9 +1,12 @@
+"""The registry, and shape tests over every registered model of every family (a new model is covered
+by being registered; a new family must add its check to FAMILY_CHECKS)."""
+
 import pytest
 import torch
 
-from covidxray.config import CONFIG_DIR, resolve_config
+from covidxray.config import CONFIG_DIR, FAMILIES, resolve_config
 from covidxray.errors import CovidXrayError
-from covidxray.models import get_model, list_models, register_model
+from covidxray.models import DataSpec, get_model, list_models, register_model
 
 MODELS = [spec.name for spec in list_models()]
 
@@ -19,7 +22,19 @@ def test_unknown_model_lists_valid_names():
 
 def test_registering_a_name_twice_fails():
     with pytest.raises(ValueError, match="already registered"):
-        register_model("rawgan", family="gan", paper="x", summary="x")(lambda cfg: {})
+        register_model("rawgan", family="gan", paper="x", summary="x")(lambda cfg, data: {})
+
+
+def test_registering_under_an_unknown_family_fails():
+    with pytest.raises(ValueError, match="unknown family 'diffusion'; declared families: classifier, gan"):
+        register_model("ddpm", family="diffusion", paper="x", summary="x")
+
+
+def test_every_family_has_models_a_task_and_a_shape_check():
+    from covidxray.train.tasks import TASKS
+
+    assert set(FAMILIES) == set(TASKS) == set(FAMILY_CHECKS)
+    assert {spec.family for spec in list_models()} == set(FAMILIES)
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -28,18 +43,14 @@ def test_every_model_has_a_config_file_and_documentation(name):
     assert (CONFIG_DIR / f"{name}.yaml").is_file()
     assert spec.paper and spec.summary
     assert spec.build.__doc__
+    resolve_config(name)  # its YAML holds only valid keys of its family
 
 
-@pytest.mark.parametrize("name", [n for n in MODELS if get_model(n).family == "gan"])
-@pytest.mark.parametrize("size", [64, 128, 256])
-def test_every_gan_builds_and_runs_at_each_size(name, size):
-    cfg = resolve_config(name, sets=[f"data.image_size={size}", "arch.g_channels=8", "arch.d_channels=8"])
-    spec = get_model(name)
-    cfg.data.n_classes = 3 if spec.conditional else 0  # the trainer sets this from the data
-    nets = spec.build(cfg)
+def _check_gan(spec, nets, cfg, size):
+    k = 3 if spec.conditional else 0
     z = torch.randn(2, cfg.arch.latent_dim)
     y = torch.tensor([0, 2]) if spec.conditional else None
-    assert nets["G"].n_classes == nets["D"].n_classes == cfg.data.n_classes
+    assert nets["G"].n_classes == nets["D"].n_classes == k
     x = nets["G"](z, y)
     assert x.shape == (2, 1, size, size)
     assert x.min() >= -1 and x.max() <= 1
@@ -47,3 +58,29 @@ def test_every_gan_builds_and_runs_at_each_size(name, size):
     assert logits.shape == (2,)
     logits.sum().backward()
     assert all(p.grad is not None for p in nets["G"].parameters())
+
+
+def _check_classifier(spec, nets, cfg, size):
+    net = nets["net"]
+    x = torch.rand(2, 1, size, size) * 2 - 1
+    logits = net(x)
+    assert logits.shape == (2, 3) and torch.isfinite(logits).all()
+    logits.logsumexp(1).sum().backward()
+    assert all(p.grad is not None for p in net.parameters() if p.requires_grad)
+    assert net.features(x).shape == (2, net.n_features)
+
+
+FAMILY_CHECKS = {"gan": _check_gan, "classifier": _check_classifier}
+#: The sizes each family is checked at (the classifiers' smallest and largest, within each model's limit).
+FAMILY_SIZES = {"gan": (64, 128, 256), "classifier": (64, 299)}
+SMALL = {"gan": ["arch.g_channels=8", "arch.d_channels=8"], "classifier": []}
+
+
+@pytest.mark.parametrize("name, size", [(n, s) for n in MODELS for s in FAMILY_SIZES[get_model(n).family]
+                                        if s >= get_model(n).min_image_size])
+def test_every_model_builds_and_runs_at_its_sizes(name, size):
+    spec = get_model(name)
+    cfg = resolve_config(name, sets=[f"data.image_size={size}", *SMALL[spec.family]])
+    torch.manual_seed(0)
+    nets = spec.build(cfg, DataSpec.example(size, 3))
+    FAMILY_CHECKS[spec.family](spec, nets, cfg, size)

@@ -1,9 +1,9 @@
-"""Tests of DiffAugment for grayscale X-rays (covidxray.train.augment)."""
+"""Tests of DiffAugment for grayscale X-rays (covidxray.train.diffaugment)."""
 
 import pytest
 import torch
 
-from covidxray.train.augment import DEFAULT_POLICY, FILL, POLICIES, diff_augment, parse_policy
+from covidxray.train.diffaugment import DEFAULT_POLICY, FILL, POLICIES, diff_augment, parse_policy
 
 
 def _gen(seed=0):

@@ -8,14 +8,15 @@ import pytest
 import torch
 
 from covidxray.errors import CovidXrayError
-from covidxray.train.checkpoint import load_checkpoint
-from covidxray.train.gan import GANTrainer, load_optimizer, resume_run, start_run
+from covidxray.checkpoint import load_checkpoint
+from covidxray.train.loop import Trainer, resume_run, start_run
+from covidxray.train.optim import load_optimizer
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 def test_graphs_are_off_on_the_cpu_and_yes_says_why(tiny_cfg, tmp_path):
-    assert GANTrainer(tiny_cfg(epochs=1, model="cgan"), tmp_path / "auto").graphs is None
+    assert Trainer(tiny_cfg(epochs=1, model="cgan"), tmp_path / "auto").graphs is None
     cfg = tiny_cfg(epochs=1, model="cgan", extra=["train.cuda_graphs=yes"])
     with pytest.raises(CovidXrayError, match="cuda_graphs=yes cannot be used here: it needs a CUDA device"):
         start_run(cfg)
@@ -67,8 +68,8 @@ def _gpu_cfg(tiny_cfg, model, extra=()):
     ("acgan", ["loss.uncertainty=min", "arch.d_dropout=0.3"]),  # dropout draws from the default generator
 ])
 def test_graphed_steps_equal_eager_steps(tiny_cfg, tmp_path, model, extra):
-    a = GANTrainer(_gpu_cfg(tiny_cfg, model, extra), tmp_path / "graphs")
-    b = GANTrainer(_gpu_cfg(tiny_cfg, model, [*extra, "train.cuda_graphs=no"]), tmp_path / "eager")
+    a = Trainer(_gpu_cfg(tiny_cfg, model, extra), tmp_path / "graphs")
+    b = Trainer(_gpu_cfg(tiny_cfg, model, [*extra, "train.cuda_graphs=no"]), tmp_path / "eager")
     assert a.graphs is not None and b.graphs is None
     n = a.batch_size
     # Dropout draws from the default CUDA generator, which both trainers share: give each its own stream.
@@ -92,13 +93,13 @@ def test_graphed_steps_equal_eager_steps(tiny_cfg, tmp_path, model, extra):
         for key in sa:
             torch.testing.assert_close(sa[key], sb[key], rtol=1e-4, atol=1e-5, msg=f"step {step}: {key}")
     assert not a.graphs.failed and len(a.graphs.graphs) >= 1  # really replayed graphs
-    for (name, pa), pb in zip(a.G.state_dict().items(), b.G.state_dict().values()):
+    for (name, pa), pb in zip(a.task.G.state_dict().items(), b.task.G.state_dict().values()):
         torch.testing.assert_close(pa, pb, rtol=1e-4, atol=1e-4, msg=name)
-    for (name, pa), pb in zip(a.ema.ema_model.state_dict().items(), b.ema.ema_model.state_dict().values()):
+    for (name, pa), pb in zip(a.task.ema.ema_model.state_dict().items(), b.task.ema.ema_model.state_dict().values()):
         torch.testing.assert_close(pa, pb, rtol=1e-4, atol=1e-4, msg=name)
     # the generators' states advance by what the replays drew, as in eager steps
-    assert torch.equal(a.noise_gen.get_state(), b.noise_gen.get_state())
-    assert torch.equal(a.aug_gen.get_state(), b.aug_gen.get_state())
+    assert torch.equal(a.task.noise_gen.get_state(), b.task.noise_gen.get_state())
+    assert torch.equal(a.task.aug_gen.get_state(), b.task.aug_gen.get_state())
     assert torch.equal(rng["a"], rng["b"])
 
 
@@ -116,7 +117,7 @@ def test_resume_with_graphs_equals_uninterrupted(tiny_cfg):
     assert not finished and load_checkpoint(part.run_dir)["step"] == stop_at
     resumed, finished = resume_run(part.run_dir)
     assert finished and resumed.state.step == ref.state.step
-    for key, value in ref.G.state_dict().items():
-        torch.testing.assert_close(resumed.G.state_dict()[key], value, rtol=1e-5, atol=1e-6, msg=key)
-    for key, value in ref.D.state_dict().items():
-        torch.testing.assert_close(resumed.D.state_dict()[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    for key, value in ref.task.G.state_dict().items():
+        torch.testing.assert_close(resumed.task.G.state_dict()[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    for key, value in ref.task.D.state_dict().items():
+        torch.testing.assert_close(resumed.task.D.state_dict()[key], value, rtol=1e-5, atol=1e-6, msg=key)

@@ -5,8 +5,8 @@ import torch
 from PIL import Image
 
 from covidxray.errors import CovidXrayError
-from covidxray.train.checkpoint import load_checkpoint
-from covidxray.train.gan import resume_run, start_run
+from covidxray.checkpoint import load_checkpoint
+from covidxray.train.loop import resume_run, start_run
 
 
 def _stats(run_dir):
@@ -38,13 +38,13 @@ def test_run_folder_contents(tiny_cfg):
 def test_training_changes_the_generator(tiny_cfg):
     cfg = tiny_cfg(epochs=1)
     trainer, _ = start_run(cfg)
-    from covidxray.models import get_model
+    from covidxray.models import DataSpec, get_model
 
     torch.manual_seed(cfg.train.seed)
-    fresh = get_model("rawgan").build(cfg)["G"]
-    changed = [not torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), trainer.G.state_dict().values())]
+    fresh = get_model("rawgan").build(cfg, DataSpec.example(64, 3))["G"]
+    changed = [not torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), trainer.task.G.state_dict().values())]
     assert any(changed)
-    assert all(torch.isfinite(p).all() for p in trainer.G.parameters())
+    assert all(torch.isfinite(p).all() for p in trainer.task.G.parameters())
 
 
 @pytest.mark.parametrize("stop_at", [3, 4])  # mid-epoch and at an epoch boundary (3 steps per epoch)
@@ -60,10 +60,10 @@ def test_interrupted_then_resumed_equals_uninterrupted(tiny_cfg, stop_at):
     assert load_checkpoint(part.run_dir)["step"] == stop_at
     resumed, finished = resume_run(part.run_dir)
     assert finished
-    for key, value in ref.G.state_dict().items():
-        assert torch.equal(value, resumed.G.state_dict()[key]), key
-    for key, value in ref.D.state_dict().items():
-        assert torch.equal(value, resumed.D.state_dict()[key]), key
+    for key, value in ref.task.G.state_dict().items():
+        assert torch.equal(value, resumed.task.G.state_dict()[key]), key
+    for key, value in ref.task.D.state_dict().items():
+        assert torch.equal(value, resumed.task.D.state_dict()[key]), key
     assert _stats(ref.run_dir) == _stats(part.run_dir)
     for snap in ("epoch_0001.png", "epoch_0002.png"):
         assert (ref.run_dir / "samples" / snap).read_bytes() == (part.run_dir / "samples" / snap).read_bytes()
@@ -74,8 +74,8 @@ def test_resume_with_more_epochs_continues_the_run(tiny_cfg):
     part, _ = start_run(tiny_cfg(epochs=2))
     resumed, finished = resume_run(part.run_dir, epochs=3)
     assert finished and resumed.state.epoch == 3
-    for key, value in ref.G.state_dict().items():
-        assert torch.equal(value, resumed.G.state_dict()[key]), key
+    for key, value in ref.task.G.state_dict().items():
+        assert torch.equal(value, resumed.task.G.state_dict()[key]), key
     assert "epochs: 3" in (part.run_dir / "config.yaml").read_text()
 
 

@@ -1,4 +1,5 @@
-"""Known-answer tests of the GAN losses and regularisers (covidxray.train.losses)."""
+"""Known-answer tests of the GAN losses and regularisers (covidxray.train.gan_losses) and the U-Net GAN's
+CutMix (covidxray.train.unetgan_cutmix)."""
 
 import math
 
@@ -6,20 +7,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from covidxray.train import losses
-from covidxray.train.losses import (
+from covidxray.train import gan_losses as losses
+from covidxray.train.gan_losses import (
     LOSS_KINDS,
     UNCERTAINTY_MODES,
-    cutmix,
-    cutmix_consistency,
-    cutmix_masks,
     d_loss,
     g_loss,
     mc_dropout_uncertainty,
-    mixed_pixel_d_loss,
     r1_penalty,
     uncertainty_terms,
 )
+from covidxray.train.unetgan_cutmix import cutmix, cutmix_consistency, cutmix_masks, mixed_pixel_d_loss
 
 
 def test_hinge_known_values():

@@ -6,15 +6,15 @@ import pytest
 import torch
 
 from covidxray.errors import CovidXrayError
-from covidxray.train.checkpoint import load_checkpoint
-from covidxray.train.gan import GANTrainer, start_run
+from covidxray.checkpoint import load_checkpoint
+from covidxray.train.loop import Trainer, start_run
 
 
 def test_bf16_autocast_trains_on_the_cpu(tiny_cfg):
     trainer, finished = start_run(tiny_cfg(epochs=1, extra=["train.amp=bf16"]))
     assert finished and trainer.amp_dtype == torch.bfloat16
-    assert all(torch.isfinite(p).all() for p in trainer.G.parameters())
-    assert all(p.dtype == torch.float32 for p in trainer.G.parameters())  # weights stay fp32
+    assert all(torch.isfinite(p).all() for p in trainer.task.G.parameters())
+    assert all(p.dtype == torch.float32 for p in trainer.task.G.parameters())  # weights stay fp32
 
 
 def test_fp16_needs_cuda(tiny_cfg):
@@ -25,15 +25,15 @@ def test_fp16_needs_cuda(tiny_cfg):
 def test_nan_losses_stop_with_a_hint_and_keep_the_last_checkpoint(tiny_cfg, monkeypatch):
     trainer, _ = start_run(tiny_cfg(epochs=1))
     good = load_checkpoint(trainer.run_dir)
-    real_step = GANTrainer.train_step
+    real_step = Trainer.train_step
 
     def diverging(self, real, labels):
         out = real_step(self, real, labels)
         out["loss_d"] = out["loss_d"] * math.nan
         return out
 
-    monkeypatch.setattr(GANTrainer, "train_step", diverging)
-    from covidxray.train.gan import resume_run
+    monkeypatch.setattr(Trainer, "train_step", diverging)
+    from covidxray.train.loop import resume_run
 
     with pytest.raises(CovidXrayError, match=r"diverged at step \d+: loss_d became NaN/inf") as err:
         resume_run(trainer.run_dir, epochs=2)
@@ -50,7 +50,7 @@ def test_compile_failure_falls_back_to_eager_with_a_warning(tiny_cfg, monkeypatc
     monkeypatch.setattr(torch, "compile", broken_compile)
     with pytest.warns(UserWarning, match="torch.compile failed"):
         trainer, finished = start_run(tiny_cfg(epochs=1, extra=["train.compile=true"]))
-    assert finished and trainer.G_train is trainer.G
+    assert finished and trainer.task.G_train is trainer.task.G
     assert "torch.compile failed" in (trainer.run_dir / "log.txt").read_text()
 
 

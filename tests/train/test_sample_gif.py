@@ -6,7 +6,7 @@ from PIL import Image
 from covidxray.errors import CovidXrayError
 from covidxray.generate import load_generator
 from covidxray.gif import make_gif
-from covidxray.train.gan import start_run
+from covidxray.train.loop import start_run
 
 
 @pytest.fixture()
@@ -23,7 +23,7 @@ def test_sampling_is_deterministic_and_uses_trained_weights(trained):
     assert not torch.equal(a, gen.sample(5, seed=4))
     # Same images as the trained EMA generator in eval mode (what snapshots show too).
     z = torch.randn(5, 100, generator=torch.Generator().manual_seed(3))
-    assert torch.equal(a, trained.generate(z))
+    assert torch.equal(a, trained.task.generate(z))
     assert gen.weights == "G_ema"
 
 
@@ -32,7 +32,7 @@ def test_without_ema_the_raw_generator_is_used(tiny_cfg):
     gen = load_generator(trainer.run_dir)
     assert gen.weights == "G"
     z = torch.randn(3, 100, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(gen.sample(3, seed=0), trainer.generate(z))
+    assert torch.equal(gen.sample(3, seed=0), trainer.task.generate(z))
 
 
 def test_gif_has_one_labelled_frame_per_snapshot(trained, tmp_path):

@@ -7,9 +7,9 @@ import torch
 
 from covidxray.config import resolve_config
 from covidxray.generate import load_generator
-from covidxray.models import get_model, list_models
-from covidxray.train.checkpoint import load_checkpoint
-from covidxray.train.gan import resume_run, start_run
+from covidxray.models import DataSpec, get_model, list_models
+from covidxray.checkpoint import load_checkpoint
+from covidxray.train.loop import resume_run, start_run
 from tests.fixtures import TINY_SETS
 
 GANS = [s.name for s in list_models() if s.family == "gan"]
@@ -26,7 +26,7 @@ def test_one_training_step_at_each_size(name, size, demo_at_size, tmp_path):
                                            "loss.cutmix_warmup_kimg=0", "loss.cutmix_prob=1"])
     cfg.out = str(tmp_path / "runs")
     torch.manual_seed(0)
-    before = get_model(name).build(_with_classes(cfg, name))
+    before = get_model(name).build(cfg, DataSpec.example(size, 3))
     trainer, finished = start_run(cfg)
     assert finished and trainer.state.step >= 1
     stats = trainer.run_dir.joinpath("stats.jsonl").read_text()
@@ -37,19 +37,14 @@ def test_one_training_step_at_each_size(name, size, demo_at_size, tmp_path):
         assert "cutmix_cons" in stats
     if name == "acgan":
         assert "acc_real" in stats and "acc_fake" in stats
-    changed = [not torch.equal(a, b) for a, b in zip(before["G"].state_dict().values(), trainer.G.state_dict().values())]
+    changed = [not torch.equal(a, b) for a, b in zip(before["G"].state_dict().values(), trainer.task.G.state_dict().values())]
     assert any(changed)
     ckpt = load_checkpoint(trainer.run_dir)
     assert {"G", "D", "G_ema"} <= set(ckpt["models"])
     with torch.no_grad():
-        img = trainer.generate(torch.randn(2, cfg.arch.latent_dim),
+        img = trainer.task.generate(torch.randn(2, cfg.arch.latent_dim),
                                torch.tensor([0, 1]) if spec.conditional else None)
     assert img.shape == (2, 1, size, size) and img.dtype == torch.uint8
-
-
-def _with_classes(cfg, name):
-    cfg.data.n_classes = 3 if get_model(name).conditional else 0
-    return cfg
 
 
 @pytest.mark.parametrize("name", ["cgan", "acgan"])
@@ -86,7 +81,7 @@ def test_resume_with_ema_and_diffaugment_equals_uninterrupted(tiny_cfg, model, m
     assert not finished
     resumed, finished = resume_run(part.run_dir)
     assert finished
-    for name, a, b in (("G", ref.G, resumed.G), ("D", ref.D, resumed.D), ("G_ema", ref.ema.ema_model, resumed.ema.ema_model)):
+    for name, a, b in (("G", ref.task.G, resumed.task.G), ("D", ref.task.D, resumed.task.D), ("G_ema", ref.task.ema.ema_model, resumed.task.ema.ema_model)):
         for key, value in a.state_dict().items():
             assert torch.equal(value, b.state_dict()[key]), f"{name}.{key}"
     assert (ref.run_dir / "samples" / "epoch_0002.png").read_bytes() == \
@@ -130,13 +125,13 @@ def test_acgan_aux_loss_on_reals_only(tiny_cfg):
 def test_acgan_tac_mode_trains_a_twin_classifier(tiny_cfg):
     trainer, finished = start_run(tiny_cfg(epochs=1, model="acgan", extra=["loss.aux_mode=tac"]))
     assert finished
-    assert trainer.D.twin is not None and trainer.D.twin.weight.shape[0] == trainer.D.classifier.weight.shape[0]
+    assert trainer.task.D.twin is not None and trainer.task.D.twin.weight.shape[0] == trainer.task.D.classifier.weight.shape[0]
     records = [json.loads(line) for line in trainer.run_dir.joinpath("stats.jsonl").read_text().splitlines()]
     steps = [r for r in records if "acc_twin" in r]
     assert steps and all(0.0 <= r["acc_twin"] <= 1.0 for r in steps)
     # the default (the paper's mode) builds no twin head
     plain, _ = start_run(tiny_cfg(epochs=1, model="acgan"))
-    assert plain.D.twin is None
+    assert plain.task.D.twin is None
 
 
 def test_unknown_aux_mode_is_refused(cli, demo_prepared, tmp_path):
@@ -151,14 +146,14 @@ def test_unknown_aux_mode_is_refused(cli, demo_prepared, tmp_path):
 # (not with MC dropout: one pass draws its dropout masks differently from two)
 def test_joint_real_fake_pass_of_d_equals_two_passes(tiny_cfg, tmp_path, model, extra):
     # Discriminators without BatchNorm see reals and fakes in one pass; the step must not change.
-    from covidxray.train.gan import GANTrainer
+    from covidxray.train.loop import Trainer
 
     # DiffAugment off: the joint step augments reals and fakes in one call (other random draws)
     cfg = tiny_cfg(epochs=1, model=model, extra=extra + ["aug.diffaugment="])
-    a = GANTrainer(cfg, tmp_path / "a")
-    b = GANTrainer(cfg, tmp_path / "b")
-    assert a.d_joint and b.d_joint
-    b.d_joint = False
+    a = Trainer(cfg, tmp_path / "a")
+    b = Trainer(cfg, tmp_path / "b")
+    assert a.task.d_joint and b.task.d_joint
+    b.task.d_joint = False
     x, y = a.data.images[:8], a.data.labels[:8]
     # Spectral norm runs one power iteration per forward pass in train mode, so two passes use two
     # slightly different estimates of sigma: converge them first (the same way in both trainers).
@@ -166,10 +161,10 @@ def test_joint_real_fake_pass_of_d_equals_two_passes(tiny_cfg, tmp_path, model, 
         probe = torch.zeros(8, 1, 64, 64)
         for t in (a, b):
             for _ in range(200):
-                t.D(probe, y)
+                t.task.D(probe, y)
     calls = {"a": 0, "b": 0}
-    a.D.register_forward_hook(lambda *_: calls.__setitem__("a", calls["a"] + 1))
-    b.D.register_forward_hook(lambda *_: calls.__setitem__("b", calls["b"] + 1))
+    a.task.D.register_forward_hook(lambda *_: calls.__setitem__("a", calls["a"] + 1))
+    b.task.D.register_forward_hook(lambda *_: calls.__setitem__("b", calls["b"] + 1))
     for _ in range(2):
         sa, sb = a.train_step(x, y), b.train_step(x, y)
         assert set(sa) == set(sb)
@@ -183,29 +178,29 @@ def test_joint_real_fake_pass_of_d_equals_two_passes(tiny_cfg, tmp_path, model, 
     # 2 x lr per step, so parameters can only be compared to that bound (the second step's equal
     # losses above already show that the updated networks agree).
     bound = 2 * 2 * max(cfg.optim.lr_d, cfg.optim.lr_g)
-    for (name, pa), pb in zip(list(a.D.named_parameters()) + list(a.G.named_parameters()),
-                              list(b.D.parameters()) + list(b.G.parameters())):
+    for (name, pa), pb in zip(list(a.task.D.named_parameters()) + list(a.task.G.named_parameters()),
+                              list(b.task.D.parameters()) + list(b.task.G.parameters())):
         assert (pa - pb).abs().max().item() <= bound, name
 
 
 def test_a_batchnorm_discriminator_keeps_separate_passes(tiny_cfg, tmp_path):
-    from covidxray.train.gan import GANTrainer
+    from covidxray.train.loop import Trainer
 
-    assert not GANTrainer(tiny_cfg(epochs=1), tmp_path / "r").d_joint  # DCGAN D: BatchNorm mixes the batch
+    assert not Trainer(tiny_cfg(epochs=1), tmp_path / "r").task.d_joint  # DCGAN D: BatchNorm mixes the batch
 
 
 @pytest.mark.parametrize("model", ["cgan", "acgan"])
 def test_uncertainty_shares_the_trunk_pass(tiny_cfg, tmp_path, model):
     # With MC dropout the K dropout passes ride on the step's own trunk pass: one trunk pass in D's
     # update (reals and fakes together) and one in G's, as without the regulariser.
-    from covidxray.train.gan import GANTrainer
+    from covidxray.train.loop import Trainer
 
     counts = {}
     for mode in ("off", "min"):
         cfg = tiny_cfg(epochs=1, model=model, extra=[f"loss.uncertainty={mode}", "arch.d_dropout=0.3"])
-        tr = GANTrainer(cfg, tmp_path / mode)
+        tr = Trainer(cfg, tmp_path / mode)
         calls = []
-        tr.D.trunk.register_forward_hook(lambda mod, inp, out: calls.append(inp[0].shape[0]))
+        tr.task.D.trunk.register_forward_hook(lambda mod, inp, out: calls.append(inp[0].shape[0]))
         stats = tr.train_step(tr.data.images[:8], tr.data.labels[:8])
         counts[mode] = calls
         if mode == "min":

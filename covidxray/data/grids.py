@@ -1,4 +1,4 @@
-"""Writing images: sample grids and single PNGs (uint8 on disk, atomically)."""
+"""Image grids: tiling uint8 images for sample grids, ``reals.png`` and GIF frames."""
 
 from __future__ import annotations
 
@@ -7,9 +7,8 @@ import os
 from pathlib import Path
 
 import torch
-from PIL import Image
 
-from covidxray.utils import atomic_path
+from covidxray.data.imaging import save_png
 
 
 def grid_nrow(n: int) -> int:
@@ -27,14 +26,6 @@ def make_grid_u8(images: torch.Tensor, nrow: int | None = None, padding: int = 2
     return grid[0]
 
 
-def save_png(array: torch.Tensor, path: str | os.PathLike) -> Path:
-    """Save an H x W uint8 tensor as a grayscale PNG, atomically."""
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        Image.fromarray(array.cpu().numpy(), mode="L").save(tmp, format="PNG")
-    return path
-
-
 def save_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | None = None) -> Path:
-    """Save uint8 images (N x 1 x H x W) as one grid PNG."""
+    """Save uint8 images (N x 1 x H x W) as one grid PNG (atomically)."""
     return save_png(make_grid_u8(images, nrow), path)

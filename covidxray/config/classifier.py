@@ -1,0 +1,147 @@
+"""The ``classifier`` family's configuration: the generic sections (classifier keys in ``model``,
+``train``, ``optim`` and ``eval``) plus ``loss`` and ``aug``. Details: ``docs/classifiers.md``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from covidxray.config.core import (
+    GENERIC_CHOICES,
+    Config,
+    EvalConfig,
+    Family,
+    ModelConfig,
+    OptimConfig,
+    TrainConfig,
+    check_positive,
+    register_family,
+)
+from covidxray.errors import CovidXrayError
+
+#: Input sides a classifier accepts (the data are resized on the device when the prepared size differs).
+MIN_SIZE, MAX_SIZE = 64, 299
+
+
+@dataclass
+class ClassifierModelConfig(ModelConfig):
+    pretrained: str = ""                # torchvision state_dict file to start from (docs/classifiers.md says how to
+                                        # save ImageNet weights once); "" = random initialisation. Never downloaded.
+    dropout: float = 0.0                # dropout before the classification head, in training only
+    mc_dropout: float = 0.0             # > 0: Monte-Carlo dropout (Gal & Ghahramani 2016): dropout p before the head,
+                                        # kept on at evaluation (eval.mc_samples passes); replaces model.dropout
+
+
+@dataclass
+class ClassifierTrainConfig(TrainConfig):
+    epochs: int = 30                    # total epochs (early stopping may end the run sooner: eval.patience)
+    log_every: int = 10                 # write a stats.jsonl line every N steps (and at each epoch end)
+    checkpoint_every: int = 1           # update checkpoints/last.pt every N epochs (also at the end and on Ctrl-C)
+
+
+@dataclass
+class ClassifierOptimConfig(OptimConfig):
+    name: str = "adamw"                 # adamw (Loshchilov & Hutter 2019) | sgd (with momentum)
+    lr: float = 1e-3                    # peak learning rate
+    weight_decay: float = 5e-4          # decoupled weight decay (AdamW) / L2 (SGD)
+    momentum: float = 0.9               # SGD momentum
+    nesterov: bool = False              # SGD: Nesterov momentum
+    schedule: str = "cosine"            # learning-rate schedule per step: cosine (to 0) | step | none
+    warmup_epochs: float = 1.0          # linear warm-up from 0 over this many epochs; 0 = none
+    step_epochs: int = 10               # schedule=step: multiply the rate by step_gamma every N epochs
+    step_gamma: float = 0.1             # schedule=step: the factor
+
+
+@dataclass
+class ClassifierLossConfig:
+    label_smoothing: float = 0.0        # cross-entropy label smoothing (Szegedy et al. 2016); 0 = off
+    class_weights: str = "none"         # none | balanced (inverse class frequency of the training split) |
+                                        # one weight per class in sorted class order, e.g. "1,2.5,1"
+
+
+@dataclass
+class ClassifierAugConfig:
+    rotate: float = 10.0                # random rotation, uniform in +-degrees; 0 = off
+    scale: float = 0.1                  # random zoom, uniform in 1 +- scale; 0 = off
+    translate: float = 0.1              # random shift, uniform in +- this fraction of the side; 0 = off
+    brightness: float = 0.1             # random brightness shift, uniform in +- this (images in [-1, 1]); 0 = off
+    contrast: float = 0.1               # random contrast factor, uniform in 1 +- this; 0 = off
+    hflip: bool = False                 # random horizontal flips (off: a flip swaps the patient's sides)
+
+
+@dataclass
+class ClassifierEvalConfig(EvalConfig):
+    every: int = 1                      # validate every N epochs (picks checkpoints/best.pt); 0 = never
+    patience: int = 10                  # early stopping: stop after this many validations without improvement; 0 = off
+    mc_samples: int = 20                # model.mc_dropout > 0: stochastic passes averaged per image (K)
+
+
+@dataclass
+class ClassifierConfig(Config):
+    """Configuration of a classifier run (``family == "classifier"``)."""
+
+    model: ClassifierModelConfig = field(default_factory=ClassifierModelConfig)
+    train: ClassifierTrainConfig = field(default_factory=ClassifierTrainConfig)
+    optim: ClassifierOptimConfig = field(default_factory=ClassifierOptimConfig)
+    eval: ClassifierEvalConfig = field(default_factory=ClassifierEvalConfig)
+    loss: ClassifierLossConfig = field(default_factory=ClassifierLossConfig)
+    aug: ClassifierAugConfig = field(default_factory=ClassifierAugConfig)
+
+    FAMILY: ClassVar[str] = "classifier"
+
+
+def parse_class_weights(value: str) -> str | list[float]:
+    """``"none"``, ``"balanced"`` or a list of positive floats from ``loss.class_weights``."""
+    value = value.strip()
+    if value in ("none", "balanced"):
+        return value
+    try:
+        weights = [float(v) for v in value.replace(" ", "").split(",") if v]
+    except ValueError:
+        weights = []
+    if not weights or any(w <= 0 for w in weights):
+        raise CovidXrayError(f"config key 'loss.class_weights' must be none, balanced or positive numbers such as "
+                             f"1,2.5,1; got '{value}'")
+    return weights
+
+
+def _in_range(key: str, value: float, lo: float, hi: float, hi_open: bool = True) -> None:
+    if not (lo <= value < hi if hi_open else lo <= value <= hi):
+        raise CovidXrayError(f"config key '{key}' must be in [{lo:g}, {hi:g}{')' if hi_open else ']'}; got {value:g}")
+
+
+def check_classifier(cfg: ClassifierConfig) -> None:
+    """The classifier family's cross-key checks."""
+    check_positive(cfg, ["optim.step_epochs", "eval.mc_samples"])
+    size = cfg.data.image_size
+    if size and not MIN_SIZE <= size <= MAX_SIZE:
+        raise CovidXrayError(f"config key 'data.image_size' must be {MIN_SIZE}-{MAX_SIZE} (or 0: the prepared size) "
+                             f"for a classifier; got {size}")
+    _in_range("model.dropout", cfg.model.dropout, 0.0, 1.0)
+    _in_range("model.mc_dropout", cfg.model.mc_dropout, 0.0, 1.0)
+    if cfg.optim.lr <= 0:
+        raise CovidXrayError(f"config key 'optim.lr' must be > 0; got {cfg.optim.lr:g}")
+    if cfg.optim.weight_decay < 0 or cfg.optim.momentum < 0 or cfg.optim.warmup_epochs < 0:
+        raise CovidXrayError("config keys 'optim.weight_decay', 'optim.momentum' and 'optim.warmup_epochs' must be >= 0")
+    _in_range("optim.step_gamma", cfg.optim.step_gamma, 0.0, 1.0, hi_open=False)
+    _in_range("loss.label_smoothing", cfg.loss.label_smoothing, 0.0, 1.0)
+    parse_class_weights(cfg.loss.class_weights)
+    _in_range("aug.rotate", cfg.aug.rotate, 0.0, 180.0, hi_open=False)
+    for key in ("scale", "translate"):
+        _in_range(f"aug.{key}", getattr(cfg.aug, key), 0.0, 0.5, hi_open=False)
+    for key in ("brightness", "contrast"):
+        _in_range(f"aug.{key}", getattr(cfg.aug, key), 0.0, 1.0)
+
+
+CLASSIFIER = register_family(Family(
+    name="classifier",
+    config=ClassifierConfig,
+    choices={**GENERIC_CHOICES,
+             "optim.name": ("adamw", "sgd"),
+             "optim.schedule": ("cosine", "step", "none")},
+    check=check_classifier,
+    # Validation metrics and their better direction; the first is eval.metric's default (the seed
+    # stopped early on validation loss).
+    metrics={"loss": "min", "balanced_accuracy": "max", "accuracy": "max", "macro_f1": "max", "auc": "max"},
+    summary="image classifiers: one label per chest X-ray (covid, normal, viral_pneumonia, ...)",
+))

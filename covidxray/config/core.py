@@ -1,0 +1,455 @@
+"""The machinery of run configurations: generic sections, families, YAML and ``--set`` overrides.
+
+A run's configuration is one dataclass tree. Every family of models (``gan``, ``classifier``, ...)
+declares a :class:`Config` subclass: the **generic sections** every family has (``model``, ``data``,
+``train``, ``optim``, ``eval``), which it may extend with keys of its own by subclassing the section
+(the GANs' ``train`` adds ``ema_kimg``), plus **family sections** (the GANs' ``arch``, ``loss``,
+``aug``). Every key is declared once, with its default and a comment on its allowed values (the
+StudioGAN pattern); ``configs/<model>.yaml`` holds only the keys a model changes. Unknown keys and
+wrong types are refused with the key and the family named.
+
+Resolution order (later wins)::
+
+    the family's schema defaults -> configs/<model>.yaml -> --config FILE -> CLI flags -> --set overrides
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Mapping
+
+import yaml
+
+from covidxray.errors import CovidXrayError
+
+#: Folder holding one YAML of overrides per registered model.
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+
+# --------------------------------------------------------------------------------------------
+# Generic sections
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    name: str = ""                      # registered model name, set by --model (`covidxray models` lists them)
+
+
+@dataclass
+class DataConfig:
+    path: str = ""                      # prepared folder (output of `covidxray prepare`); required to train
+    image_size: int = 0                 # input side in px; 0 = the prepared size (GANs: 64 | 128 | 256, equal to the
+                                        # prepared size; classifiers: 64-299, resized on the device when it differs)
+    classes: list[str] = field(default_factory=list)  # subset of class names; [] = all classes
+    split: str = "train"                # split to train on: train | val | test
+    cache: bool = True                  # decode once to a uint8 tensor cached beside the prepared data
+    on_device: str = "auto"             # keep the uint8 data set on the GPU: auto | yes | no
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 100                   # total epochs (one epoch = every training image once)
+    batch_size: int = 64                # images per step
+    seed: int = 0                       # seeds every RNG; stored with the run
+    deterministic: bool = False         # ask PyTorch for deterministic kernels (slower on GPU)
+    device: str = "auto"                # auto (CUDA when present) | cpu | cuda | cuda:N
+    num_threads: int = 0                # CPU threads for torch; 0 = leave PyTorch's default
+    log_every: int = 20                 # write a stats.jsonl line every N steps (and at each epoch end)
+    snapshot_every: int = 1             # write the family's snapshot (GANs: samples/epoch_XXXX.png) every N epochs
+    checkpoint_every: int = 5           # update checkpoints/last.pt every N epochs (also at the end and on Ctrl-C)
+    keep_every: int = 0                 # also keep checkpoints/epoch_XXXX.pt every N epochs; 0 = never
+    amp: str = "auto"                   # mixed precision: auto (bf16 on CUDA, off on CPU) | bf16 | fp16 (CUDA) | off
+    channels_last: bool = True          # channels_last memory format (faster convolutions on GPUs and CPUs)
+    compile: bool = False               # torch.compile the trained networks (falls back to eager with a warning)
+    compile_mode: str = "default"       # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune
+    cuda_graphs: str = "auto"           # replay each training step as one CUDA graph: auto (on CUDA, unless compiled or fp16) | yes | no
+
+
+@dataclass
+class OptimConfig:
+    beta1: float = 0.9                  # Adam/AdamW beta1
+    beta2: float = 0.999                # Adam/AdamW beta2
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0                      # evaluate on eval.split every N epochs (picks checkpoints/best.pt); 0 = never
+    split: str = "val"                  # split evaluated during training: val | test (test only to reproduce a paper)
+    metric: str = ""                    # metric that picks best.pt and drives early stopping; "" = the family's default
+    mode: str = "auto"                  # auto (the metric's own direction) | min | max
+    patience: int = 0                   # early stopping: stop after this many evaluations without improvement; 0 = off
+    min_delta: float = 0.0              # an improvement smaller than this does not count (best.pt, patience)
+    batch_size: int = 256               # images per forward pass when evaluating
+
+
+@dataclass
+class Config:
+    """A resolved configuration: the generic sections; each family's subclass adds its own."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    out: str = "runs"                   # parent folder of run folders (runs/<id>-<model>/)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    #: The family this schema belongs to (set by each subclass).
+    FAMILY: ClassVar[str] = ""
+
+    @property
+    def family(self) -> str:
+        return self.FAMILY
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+#: Allowed values of the generic sections' string keys (families add theirs).
+GENERIC_CHOICES: dict[str, tuple[str, ...]] = {
+    "data.split": ("train", "val", "test"),
+    "data.on_device": ("auto", "yes", "no"),
+    "train.amp": ("auto", "bf16", "fp16", "off"),
+    "train.compile_mode": ("default", "reduce-overhead", "max-autotune"),
+    "train.cuda_graphs": ("auto", "yes", "no"),
+    "eval.split": ("val", "test"),
+    "eval.mode": ("auto", "min", "max"),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Families
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Family:
+    """What a family of models declares about its configuration.
+
+    Attributes:
+        name: the family's name, as models register it (``register_model(..., family=name)``).
+        config: its :class:`Config` subclass (generic sections, possibly extended, plus its own).
+        choices: allowed values of its string keys, ``"section.key" -> values`` (generic ones included).
+        check: cross-key validation of a resolved config; raises :class:`CovidXrayError`.
+        metrics: evaluation metrics its task reports, ``name -> "min" | "max"`` (the better direction);
+            the first is the default of ``eval.metric``. Empty: the family has no evaluation yet.
+        summary: one line for documentation.
+    """
+
+    name: str
+    config: type
+    choices: Mapping[str, tuple[str, ...]]
+    check: Callable[[Any], None]
+    metrics: Mapping[str, str] = field(default_factory=dict)
+    summary: str = ""
+
+
+FAMILIES: dict[str, Family] = {}
+
+
+def register_family(family: Family) -> Family:
+    """Declare a family (done once by each ``covidxray/config/<family>.py``)."""
+    if family.name in FAMILIES:
+        raise ValueError(f"family {family.name!r} is already registered")
+    if getattr(family.config, "FAMILY", None) != family.name:
+        raise ValueError(f"{family.config.__name__}.FAMILY must be {family.name!r}")
+    FAMILIES[family.name] = family
+    return family
+
+
+def get_family(name: str) -> Family:
+    """The declared family ``name``; unknown names raise with the list of valid ones."""
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        raise CovidXrayError(f"unknown model family '{name}'; known families: {', '.join(sorted(FAMILIES))}") from None
+
+
+def family_of(model: str) -> Family:
+    """The family of a registered model (looked up in the model registry)."""
+    from covidxray.models.registry import get_model  # the registry sits above this module: import late
+
+    return get_family(get_model(model).family)
+
+
+# --------------------------------------------------------------------------------------------
+# Overrides
+# --------------------------------------------------------------------------------------------
+
+
+def _coerce(key: str, value: Any, typ: Any, choices: Mapping[str, tuple[str, ...]]) -> Any:
+    """Check/convert ``value`` to the declared type ``typ`` of ``key``; raise with the key named."""
+    origin = typing.get_origin(typ)
+    if origin is list:
+        (item,) = typing.get_args(typ)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if value is None:
+            value = []
+        if not isinstance(value, (list, tuple)):
+            raise CovidXrayError(f"config key '{key}' must be a list, got {value!r}")
+        return [_coerce(key, v, item, choices) for v in value]
+    if typ in (int, float) and isinstance(value, str):
+        # YAML 1.1 reads "1e-4" as a string; accept any number Python can parse.
+        try:
+            value = typ(value)
+        except ValueError:
+            pass
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+    elif typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif typ is str:
+        if isinstance(value, bool) and key in choices:
+            # YAML 1.1 reads off/no/false (on/yes/true) as booleans: map them back to the key's word.
+            words = ("off", "no", "false") if value is False else ("on", "yes", "true")
+            for word in words:
+                if word in choices[key]:
+                    return word
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    else:  # pragma: no cover - schemas use only the types above
+        raise TypeError(f"unsupported config type {typ} for {key}")
+    raise CovidXrayError(
+        f"config key '{key}' must be of type {typ.__name__}, got {value!r} ({type(value).__name__})"
+    )
+
+
+def _keys_of(cls: type, prefix: str = "") -> set[str]:
+    """Every dotted key of a config dataclass (sections and leaves)."""
+    keys = set()
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        keys.add(key)
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys |= _keys_of(hints[f.name], f"{key}.")
+    return keys
+
+
+def _owners(key: str, family: str) -> list[str]:
+    return [name for name, fam in sorted(FAMILIES.items()) if name != family and key in _keys_of(fam.config)]
+
+
+def _unknown(source: str, key: str, prefix: str, names: list[str], cfg: Config) -> CovidXrayError:
+    where = f"of the {cfg.family} family (model '{cfg.model.name}')" if cfg.family else ""
+    others = _owners(key, cfg.family)
+    note = f"; it is a key of the {', '.join(others)} family" if others else ""
+    valid = ", ".join(prefix + n for n in names)
+    return CovidXrayError(f"{source}: unknown config key '{key}' {where}{note}; valid keys here: {valid}")
+
+
+def _apply(obj: Any, updates: Any, prefix: str, source: str, root: Config) -> None:
+    if not isinstance(updates, dict):
+        raise CovidXrayError(f"{source}: '{prefix.rstrip('.') or 'top level'}' must be a mapping, got {updates!r}")
+    hints = typing.get_type_hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    choices = FAMILIES[root.family].choices if root.family in FAMILIES else GENERIC_CHOICES
+    for name, value in updates.items():
+        key = f"{prefix}{name}"
+        if name not in names:
+            raise _unknown(source, key, prefix, names, root)
+        current = getattr(obj, name)
+        if dataclasses.is_dataclass(current):
+            _apply(current, value, f"{key}.", source, root)
+        else:
+            setattr(obj, name, _coerce(key, value, hints[name], choices))
+
+
+def apply_overrides(cfg: Config, updates: dict[str, Any], source: str = "config") -> Config:
+    """Apply a nested mapping of overrides to ``cfg`` in place (unknown keys refused)."""
+    _apply(cfg, updates or {}, "", source, cfg)
+    return cfg
+
+
+def parse_set(items: list[str] | None) -> dict[str, Any]:
+    """Turn ``["train.batch_size=32", ...]`` into a nested dict; values parsed as YAML scalars."""
+    nested: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise CovidXrayError(f"--set '{item}' must look like section.key=value (e.g. train.batch_size=32)")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise CovidXrayError(f"--set '{item}' has an empty key")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        node = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise CovidXrayError(f"--set '{item}' conflicts with another --set of '{part}'")
+        node[parts[-1]] = value
+    return nested
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping, with clear errors for a missing file or bad syntax."""
+    path = Path(path)
+    if not path.is_file():
+        raise CovidXrayError(f"config file {path} does not exist", "Check the path given to --config")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise CovidXrayError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise CovidXrayError(f"config file {path} must hold a mapping of sections (data:, train:, ...)")
+    return data
+
+
+def model_config_path(model: str) -> Path:
+    return CONFIG_DIR / f"{model}.yaml"
+
+
+# --------------------------------------------------------------------------------------------
+# Validation and resolution
+# --------------------------------------------------------------------------------------------
+
+
+def check_positive(cfg: Config, keys: list[str], minimum: int = 1) -> None:
+    """Refuse any of the dotted ``keys`` below ``minimum``, naming it."""
+    for key in keys:
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value < minimum:
+            raise CovidXrayError(f"config key '{key}' must be >= {minimum}; got {value}")
+
+
+def validate(cfg: Config) -> Config:
+    """Cross-key checks with readable messages: the generic ones, then the family's own."""
+    family = get_family(cfg.family)
+    for key, allowed in family.choices.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in allowed:
+            raise CovidXrayError(f"config key '{key}' must be one of {', '.join(allowed)}; got '{value}'")
+    check_positive(cfg, ["train.epochs", "train.batch_size", "train.log_every", "train.snapshot_every",
+                         "train.checkpoint_every", "eval.batch_size"])
+    check_positive(cfg, ["train.keep_every", "train.num_threads", "eval.every", "eval.patience",
+                         "data.image_size"], minimum=0)
+    if not (cfg.train.device in ("auto", "cpu", "cuda") or cfg.train.device.startswith("cuda:")):
+        raise CovidXrayError(f"config key 'train.device' must be auto, cpu, cuda or cuda:N; got '{cfg.train.device}'")
+    if cfg.eval.min_delta < 0:
+        raise CovidXrayError(f"config key 'eval.min_delta' must be >= 0; got {cfg.eval.min_delta}")
+    if cfg.eval.every > 0 or cfg.eval.patience > 0 or cfg.eval.metric:
+        if not family.metrics:
+            raise CovidXrayError(
+                f"the {family.name} family has no evaluation during training yet (eval.every, eval.metric, "
+                f"eval.patience)", "Leave the eval section at its defaults")
+        if cfg.eval.metric and cfg.eval.metric not in family.metrics:
+            raise CovidXrayError(f"config key 'eval.metric' must be one of {', '.join(family.metrics)} for the "
+                                 f"{family.name} family; got '{cfg.eval.metric}'")
+        if cfg.eval.patience > 0 and cfg.eval.every == 0:
+            raise CovidXrayError("eval.patience (early stopping) needs evaluations", "Also set eval.every (e.g. 1)")
+    family.check(cfg)
+    return cfg
+
+
+def eval_metric(cfg: Config) -> tuple[str, str]:
+    """The metric that picks ``best.pt`` and its better direction (``min``/``max``)."""
+    family = get_family(cfg.family)
+    name = cfg.eval.metric or next(iter(family.metrics))
+    mode = family.metrics[name] if cfg.eval.mode == "auto" else cfg.eval.mode
+    return name, mode
+
+
+def new_config(model: str, family: str | None = None) -> Config:
+    """The schema defaults of ``model``'s family, with ``model.name`` set (no model YAML applied)."""
+    fam = get_family(family) if family is not None else family_of(model)
+    cfg = fam.config()
+    cfg.model.name = model
+    return cfg
+
+
+def _pop_name(data: dict[str, Any], source: str, model: str) -> None:
+    """Remove the model name from a mapping of overrides, refusing one that names another model.
+
+    ``model: cgan`` (the form of version 0.1.0) and ``model: {name: cgan, ...}`` are both read.
+    """
+    value = data.get("model")
+    if isinstance(value, dict):
+        name = value.get("name")
+        rest = {k: v for k, v in value.items() if k != "name"}
+        if rest:
+            data["model"] = rest
+        else:
+            data.pop("model")
+    else:
+        name = data.pop("model", None)
+    if name is not None and name != model:
+        raise CovidXrayError(f"{source} is for model '{name}' but --model is '{model}'",
+                             "Drop the model name from the file or pass the matching --model")
+
+
+def resolve_config(
+    model: str,
+    config_file: str | Path | None = None,
+    flags: dict[str, Any] | None = None,
+    sets: list[str] | None = None,
+) -> Config:
+    """Build the resolved config of a run (see the module docstring for the order).
+
+    Args:
+        model: registered model name; its ``configs/<model>.yaml`` is applied when present.
+        config_file: optional user YAML of overrides.
+        flags: nested overrides from CLI flags such as ``--epochs`` (``None`` values skipped).
+        sets: ``--set key=value`` strings.
+    """
+    cfg = new_config(model)
+    path = model_config_path(model)
+    if path.is_file():
+        data = load_yaml(path)
+        _pop_name(data, str(path), model)
+        apply_overrides(cfg, data, source=str(path))
+    if config_file is not None:
+        data = load_yaml(config_file)
+        _pop_name(data, str(config_file), model)
+        apply_overrides(cfg, data, source=str(config_file))
+    if flags:
+        clean = {s: {k: v for k, v in d.items() if v is not None} for s, d in flags.items()}
+        apply_overrides(cfg, {s: d for s, d in clean.items() if d}, source="command-line flag")
+    overrides = parse_set(sets)
+    _pop_name(overrides, "--set model.name", model)
+    apply_overrides(cfg, overrides, source="--set")
+    return validate(cfg)
+
+
+#: Migrations of stored configs (checkpoints, run folders) written by earlier versions, per family.
+MIGRATIONS: dict[str, list[Callable[[dict[str, Any]], None]]] = {}
+
+
+def config_from_dict(data: dict[str, Any], family: str | None = None) -> Config:
+    """Rebuild a Config from ``to_dict()`` output (a checkpoint's or a run's ``config.yaml``).
+
+    Stored configs of version 0.1.0 (``model: NAME`` as a string, ``data.n_classes``) are read too.
+    """
+    data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
+    model = data.get("model")
+    name = model.get("name") if isinstance(model, dict) else model
+    if not name:
+        raise CovidXrayError("the stored configuration names no model")
+    if isinstance(model, str):
+        data["model"] = {"name": model}
+    if isinstance(data.get("data"), dict):
+        data["data"].pop("n_classes", None)  # 0.1.0: written by the trainer from the data, not a setting
+    cfg = new_config(name, family)
+    for migrate in MIGRATIONS.get(cfg.family, []):
+        migrate(data)
+    apply_overrides(cfg, data, source="stored config")
+    return cfg

@@ -1,0 +1,96 @@
+"""Batched inference of trained classifiers (used by training's validation and by ``evaluate``)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from covidxray.checkpoint import load_checkpoint
+from covidxray.config import Config, config_from_dict
+from covidxray.data.datasets import to_float
+from covidxray.errors import CovidXrayError
+from covidxray.models.registry import DataSpec, get_model
+
+
+@torch.no_grad()
+def predict_probs(net: nn.Module, images_u8: torch.Tensor, device: torch.device | str, batch_size: int = 256,
+                  mc_samples: int = 1, amp_dtype: torch.dtype | None = None,
+                  memory_format: torch.memory_format = torch.contiguous_format) -> dict[str, torch.Tensor]:
+    """Class probabilities of uint8 images (N x 1 x S x S) with ``net`` in eval mode, batched.
+
+    With ``mc_samples = K > 1`` (a model with Monte-Carlo dropout) the probabilities are the mean over
+    K dropout passes, and ``mutual_information`` (the epistemic part of the entropy, BALD) is returned
+    too. The net's training mode is restored afterwards.
+
+    Returns:
+        ``probs`` (N, C) float32 on the CPU, ``entropy`` (N,) of the mean prediction in nats, and with
+        K > 1 ``mutual_information`` (N,).
+    """
+    was_training = net.training
+    net.eval()
+    device = torch.device(device)
+    probs, mis = [], []
+    try:
+        for i in range(0, images_u8.shape[0], batch_size):
+            x = to_float(images_u8[i:i + batch_size].to(device, non_blocking=True)).contiguous(memory_format=memory_format)
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                logits = net(x, mc_samples=mc_samples) if mc_samples > 1 else net(x)
+            p = torch.softmax(logits.float(), dim=-1)
+            if mc_samples > 1:  # (K, N, C): mean prediction; MI = H(mean) - mean of the passes' entropies
+                p_k = p
+                p = p_k.mean(0)
+                h_k = -(p_k * p_k.clamp_min(1e-12).log()).sum(-1).mean(0)
+                h = -(p * p.clamp_min(1e-12).log()).sum(-1)
+                mis.append((h - h_k).clamp_min(0).cpu())
+            probs.append(p.cpu())
+    finally:
+        net.train(was_training)
+    n_classes = getattr(net, "n_classes", 0)
+    out_probs = torch.cat(probs) if probs else torch.empty(0, n_classes)
+    out = {"probs": out_probs,
+           "entropy": -(out_probs * out_probs.clamp_min(1e-12).log()).sum(-1)}
+    if mc_samples > 1:
+        out["mutual_information"] = torch.cat(mis) if mis else torch.empty(0)
+    return out
+
+
+@dataclass
+class LoadedClassifier:
+    """A classifier ready to predict: the network (eval mode), its config, which weights and the checkpoint."""
+
+    net: nn.Module
+    cfg: Config
+    checkpoint: dict[str, Any]
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.checkpoint["classes"])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.checkpoint["image_size"])
+
+    @property
+    def mc_samples(self) -> int:
+        """Passes per image at evaluation: ``eval.mc_samples`` with Monte-Carlo dropout, else 1."""
+        return self.cfg.eval.mc_samples if getattr(self.net, "mc_dropout", False) else 1
+
+
+def load_classifier(checkpoint: str | os.PathLike, checkpoint_data: dict[str, Any] | None = None) -> LoadedClassifier:
+    """Rebuild a trained classifier from a checkpoint (file or run folder; a run folder means its
+    ``best.pt`` when there is one, else ``last.pt``)."""
+    ckpt = checkpoint_data if checkpoint_data is not None else load_checkpoint(checkpoint)
+    family = ckpt.get("family", "gan")
+    if family != "classifier":
+        raise CovidXrayError(f"{ckpt['path']} holds a {family} model ('{ckpt.get('model')}'), not a classifier")
+    cfg = config_from_dict(ckpt["config"], family=family)
+    spec = get_model(cfg.model.name)
+    classes = tuple(ckpt["classes"])
+    net = spec.build(cfg, DataSpec(len(classes), int(ckpt["image_size"]), 1, classes))["net"]
+    net.load_state_dict(ckpt["models"]["net"])
+    net.eval()
+    return LoadedClassifier(net, cfg, ckpt)

@@ -1,0 +1,135 @@
+"""What a family's task gives the one training loop (:class:`~covidxray.train.loop.Trainer`).
+
+A task owns the arithmetic of its family: it builds the networks and optimizers from the registry,
+does the device work of one step, evaluates, writes snapshots, and names the extra state its
+checkpoints need. The loop owns the rest (run folder, data, precision, graphs, checkpoints,
+resume, signals, progress, evaluation schedule, ``best.pt``, early stopping).
+
+A step is split in three so that it can be replayed as a CUDA graph:
+
+1. :meth:`Task.step_variant` - host decisions for this step (a tuple; each value gets its own graph);
+2. :meth:`Task.device_step` ``(images_u8, labels, *variant)`` - device work only, no host syncs;
+   returns a dict of scalar tensors for the logs;
+3. :meth:`Task.after_step` ``(n_images)`` - host-driven work after it (e.g. the EMA update).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:  # pragma: no cover
+    from covidxray.train.loop import Trainer
+
+
+class Task:
+    """Base class of the per-family tasks; subclasses set the class attributes and the step.
+
+    Class attributes:
+        family: the family this task trains.
+        resizes_data: the data may be resized to ``data.image_size`` on the device (classifiers);
+            otherwise the prepared size must be the asked one (GANs).
+        evaluates: the task implements :meth:`evaluate` (the loop then loads ``eval.split``).
+        supports_graphs: :meth:`device_step` can be captured as a CUDA graph.
+        progress_keys: the step scalars the progress bar and log lines show.
+
+    Attributes (set by subclasses in ``__init__``):
+        models: the trained networks by checkpoint name (``{"G", "D"}``, ``{"net"}``).
+        optimizers, scalers: by name, saved and restored by the loop.
+    """
+
+    family: ClassVar[str] = ""
+    resizes_data: ClassVar[bool] = False
+    evaluates: ClassVar[bool] = False
+    supports_graphs: ClassVar[bool] = True
+    progress_keys: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, trainer: "Trainer"):
+        self.trainer = trainer
+        self.cfg = trainer.cfg
+        self.device = trainer.device
+        self.models: dict[str, nn.Module] = {}
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        self.scalers: dict[str, torch.amp.GradScaler] = {}
+        self.compiled = False
+
+    @classmethod
+    def check_config(cls, cfg, spec) -> None:
+        """Checks that need the model's spec as well as the config (called before any data is read)."""
+
+    # ------------------------------------------------------------ the step
+    def step_variant(self) -> tuple:
+        """Host decisions of the next step (the CUDA graph key); default: none."""
+        return ()
+
+    def device_step(self, images_u8: torch.Tensor, labels: torch.Tensor, *variant) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def after_step(self, n_images: int) -> None:
+        """Host-driven work after each step (default: nothing)."""
+
+    def graph_generators(self) -> list[torch.Generator]:
+        """CUDA generators the device step draws from (registered with every CUDA graph)."""
+        return [g for g, _ in self.generators().values() if g.device.type == "cuda"]
+
+    def graphs_unsupported_reason(self) -> str:
+        return f"the {self.family} task's step cannot be captured"
+
+    # ------------------------------------------------------------ autocast and compile
+    def autocast(self):
+        """Autocast context of the trainer's precision (no cast cache with CUDA graphs: a cached cast
+        would outlive the capture)."""
+        t = self.trainer
+        return torch.autocast(self.device.type, dtype=t.amp_dtype or torch.float32,
+                              enabled=t.amp_dtype is not None, cache_enabled=not t.use_graphs)
+
+    def compile(self, mode: str) -> None:
+        """Wrap the trained networks in ``torch.compile`` (subclasses keep eager references)."""
+        raise NotImplementedError(f"the {self.family} task does not support torch.compile")
+
+    def uncompile(self) -> None:
+        """Go back to the eager networks after a compile failure."""
+        self.compiled = False
+
+    # ------------------------------------------------------------ run events
+    def on_start(self) -> None:
+        """Files of a fresh run's start (GANs: ``reals.png`` and the untrained G's grid)."""
+
+    def snapshot(self) -> None:
+        """The periodic snapshot (every ``train.snapshot_every`` epochs and at the end)."""
+
+    @torch.no_grad()
+    def evaluate(self, data) -> dict[str, float]:
+        """Metrics on the evaluated split (``evaluates = True`` tasks), names without the split prefix."""
+        raise NotImplementedError
+
+    def divergence_hint(self) -> str:
+        """Advice when a loss became NaN/inf."""
+        if self.trainer.amp_dtype is not None:
+            return "Try --set train.amp=off (full precision), a lower learning rate, or resume from the last checkpoint"
+        return "Try a lower learning rate, or resume from the last checkpoint"
+
+    # ------------------------------------------------------------ checkpoint state
+    def generators(self) -> dict[str, tuple[torch.Generator, int]]:
+        """The task's random generators, ``name -> (generator, seed offset)``, saved in checkpoints.
+
+        When a saved state cannot be restored (another device type), the loop re-seeds the generator
+        with ``train.seed + offset + step``.
+        """
+        return {}
+
+    def models_state(self) -> dict[str, Any]:
+        return {k: m.state_dict() for k, m in self.models.items()}
+
+    def load_models_state(self, states: dict[str, Any]) -> None:
+        for k, m in self.models.items():
+            m.load_state_dict(states[k])
+
+    def extra_state(self) -> dict[str, Any]:
+        """Top-level checkpoint entries besides models, optimizers, scalers and RNGs."""
+        return {}
+
+    def load_extra_state(self, ckpt: dict[str, Any]) -> None:
+        pass
