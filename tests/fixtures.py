@@ -91,3 +91,22 @@ def cli(monkeypatch):
         return result
 
     return invoke
+
+
+#: A tiny, fast classifier configuration for tests (same code paths as a real run).
+TINY_CLF_SETS = ["train.batch_size=8", "train.log_every=2", "train.checkpoint_every=1", "train.num_threads=1"]
+
+
+@pytest.fixture()
+def clf_cfg(demo_prepared, tmp_path):
+    """Factory of tiny classifier configs (default smallcnn) training on the demo data, runs under tmp_path/runs."""
+    from covidxray.config import resolve_config
+
+    def make(epochs: int = 2, extra: list[str] | None = None, model: str = "smallcnn"):
+        cfg = resolve_config(model, flags={"data": {"path": str(demo_prepared)},
+                                           "train": {"epochs": epochs, "device": "cpu"}},
+                             sets=TINY_CLF_SETS + (extra or []))
+        cfg.out = str(tmp_path / "runs")
+        return cfg
+
+    return make

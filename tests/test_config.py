@@ -115,3 +115,93 @@ def test_choice_words_in_a_yaml_file(tmp_path):
 def test_a_boolean_for_a_string_key_without_such_a_word_is_refused():
     with pytest.raises(CovidXrayError, match="loss.kind"):
         resolve_config("rawgan", sets=["loss.kind=off"])
+
+
+# --------------------------------------------------------------------------------------------
+# Families: generic sections, family sections, per-family validation
+# --------------------------------------------------------------------------------------------
+
+
+def test_each_family_has_its_own_schema():
+    from covidxray.config import ClassifierConfig, GANConfig
+
+    gan, clf = resolve_config("cgan"), resolve_config("resnet18")
+    assert isinstance(gan, GANConfig) and isinstance(clf, ClassifierConfig)
+    assert gan.family == "gan" and clf.family == "classifier"
+    assert gan.model.name == "cgan" and clf.model.name == "resnet18"
+    assert gan.optim.beta1 == 0.5 and clf.optim.beta1 == 0.9   # a family may change a generic default
+    assert {"arch", "loss", "aug"} <= set(gan.to_dict()) and "arch" not in clf.to_dict()
+    assert clf.eval.every == 1 and gan.eval.every == 0
+
+
+@pytest.mark.parametrize("model, item, fragment", [
+    ("resnet18", "loss.r1_gamma=1", "unknown config key 'loss.r1_gamma' of the classifier family (model 'resnet18'); "
+                                    "it is a key of the gan family"),
+    ("resnet18", "arch.latent_dim=8", "unknown config key 'arch' of the classifier family"),
+    ("resnet18", "train.ema_kimg=1", "'train.ema_kimg' of the classifier family (model 'resnet18'); it is a key of the gan"),
+    ("rawgan", "model.pretrained=x.pt", "unknown config key 'model.pretrained' of the gan family (model 'rawgan'); "
+                                        "it is a key of the classifier family"),
+    ("rawgan", "optim.lr=0.1", "'optim.lr' of the gan family"),
+])
+def test_keys_of_another_family_are_refused_naming_key_and_family(model, item, fragment):
+    with pytest.raises(CovidXrayError) as err:
+        resolve_config(model, sets=[item])
+    assert fragment in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("item, fragment", [
+    ("data.image_size=32", "'data.image_size' must be 64-299 (or 0: the prepared size) for a classifier"),
+    ("data.image_size=300", "must be 64-299"),
+    ("optim.name=adam", "'optim.name' must be one of adamw, sgd"),
+    ("optim.schedule=linear", "'optim.schedule' must be one of cosine, step, none"),
+    ("optim.lr=0", "'optim.lr' must be > 0"),
+    ("model.mc_dropout=1", "'model.mc_dropout' must be in [0, 1)"),
+    ("loss.label_smoothing=1.5", "'loss.label_smoothing' must be in [0, 1)"),
+    ("loss.class_weights=heavy", "'loss.class_weights' must be none, balanced or positive numbers"),
+    ("loss.class_weights=1,-2,1", "positive numbers"),
+    ("aug.rotate=200", "'aug.rotate' must be in [0, 180]"),
+    ("eval.metric=f2", "'eval.metric' must be one of loss, balanced_accuracy, accuracy, macro_f1, auc"),
+    ("eval.mode=best", "'eval.mode' must be one of auto, min, max"),
+    ("eval.mc_samples=0", "'eval.mc_samples' must be >= 1"),
+])
+def test_classifier_values_are_checked(item, fragment):
+    with pytest.raises(CovidXrayError) as err:
+        resolve_config("resnet18", sets=[item])
+    assert fragment in str(err.value)
+
+
+def test_eval_settings_need_a_family_with_metrics_and_patience_needs_evaluations():
+    with pytest.raises(CovidXrayError, match="the gan family has no evaluation during training yet"):
+        resolve_config("rawgan", sets=["eval.every=1"])
+    with pytest.raises(CovidXrayError, match="eval.patience .early stopping. needs evaluations"):
+        resolve_config("resnet18", sets=["eval.every=0", "eval.patience=3"])
+    cfg = resolve_config("resnet18", sets=["loss.class_weights=1,2.5,1", "eval.metric=balanced_accuracy"])
+    from covidxray.config import eval_metric
+
+    assert eval_metric(cfg) == ("balanced_accuracy", "max")
+    assert eval_metric(resolve_config("resnet18")) == ("loss", "min")
+    assert eval_metric(resolve_config("resnet18", sets=["eval.mode=max"])) == ("loss", "max")
+
+
+def test_classifier_round_trip_and_model_name_forms(tmp_path):
+    cfg = resolve_config("densenet121", sets=["model.mc_dropout=0.2", "data.classes=covid,normal"])
+    again = config_from_dict(yaml.safe_load(cfg.to_yaml()))
+    assert again == cfg and again.family == "classifier"
+    f = tmp_path / "named.yaml"
+    f.write_text("model:\n  name: densenet121\n  dropout: 0.1\n")
+    assert resolve_config("densenet121", f).model.dropout == pytest.approx(0.1)
+    f.write_text("model:\n  name: resnet18\n")
+    with pytest.raises(CovidXrayError, match="is for model 'resnet18' but --model is 'densenet121'"):
+        resolve_config("densenet121", f)
+    with pytest.raises(CovidXrayError, match="is for model 'cgan' but --model is 'rawgan'"):
+        resolve_config("rawgan", sets=["model.name=cgan"])
+
+
+def test_stored_configs_of_version_0_1_0_still_load():
+    # 0.1.0 wrote the model name as a string and the trainer's data.n_classes
+    data = resolve_config("cgan").to_dict()
+    data["model"] = "cgan"
+    data["data"]["n_classes"] = 3
+    cfg = config_from_dict(data)
+    assert cfg.model.name == "cgan" and cfg.family == "gan" and cfg == resolve_config("cgan")

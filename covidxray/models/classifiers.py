@@ -233,7 +233,8 @@ def build_smallcnn(cfg, data: DataSpec) -> dict[str, nn.Module]:
 
 # torchvision's own DenseNet files (the URLs of its weights enum) spell "norm.1" where the modules say
 # "norm1"; torchvision renames them when it loads such a file, and so does this.
-_DENSENET_OLD_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+_DENSENET_OLD_KEY = re.compile(
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$")
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -280,6 +281,9 @@ def load_pretrained(net: Classifier, path: str | os.PathLike) -> dict[str, int]:
         elif w.ndim != 4 or w.shape[1] != 1:
             raise CovidXrayError(f"{path}: first-layer weights '{stem_key}' have shape {tuple(w.shape)}; "
                                  f"expected 3 (RGB) or 1 input channels")
+    for key in own:  # files saved before PyTorch 0.4.1 have no BatchNorm step counters: start them at 0
+        if key.endswith("num_batches_tracked") and key not in state:
+            state[key] = torch.zeros_like(own[key])
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     if missing or unexpected:

@@ -257,6 +257,11 @@ class Trainer:
         return self.state.images_seen
 
     @property
+    def batch_in_epoch(self) -> int:
+        """Batches done in the current (unfinished) epoch."""
+        return self.state.batch_in_epoch
+
+    @property
     def cuda_graphs(self) -> str:
         """How steps run: ``off`` (eager), ``failed`` (capture failed; eager), ``warming-up``, or
         ``replayed (N graphs)``."""
@@ -425,9 +430,12 @@ class Trainer:
             for sig, old in handlers.items():
                 signal.signal(sig, old)
 
-    def fit(self) -> bool:
-        """Train up to ``cfg.train.epochs`` (or early stopping). Returns True when finished, False when stopped."""
+    def fit(self, epochs: int | None = None) -> bool:
+        """Train up to ``epochs`` in total (default ``cfg.train.epochs``, which ``epochs`` then replaces),
+        or until early stopping. Returns True when finished, False when stopped (Ctrl-C, :meth:`request_stop`)."""
         cfg, s = self.cfg, self.state
+        if epochs is not None:
+            cfg.train.epochs = epochs
         total = cfg.train.epochs
         if s.stopped_early:
             raise CovidXrayError(

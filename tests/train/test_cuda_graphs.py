@@ -24,6 +24,12 @@ def test_graphs_are_off_on_the_cpu_and_yes_says_why(tiny_cfg, tmp_path):
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 
+def test_classifier_graphs_off_on_the_cpu_and_sgd_says_why(clf_cfg, tmp_path):
+    assert Trainer(clf_cfg(epochs=1), tmp_path / "auto").graphs is None
+    with pytest.raises(CovidXrayError, match="cuda_graphs=yes cannot be used here: it needs a CUDA device"):
+        start_run(clf_cfg(epochs=1, extra=["train.cuda_graphs=yes", "optim.name=sgd"]))
+
+
 def test_bad_cuda_graphs_value_is_refused(tiny_cfg):
     with pytest.raises(CovidXrayError, match="train.cuda_graphs' must be one of auto, yes, no"):
         tiny_cfg(epochs=1, extra=["train.cuda_graphs=maybe"])
@@ -54,6 +60,23 @@ def test_load_optimizer_keeps_the_flags_of_the_optimizer_it_loads_into():
     assert float(fresh.state[next(net.parameters())]["step"]) == 2
 
 
+def _own_cuda_rng_streams():
+    """``run(name, trainer, x, y)``: a train step of ``trainer`` with its own default-CUDA-generator stream.
+
+    Dropout draws from the default CUDA generator, which two trainers in one process share: each ``name``
+    gets its own saved state, so that a graphed and an eager trainer draw the same numbers.
+    """
+    rng = {"a": torch.cuda.get_rng_state(), "b": torch.cuda.get_rng_state()}
+
+    def run(name, trainer, x, y):
+        torch.cuda.set_rng_state(rng[name])
+        out = {k: v.clone() for k, v in trainer.train_step(x, y).items()}
+        rng[name] = torch.cuda.get_rng_state()
+        return out
+
+    return run, rng
+
+
 def _gpu_cfg(tiny_cfg, model, extra=()):
     cfg = tiny_cfg(epochs=2, model=model, extra=["train.amp=off", "train.deterministic=true", *extra])
     cfg.train.device = "cuda"
@@ -72,15 +95,7 @@ def test_graphed_steps_equal_eager_steps(tiny_cfg, tmp_path, model, extra):
     b = Trainer(_gpu_cfg(tiny_cfg, model, [*extra, "train.cuda_graphs=no"]), tmp_path / "eager")
     assert a.graphs is not None and b.graphs is None
     n = a.batch_size
-    # Dropout draws from the default CUDA generator, which both trainers share: give each its own stream.
-    rng = {"a": torch.cuda.get_rng_state(), "b": torch.cuda.get_rng_state()}
-
-    def run(name, trainer, x, y):
-        torch.cuda.set_rng_state(rng[name])
-        out = {k: v.clone() for k, v in trainer.train_step(x, y).items()}
-        rng[name] = torch.cuda.get_rng_state()
-        return out
-
+    run, rng = _own_cuda_rng_streams()
     for step in range(12):
         idx = torch.arange(step * 3, step * 3 + n) % len(a.data)
         x, y = a.data.images[idx], a.data.labels[idx]
@@ -121,3 +136,55 @@ def test_resume_with_graphs_equals_uninterrupted(tiny_cfg):
         torch.testing.assert_close(resumed.task.G.state_dict()[key], value, rtol=1e-5, atol=1e-6, msg=key)
     for key, value in ref.task.D.state_dict().items():
         torch.testing.assert_close(resumed.task.D.state_dict()[key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+@cuda
+def test_classifier_graphed_steps_equal_eager_steps(clf_cfg, tmp_path):
+    # The captured AdamW update reads the learning rate from a device tensor: the schedule (warm-up, then
+    # cosine) must reach the replayed steps as it reaches eager ones.
+    def cfg(extra):
+        c = clf_cfg(epochs=2, extra=["train.amp=off", "train.deterministic=true", "optim.warmup_epochs=0.5",
+                                     "model.dropout=0.2", *extra])
+        c.train.device = "cuda"
+        return c
+
+    a = Trainer(cfg([]), tmp_path / "graphs")
+    b = Trainer(cfg(["train.cuda_graphs=no"]), tmp_path / "eager")
+    assert a.graphs is not None and b.graphs is None and a.task.use_tensor_lr
+    run, _ = _own_cuda_rng_streams()
+    n = a.batch_size
+    for step in range(10):
+        idx = torch.arange(step * 3, step * 3 + n) % len(a.data)
+        x, y = a.data.images[idx], a.data.labels[idx]
+        sa, sb = run("a", a, x, y), run("b", b, x, y)
+        for t in (a, b):
+            t.state.step += 1
+            t.state.images_seen += n
+        for key in sa:
+            torch.testing.assert_close(sa[key].float().cpu(), sb[key].float().cpu(), rtol=1e-4, atol=1e-5,
+                                       msg=f"step {step}: {key}")
+    assert not a.graphs.failed and a.graphs.graphs
+    for (name, pa), pb in zip(a.task.net.state_dict().items(), b.task.net.state_dict().values()):
+        torch.testing.assert_close(pa, pb, rtol=1e-4, atol=1e-4, msg=name)
+    assert torch.equal(a.task.aug_gen.get_state(), b.task.aug_gen.get_state())
+
+
+@cuda
+def test_classifier_resume_with_graphs_equals_uninterrupted(clf_cfg):
+    def cfg():
+        c = clf_cfg(epochs=2, extra=["train.amp=off", "train.deterministic=true"])
+        c.train.device = "cuda"
+        return c
+
+    ref, _ = start_run(cfg())
+    assert ref.cuda_graphs.startswith("replayed")
+
+    def stop(trainer):
+        if trainer.step == 5:
+            trainer.request_stop()
+
+    part, finished = start_run(cfg(), on_step=stop)
+    resumed, finished = resume_run(part.run_dir)
+    assert finished and resumed.step == ref.step
+    for key, value in ref.task.net.state_dict().items():
+        torch.testing.assert_close(resumed.task.net.state_dict()[key], value, rtol=1e-5, atol=1e-6, msg=key)
