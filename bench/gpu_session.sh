@@ -5,8 +5,10 @@
 #      pytest comes from wheels carried in .devdata/wheels (`pip download pytest -d .devdata/wheels`)
 #   0. smoke: one epoch of rawgan / cgan / unetgan on real 64 px data (stop early if the CUDA path breaks)
 #   A. real-data training runs at 128 px, concurrently, with grids and GIFs
-#   B. bench/gan_throughput.py: every GAN x 64/128/256 px vs the plain DCGAN reference, and the peer script
-#   C. the seed's cGAN schedule (~1.7 M images at 128 px), timed
+#   B. bench/gan_throughput.py: every GAN x 64/128/256 px vs the plain DCGAN reference; then
+#      bench/gan_vs_example.py: rawgan vs the peer script (pytorch/examples dcgan/main.py)
+#   C. bench/gan_schedule.py: the seed's cGAN schedule (~1.7 M images at 128 px), timed (and projected for
+#      every GAN from phase B's 128 px epoch rates when B ran first)
 #   Q. bench/gan_quality.py: GAN-train/GAN-test and per-class diversity of every run of phases A and C
 #   K. torch.compile (default and reduce-overhead modes) of cgan and rawgan at 128 px: step rates
 # Everything lands in $OUT/results.tar.gz (GIFs beside it); the summary table is printed last.
@@ -18,7 +20,8 @@
 #   MODELS_A         phase A's runs (default "rawgan acgan unetgan unetcgan"); an entry "label@model" takes
 #                    extra settings from SETS_<label>, e.g. MODELS_A="acgan tac@acgan" SETS_tac="--set loss.aux_mode=tac"
 #   EPA, CAP_A       phase A's epochs (200) and time cap in s (130)
-#   BENCH_ARGS       extra arguments of phase B (e.g. "--sizes 128");  PEER= (empty) skips B's peer run
+#   BENCH_ARGS       extra arguments of phase B's gan_throughput.py (e.g. "--sizes 128");  PEER= (empty) skips
+#                    B's peer run (gan_vs_example.py)
 #   B_EAGER=1        phase B also times cgan and rawgan at 128 px with train.cuda_graphs=no
 #   SETS_C           extra config values of the schedule run (e.g. "train.compile=true")
 #   BUDGET           seconds for the whole script (560); later phases get what is left
@@ -37,9 +40,9 @@ pack() {
 RUNS=$(mktemp -d)/runs
 DR=$(mktemp -d)/data; D64=$DR/cxr64; D128=$DR/cxr128
 QUICK=${QUICK:-0}
-if [ "$QUICK" = 1 ]; then DEV=cpu; EPA=2; SCHED=3000; BENCH="--quick"; TINY="--set arch.g_channels=8 --set arch.d_channels=8"; QQ="-n 16 --clf-epochs 1 --clf-seeds 2"
+if [ "$QUICK" = 1 ]; then DEV=cpu; EPA=2; SCHED=3000; BENCH="--quick"; PEERB="--quick"; TINY="--set arch.g_channels=8 --set arch.d_channels=8"; QQ="-n 16 --clf-epochs 1 --clf-seeds 2"
   KQ="--steps 2 --warmup 1 --batch 8 --set arch.g_channels=8 arch.d_channels=8"
-else DEV=cuda; EPA=${EPA:-200}; SCHED=1700000; BENCH="--steps 15 --warmup 3 --epochs 1"; TINY=""; QQ=""; KQ=""; fi
+else DEV=cuda; EPA=${EPA:-200}; SCHED=1700000; BENCH="--steps 15 --warmup 3 --epochs 1"; PEERB="--steps 15 --warmup 3"; TINY=""; QQ=""; KQ=""; fi
 BENCH_ARGS=${BENCH_ARGS:-}   # e.g. "--sizes 128 --models cgan acgan" to re-measure only some models
 T0=$(date +%s); BUDGET=${BUDGET:-560}   # seconds this script may use in all; later phases get what is left
 left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
@@ -111,8 +114,12 @@ phase_B() {
 say "B throughput benchmark"
 # Reference capped at 512 channels like our models: a like-for-like (stricter) comparison at 128/256 px.
 peer=${PEER-.devdata/peer/main.py}   # PEER= (empty) skips the PyTorch-examples run
-timeout $(cap 150) python3 bench/gan_throughput.py $BENCH --device $DEV --data-root $DR ${peer:+--peer $peer} \
+timeout $(cap 150) python3 bench/gan_throughput.py $BENCH --device $DEV --data-root $DR \
     --also-plain-bf16 --ref-max-channels 512 --json "$R/bench.json" $BENCH_ARGS > "$R/bench.log" 2>&1 || echo "bench exit $?"
+if [ -n "$peer" ]; then   # the example and our rawgan: same 64 px images, batch and epochs (2; --quick: 1)
+  timeout $(cap 90) python3 bench/gan_vs_example.py $PEERB --device $DEV --data-root $DR --peer $peer \
+      --json "$R/peer.json" > "$R/peer.log" 2>&1 || echo "peer exit $?"
+fi
 if [ "${B_EAGER:-0}" = 1 ]; then   # the same card without whole-step CUDA graphs, for the comparison
   timeout $(cap 90) python3 bench/gan_throughput.py $BENCH --device $DEV --data-root $DR --sizes 128 --models cgan rawgan \
       --set train.cuda_graphs=no --json "$R/bench-eager.json" > "$R/bench-eager.log" 2>&1 || echo "bench eager exit $?"
@@ -132,8 +139,10 @@ done
 
 phase_C() {
 say "C cGAN schedule ($SCHED images at 128 px)"
+rates=""   # phase B's 128 px epoch rates, when it ran first: the projection of every GAN beside the measured run
+[ -f "$R/bench.json" ] && grep -q '"size": 128' "$R/bench.json" && rates="--rates-from $R/bench.json"
 start=$(date +%s.%N)
-timeout $(cap 300) python3 bench/gan_throughput.py --device $DEV --skip-models --run-schedule cgan --schedule-images $SCHED \
+timeout $(cap 300) python3 bench/gan_schedule.py --device $DEV --skip-models $rates --run-schedule cgan --schedule-images $SCHED \
     --data128 $D128 --schedule-out "$RUNS/cgan" --set train.checkpoint_every=100 ${SETS_C:-} $TINY \
     --json "$R/schedule.json" > "$R/schedule.log" 2>&1 || echo "schedule exit $?"
 echo "cgan schedule wall $(python3 -c "import time; print(round(time.time() - $start, 1))") s"
@@ -147,4 +156,5 @@ for ph in $PHASES; do "phase_$ph"; done   # in the order given
 
 pack
 say "summary"
-[ -f "$R/bench.log" ] && tail -42 "$R/bench.log"; [ -f "$R/schedule.log" ] && tail -10 "$R/schedule.log"; ls "$R/grids"
+[ -f "$R/bench.log" ] && tail -42 "$R/bench.log"; [ -f "$R/peer.log" ] && tail -10 "$R/peer.log"
+[ -f "$R/schedule.log" ] && tail -16 "$R/schedule.log"; ls "$R/grids"

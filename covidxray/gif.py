@@ -90,5 +90,7 @@ def make_gif(run_dir: str | os.PathLike, out: str | os.PathLike, fps: float = 5.
     if out.suffix.lower() != ".gif":
         raise CovidXrayError(f"output {out} must end in .gif")
     with atomic_path(out) as tmp:
-        iio.imwrite(tmp, np.stack(frames), extension=".gif", duration=durations, loop=0)
+        # One frame: a plain number (Pillow's single-image GIF writer does not take a list of durations).
+        duration = durations if len(frames) > 1 else durations[0]
+        iio.imwrite(tmp, np.stack(frames), extension=".gif", duration=duration, loop=0)
     return out, len(frames)

@@ -56,3 +56,14 @@ def test_gif_errors(tmp_path):
     (tmp_path / "run").mkdir()
     with pytest.raises(CovidXrayError, match="no snapshots"):
         make_gif(tmp_path / "run", tmp_path / "a.gif")
+
+
+def test_gif_of_a_run_with_one_snapshot(trained, tmp_path):
+    # A run stopped before its first epoch ended has only samples/epoch_0000.png.
+    import shutil
+
+    one = tmp_path / "one"
+    (one / "samples").mkdir(parents=True)
+    shutil.copy(trained.run_dir / "samples" / "epoch_0000.png", one / "samples")
+    out, n = make_gif(one, tmp_path / "one.gif")
+    assert n == 1 and iio.imread(out, index=None).shape[0] == 1
