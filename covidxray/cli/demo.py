@@ -1,4 +1,5 @@
-"""``covidxray demo``: prepare --demo -> a short rawgan training -> sample -> gif, on built-in phantoms."""
+"""``covidxray demo``: prepare --demo -> a short rawgan training -> sample -> gif -> a small classifier ->
+evaluate, on built-in phantoms."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ DEMO_SIZE = 64
 DEMO_PER_CLASS = 120
 DEMO_EPOCHS = 30
 DEMO_SETS = ["arch.g_channels=32", "arch.d_channels=32", "train.batch_size=32", "train.checkpoint_every=5"]
+DEMO_CLASSIFIER = "smallcnn"
+DEMO_CLASSIFIER_EPOCHS = 10
 
 
 @user_errors
@@ -29,6 +32,7 @@ def demo_cmd(
 
     from covidxray.config import resolve_config
     from covidxray.data.grids import save_grid
+    from covidxray.evaluate.classifier import evaluate_classifier
     from covidxray.data.prepare import prepare_demo
     from covidxray.generate import load_generator, write_samples
     from covidxray.gif import make_gif
@@ -38,9 +42,9 @@ def demo_cmd(
     con = console()
     t0 = time.perf_counter()
     data = out / "data"
-    con.rule("1/4 prepare --demo (synthetic phantoms, not medical data)")
+    con.rule("1/6 prepare --demo (synthetic phantoms, not medical data)")
     prepare_demo(data, per_class=DEMO_PER_CLASS, size=DEMO_SIZE, seed=seed)
-    con.rule("2/4 train rawgan")
+    con.rule("2/6 train rawgan")
     cfg = resolve_config("rawgan", flags={"data": {"path": str(data.resolve()), "image_size": DEMO_SIZE},
                                           "train": {"epochs": epochs, "seed": seed, "device": device}},
                          sets=DEMO_SETS)
@@ -49,7 +53,7 @@ def demo_cmd(
     if not finished:
         raise typer.Exit(130)
     run_dir = trainer.run_dir
-    con.rule("3/4 sample")
+    con.rule("3/6 sample")
     gen = load_generator(run_dir)
     images = gen.sample(64, seed=seed, device=resolve_device(device))
     samples = out / "samples"
@@ -57,8 +61,20 @@ def demo_cmd(
         old.unlink()
     write_samples(images, samples)
     grid = save_grid(images, samples / "grid.png")
-    con.rule("4/4 gif")
+    con.rule("4/6 gif")
     gif, frames = make_gif(run_dir, out / "progress.gif", fps=5)
+    con.rule(f"5/6 train {DEMO_CLASSIFIER} (a classifier)")
+    clf_cfg = resolve_config(DEMO_CLASSIFIER, flags={"data": {"path": str(data.resolve())},
+                                                     "train": {"epochs": max(1, min(epochs, DEMO_CLASSIFIER_EPOCHS)),
+                                                               "seed": seed, "device": device}})
+    clf_cfg.out = str(out / "runs")
+    clf, finished = start_run(clf_cfg, console=con)
+    if not finished:
+        raise typer.Exit(130)
+    con.rule("6/6 evaluate the classifier on the test split")
+    res = evaluate_classifier(clf.run_dir, data, "test", out / "evaluate", device=device,
+                              log=lambda msg: con.print(msg, highlight=False))
+    m = res["metrics"]
 
     table = Table(title=f"covidxray demo finished in {time.perf_counter() - t0:.0f} s")
     table.add_column("what")
@@ -67,4 +83,7 @@ def demo_cmd(
     table.add_row("run folder", str(run_dir))
     table.add_row("64 samples + grid", str(grid))
     table.add_row(f"training GIF ({frames} frames)", str(gif))
+    table.add_row("classifier run folder", str(clf.run_dir))
+    table.add_row(f"test scores (N = {m['n']}): balanced accuracy {m['balanced_accuracy']:.2f}, macro-F1 "
+                  f"{m['macro_f1']:.2f}", f"{res['out']}/metrics.json, confusion.png")
     con.print(table)
