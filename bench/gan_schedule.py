@@ -13,7 +13,7 @@ Usage (from the repository root; the package need not be installed)::
 Sections (each prints its elapsed time; the summary table comes last):
 
 * **models** (unless ``--skip-models`` or ``--rates-from``) - each GAN's epoch rate at 128 px,
-  measured as in ``bench/gan_throughput.py`` (``bench/_gan_bench.py``: default config,
+  measured as in ``bench/gan_throughput.py`` (``bench/_bench.py``: default config,
   ``--warmup``/``--steps`` step rate, then ``fit()`` for ``--epochs`` more epochs, timed from the end
   of the first step to the end of the last).
 * **schedule** - projected wall time of ``--schedule-images`` images at each model's 128 px epoch
@@ -38,7 +38,7 @@ from typing import Any, Callable
 if str(Path(__file__).resolve().parent) not in sys.path:  # bench/, also when loaded by path (tests)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import _gan_bench as gb  # noqa: E402  (it puts the repository root on sys.path)
+import _bench as gb  # noqa: E402  (it puts the repository root on sys.path)
 import torch  # noqa: E402
 
 SIZE = 128                         # the seed trained at 128 px

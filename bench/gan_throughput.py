@@ -10,7 +10,7 @@ Usage (from the repository root; the package need not be installed)::
 The comparison with pytorch/examples ``dcgan/main.py`` is ``bench/gan_vs_example.py``; the seed's
 1.7 M-image schedule (projected from this script's ``--json``, or really trained) is
 ``bench/gan_schedule.py``. Data options and the measurement itself are shared with them
-(``bench/_gan_bench.py``: data per size, :func:`measure_model`).
+(``bench/_bench.py``: data per size, :func:`measure_model`).
 
 Section **models** (it prints its elapsed time; the summary table comes last) - for each GAN
 (``family == "gan"``) and size, with the model's *default* config (only ``data.path``,
@@ -52,7 +52,7 @@ from typing import Any
 if str(Path(__file__).resolve().parent) not in sys.path:  # bench/, also when loaded by path (tests)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import _gan_bench as gb  # noqa: E402  (it puts the repository root on sys.path)
+import _bench as gb  # noqa: E402  (it puts the repository root on sys.path)
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 

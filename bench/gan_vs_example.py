@@ -14,7 +14,7 @@ prepared *train* images only (masks excluded), ``--peer-niter`` epochs; its per-
 ``[e/n][i/len] Loss_D ...`` are timestamped as they arrive and its rate is measured from the
 first batch line to the last (start-up excluded, epoch ends included). Ours: rawgan at the same
 size and batch on the same images, epoch rate as in ``bench/gan_throughput.py`` (``fit()`` from
-the end of its first step to the end of its last; ``bench/_gan_bench.py``). The example reads the
+the end of its first step to the end of its last; ``bench/_bench.py``). The example reads the
 PNGs as RGB (nc=3): its normal use.
 """
 
@@ -36,7 +36,7 @@ from typing import Any, Callable
 if str(Path(__file__).resolve().parent) not in sys.path:  # bench/, also when loaded by path (tests)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import _gan_bench as gb  # noqa: E402  (it puts the repository root on sys.path)
+import _bench as gb  # noqa: E402  (it puts the repository root on sys.path)
 import torch  # noqa: E402
 
 PEER_LINE = re.compile(r"^\[(\d+)/(\d+)\]\[(\d+)/(\d+)\]\s*Loss_D")
@@ -45,18 +45,6 @@ PEER_LINE = re.compile(r"^\[(\d+)/(\d+)\]\[(\d+)/(\d+)\]\s*Loss_D")
 # --------------------------------------------------------------------------------------------
 # Peer: pytorch/examples dcgan/main.py as a subprocess
 # --------------------------------------------------------------------------------------------
-
-
-def _peer_tree(data: gb.DataInfo, dst: Path) -> int:
-    """ImageFolder tree of symlinks to the train images only (no masks); returns the image count."""
-    from covidxray.data.datasets import read_records
-
-    records, _ = read_records(data.path, "train")
-    for rec in records:
-        d = dst / rec.label
-        d.mkdir(parents=True, exist_ok=True)
-        (d / Path(rec.file).name).symlink_to(Path(data.path, rec.file).resolve())
-    return len(records)
 
 
 def _peer_device_flag(script: Path, device: torch.device) -> list[str]:
@@ -79,7 +67,7 @@ def run_peer(script: Path, data: gb.DataInfo, size: int, batch: int, niter: int,
             raise RuntimeError(f"no data: {data.error}")
         if not script.is_file():
             raise FileNotFoundError(f"peer script {script} not found")
-        n_img = _peer_tree(data, work / "data")
+        n_img = gb.image_folder_tree(data.path, "train", work / "data")
         res["n_images"] = n_img
         cmd = [sys.executable, "-u", str(script), "--dataset", "folder", "--dataroot", str(work / "data"),
                "--imageSize", str(size), "--batchSize", str(batch), "--niter", str(niter),

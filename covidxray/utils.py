@@ -50,6 +50,22 @@ def resolve_device(name: str):
         raise CovidXrayError(f"unknown device '{name}'", "Use auto, cpu, cuda or cuda:N") from None
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 matrix products natively (Intel AMX or AVX512-BF16), where
+    oneDNN's bf16 convolutions are faster than float32 ones (elsewhere they are emulated and slower)."""
+    import torch
+
+    cpu = getattr(torch, "cpu", None)
+    for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
+        check = getattr(cpu, name, None)
+        try:
+            if check is not None and check():
+                return True
+        except Exception:  # pragma: no cover - a private helper that changed
+            continue
+    return False
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` on success.

@@ -62,7 +62,8 @@ class TrainConfig:
     snapshot_every: int = 1             # write the family's snapshot (GANs: samples/epoch_XXXX.png) every N epochs
     checkpoint_every: int = 5           # update checkpoints/last.pt every N epochs (also at the end and on Ctrl-C)
     keep_every: int = 0                 # also keep checkpoints/epoch_XXXX.pt every N epochs; 0 = never
-    amp: str = "auto"                   # mixed precision: auto (bf16 on CUDA, off on CPU) | bf16 | fp16 (CUDA) | off
+    amp: str = "auto"                   # mixed precision: auto (bf16 on CUDA; classifiers also on CPUs with native bf16,
+                                        # AMX / AVX512-BF16; else off) | bf16 | fp16 (CUDA) | off
     channels_last: bool = True          # channels_last memory format (faster convolutions on GPUs and CPUs)
     compile: bool = False               # torch.compile the trained networks (falls back to eager with a warning)
     compile_mode: str = "default"       # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune

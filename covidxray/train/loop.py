@@ -49,7 +49,7 @@ from covidxray.models.registry import DataSpec, get_model
 from covidxray.train.graphs import StepGraphs
 from covidxray.train.optim import load_optimizer
 from covidxray.train.tasks import get_task
-from covidxray.utils import atomic_write_text, resolve_device, seed_everything
+from covidxray.utils import atomic_write_text, cpu_has_native_bf16, resolve_device, seed_everything
 
 
 def new_run_dir(out: str | Path, model: str) -> Path:
@@ -149,9 +149,11 @@ class Trainer:
         self.batches_per_epoch = len(self.data) // self.batch_size
 
         # Mixed precision: bf16 needs no loss scaling; fp16 gets one scaler per optimizer.
-        # `auto` is bf16 on CUDA and full precision on the CPU; bf16 may be asked for on a CPU too.
+        # `auto` is bf16 on CUDA; on the CPU it is bf16 for tasks that ask for it (classifiers) where the
+        # CPU has native bf16 (AMX / AVX512-BF16: 2.5x faster for resnet18 there), else full precision.
+        auto_bf16 = self.device.type == "cuda" or (task_cls.bf16_on_native_cpu and cpu_has_native_bf16())
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}.get(
-            cfg.train.amp, torch.bfloat16 if self.device.type == "cuda" else None)
+            cfg.train.amp, torch.bfloat16 if auto_bf16 else None)
         if self.amp_dtype == torch.float16 and self.device.type != "cuda":
             raise CovidXrayError("train.amp=fp16 needs a CUDA device", "Use --set train.amp=bf16 or off on the CPU")
         # channels_last speeds convolutions up on GPUs and on CPUs alike (oneDNN prefers NHWC too).

@@ -102,7 +102,7 @@ def test_schedule_with_nothing_to_do_is_a_usage_error(scripts):
 
 
 def test_sigterm_still_writes_the_json_and_the_tables(scripts, tmp_path, capsys):
-    gb = sys.modules["_gan_bench"]
+    gb = sys.modules["_bench"]
     out = tmp_path / "r.json"
     args = scripts["gan_schedule"].parse_args(["--rates-from", "x.json", "--json", str(out)])
     seen, before = [], signal.getsignal(signal.SIGTERM)

@@ -34,6 +34,8 @@ class Task:
         evaluates: the task implements :meth:`evaluate` (the loop then loads ``eval.split``).
         supports_graphs: :meth:`device_step` can be captured as a CUDA graph.
         progress_keys: the step scalars the progress bar and log lines show.
+        bf16_on_native_cpu: ``train.amp=auto`` means bf16 on a CPU with native bf16 too (AMX /
+            AVX512-BF16), not only on CUDA.
 
     Attributes (set by subclasses in ``__init__``):
         models: the trained networks by checkpoint name (``{"G", "D"}``, ``{"net"}``).
@@ -45,6 +47,7 @@ class Task:
     evaluates: ClassVar[bool] = False
     supports_graphs: ClassVar[bool] = True
     progress_keys: ClassVar[tuple[str, ...]] = ()
+    bf16_on_native_cpu: ClassVar[bool] = False
 
     def __init__(self, trainer: "Trainer"):
         self.trainer = trainer

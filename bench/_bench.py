@@ -1,4 +1,4 @@
-"""What the GAN benchmarks share: data per size, the environment, building and timing a trainer, the main skeleton.
+"""What the benchmarks share: data per size, the environment, building and timing a trainer, the main skeleton.
 
 Used by ``gan_throughput.py`` (every GAN x size vs a plain DCGAN step), ``gan_vs_example.py`` (rawgan
 vs pytorch/examples ``dcgan/main.py``) and ``gan_schedule.py`` (the seed's 1.7 M-image schedule).
@@ -221,6 +221,19 @@ class DataResolver:
             self.log(f"data {size} px: ERROR {info.error}")
         self.cache[size] = info
         return info
+
+
+def image_folder_tree(prepared: Path, split: str, dst: Path) -> int:
+    """A ``torchvision.datasets.ImageFolder`` tree of symlinks to one split's images (no masks), as the
+    peers and plain loops read them; returns the image count."""
+    from covidxray.data.datasets import read_records
+
+    records, _ = read_records(prepared, split)
+    for rec in records:
+        d = dst / rec.label
+        d.mkdir(parents=True, exist_ok=True)
+        (d / Path(rec.file).name).symlink_to(Path(prepared, rec.file).resolve())
+    return len(records)
 
 
 # --------------------------------------------------------------------------------------------
