@@ -34,12 +34,14 @@ import gc
 import json
 import os
 import platform
+import re
 import shlex
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -221,6 +223,38 @@ class DataResolver:
             self.log(f"data {size} px: ERROR {info.error}")
         self.cache[size] = info
         return info
+
+
+def run_timestamped(cmd: list[str], cwd: Path, timeout: float,
+                    pattern: "re.Pattern[str]") -> tuple[int, list[tuple[float, tuple[int, ...]]], list[str], float, float]:
+    """Run a peer script, timestamping each output line that matches ``pattern`` as it arrives.
+
+    Returns ``(returncode, [(time, integer groups)], other lines, t_start, t_exit)``; the process is
+    killed after ``timeout`` seconds.
+    """
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    t_start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                            env=env, cwd=cwd)
+    timer = threading.Timer(timeout, proc.kill)
+    timer.start()
+    lines: list[tuple[float, tuple[int, ...]]] = []
+    other: list[str] = []
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            t = time.perf_counter()
+            m = pattern.match(line)
+            if m:
+                lines.append((t, tuple(int(g) for g in m.groups())))
+            else:
+                other.append(line.rstrip())
+        rc = proc.wait()
+    finally:
+        timer.cancel()
+        if proc.poll() is None:
+            proc.kill()
+    return rc, lines, other, t_start, time.perf_counter()
 
 
 def image_folder_tree(prepared: Path, split: str, dst: Path) -> int:

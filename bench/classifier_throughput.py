@@ -42,22 +42,23 @@ import os
 import re
 import shlex
 import shutil
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 import traceback
 from pathlib import Path
 from typing import Any, Callable
 
-import _bench as gb  # noqa: E402  (also puts the repository on sys.path)
+if str(Path(__file__).resolve().parent) not in sys.path:  # bench/, also when loaded by path (tests)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _bench as gb  # noqa: E402  (it puts the repository root on sys.path)
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 HUGE = gb.HUGE
-PEER_LINE = re.compile(r"^Epoch: \[(\d+)\]\[\s*(\d+)/(\d+)\]")
+PEER_LINE = re.compile(r"^Epoch: \[(\d+)\]\[\s*(\d+)/\s*(\d+)\]")
 
 
 def _case(text: str) -> tuple[str, int]:
@@ -186,26 +187,8 @@ def measure_peer(script: Path, data: gb.DataInfo, args, device: torch.device, tm
         cmd += ["--gpu", "0"] if device.type == "cuda" else ["--no-accel"]
         row["command"] = shlex.join(cmd)
         log(f"peer: {row['command']}")
-        t_start = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                                env=dict(os.environ, PYTHONUNBUFFERED="1"), cwd=work)
-        timer = threading.Timer(args.peer_timeout, proc.kill)
-        timer.start()
-        lines: list[tuple[float, int, int]] = []  # (t, i, n) of epoch 0's training batches
-        other: list[str] = []
-        try:
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                m = PEER_LINE.match(line)
-                if m and int(m.group(1)) == 0:
-                    lines.append((time.perf_counter(), int(m.group(2)), int(m.group(3))))
-                else:
-                    other.append(line.rstrip())
-            rc = proc.wait()
-        finally:
-            timer.cancel()
-            if proc.poll() is None:
-                proc.kill()
+        rc, found, other, t_start, _ = gb.run_timestamped(cmd, work, args.peer_timeout, PEER_LINE)
+        lines = [(t, i, n) for t, (epoch, i, n) in found if epoch == 0]  # epoch 0's training batches
         if rc != 0 or len(lines) < 2:
             raise RuntimeError(f"peer exited with {rc} after {len(lines)} batch lines: {' | '.join(other[-3:])[-300:]}")
         n_batches = lines[0][2]

@@ -20,15 +20,11 @@ PNGs as RGB (nc=3): its normal use.
 
 from __future__ import annotations
 
-import os
 import re
 import shlex
 import shutil
-import subprocess
 import sys
 import tempfile
-import threading
-import time
 import traceback
 from pathlib import Path
 from typing import Any, Callable
@@ -75,29 +71,8 @@ def run_peer(script: Path, data: gb.DataInfo, size: int, batch: int, niter: int,
                *_peer_device_flag(script, device)]
         res["command"] = shlex.join(cmd)
         log(f"peer: {res['command']}")
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        t_start = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                                env=env, cwd=work)
-        timer = threading.Timer(timeout, proc.kill)
-        timer.start()
-        lines: list[tuple[float, int, int, int, int]] = []   # (t, epoch, niter, i, len)
-        other: list[str] = []
-        try:
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                t = time.perf_counter()
-                m = PEER_LINE.match(line)
-                if m:
-                    lines.append((t, *map(int, m.groups())))
-                else:
-                    other.append(line.rstrip())
-            rc = proc.wait()
-        finally:
-            timer.cancel()
-            if proc.poll() is None:
-                proc.kill()
-        t_exit = time.perf_counter()
+        rc, found, other, t_start, t_exit = gb.run_timestamped(cmd, work, timeout, PEER_LINE)
+        lines = [(t, *groups) for t, groups in found]   # (t, epoch, niter, i, len)
         res.update(returncode=rc, total_s=t_exit - t_start)
         if rc != 0 or len(lines) < 2:
             tail = " | ".join(other[-3:])

@@ -15,6 +15,19 @@ from covidxray.utils import atomic_path
 SNAPSHOT_RE = re.compile(r"^epoch_(\d+)\.png$")
 
 
+def _family_of_run(run_dir: Path) -> str | None:
+    """The model family of a run folder, from its config.yaml (None when it cannot be told)."""
+    try:
+        import yaml
+
+        from covidxray.models.registry import get_model
+
+        model = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))["model"]
+        return get_model(model["name"] if isinstance(model, dict) else model).family
+    except Exception:  # no or unreadable config, unknown model: say nothing about the family
+        return None
+
+
 def list_snapshots(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     """``(epoch, path)`` of ``samples/epoch_XXXX.png`` in epoch order."""
     run_dir = Path(run_dir)
@@ -28,6 +41,10 @@ def list_snapshots(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
             if m:
                 found.append((int(m.group(1)), p))
     if not found:
+        family = _family_of_run(run_dir)
+        if family not in (None, "gan"):
+            raise CovidXrayError(f"run folder {run_dir} is a {family} run: it has no sample grids to animate",
+                                 "`covidxray gif` animates the snapshots of GAN runs")
         raise CovidXrayError(
             f"run folder {run_dir} has no snapshots (samples/epoch_XXXX.png)",
             "Train it first (`covidxray train`); snapshots are saved every train.snapshot_every epochs",
