@@ -89,6 +89,8 @@ def evaluate_classifier(checkpoint: str | Path, data: str | Path, split: str = "
         The report written to ``metrics.json`` (plus ``out``: the folder written).
     """
     log = log or (lambda msg: None)
+    if split not in ("train", "val", "test"):
+        raise CovidXrayError(f"--split must be train, val or test; got '{split}'")
     ckpt = load_checkpoint(checkpoint, prefer_best=True)
     if ckpt["family"] != "classifier":
         raise CovidXrayError(
@@ -97,8 +99,6 @@ def evaluate_classifier(checkpoint: str | Path, data: str | Path, split: str = "
             "Evaluate a classifier run for now")
     loaded = load_classifier(checkpoint, ckpt)
     classes = loaded.classes
-    if split not in ("train", "val", "test"):
-        raise CovidXrayError(f"--split must be train, val or test; got '{split}'")
     data = Path(data)
     info = read_prepared_info(data)
     missing = [c for c in classes if c not in info.get("classes", [])]

@@ -222,9 +222,11 @@ def build_smallcnn(cfg, data: DataSpec) -> dict[str, nn.Module]:
 
     No torchvision counterpart, so ``model.pretrained`` does not apply. Any side >= 16 px.
     """
-    backbone = SmallCNNBackbone(16)
-    p = cfg.model.mc_dropout if cfg.model.mc_dropout > 0 else cfg.model.dropout
-    return {"net": Classifier(backbone, backbone.n_features, data.n_classes, p, cfg.model.mc_dropout > 0)}
+    def backbone() -> tuple[nn.Module, int]:
+        net = SmallCNNBackbone(16)
+        return net, net.n_features
+
+    return _classifier(cfg, data, backbone, "", "", ())
 
 
 # --------------------------------------------------------------------------------------------

@@ -174,17 +174,17 @@ class Trainer:
                                      "Use --set train.cuda_graphs=auto (graphs where they work) or no")
         self.use_graphs = (cfg.train.cuda_graphs != "no" and self.device.type == "cuda" and not fp16
                            and not cfg.train.compile)
+        unsupported = task_cls.graphs_unsupported(cfg) if self.use_graphs else ""
+        if unsupported:
+            if cfg.train.cuda_graphs == "yes":
+                raise CovidXrayError(f"train.cuda_graphs=yes: {unsupported}", "Use --set train.cuda_graphs=auto or no")
+            self.log(f"note: CUDA graphs off: {unsupported}")
+            self.use_graphs = False
 
         classes = tuple(self.data.classes)
         self.data_spec = DataSpec(len(classes), int(self.data.images.shape[-1]), 1, classes)
         self.resuming = checkpoint is not None
         self.task = task_cls(self)
-        if not self.task.supports_graphs and self.use_graphs:
-            self.use_graphs = False
-            if cfg.train.cuda_graphs == "yes":
-                raise CovidXrayError(f"train.cuda_graphs=yes: {self.task.graphs_unsupported_reason()}",
-                                     "Use --set train.cuda_graphs=auto or no")
-            self.log(f"note: CUDA graphs off: {self.task.graphs_unsupported_reason()}")
         self._compiled_ok = False
         if cfg.train.compile:
             try:
@@ -223,24 +223,19 @@ class Trainer:
             except CovidXrayError as exc:
                 raise CovidXrayError(f"{exc.message}; it is needed to evaluate during training (eval.every="
                                      f"{cfg.eval.every})", "Prepare with --val > 0, or --set eval.every=0") from None
-            if eval_data.classes != data.classes:  # pragma: no cover - read_records keeps them equal
-                raise CovidXrayError(f"the {cfg.eval.split} split has classes {eval_data.classes}, "
-                                     f"the training split {data.classes}")
         prepared = int(data.images.shape[-1])
         size = cfg.data.image_size or prepared
         on_gpu = self.device.type == "cuda" and cfg.data.on_device in ("auto", "yes")
-        if on_gpu:  # uint8 on the GPU: an epoch needs no host work
-            data = data.to(self.device)
-            eval_data = eval_data.to(self.device) if eval_data is not None else None
         if size != prepared:
             self.log(f"data prepared at {prepared} px are resized to {size} px on the "
                      f"{'GPU' if on_gpu else 'CPU'} (bilinear, antialiased), once")
-            data = TensorData(resize_u8(data.images, size), data.labels, data.classes, data.ids)
-            if eval_data is not None:
-                eval_data = TensorData(resize_u8(eval_data.images, size), eval_data.labels, eval_data.classes,
-                                       eval_data.ids)
+
+        def place(d: TensorData) -> TensorData:
+            d = d.to(self.device) if on_gpu else d  # uint8 on the GPU: an epoch needs no host work
+            return d if size == prepared else TensorData(resize_u8(d.images, size), d.labels, d.classes, d.ids)
+
         cfg.data.image_size = size  # "0 = the prepared size", resolved for config.yaml and the checkpoint
-        return data, eval_data
+        return place(data), (place(eval_data) if eval_data is not None else None)
 
     # ------------------------------------------------------------ public state
     @property

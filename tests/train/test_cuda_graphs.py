@@ -25,7 +25,13 @@ def test_graphs_are_off_on_the_cpu_and_yes_says_why(tiny_cfg, tmp_path):
 
 
 def test_classifier_graphs_off_on_the_cpu_and_sgd_says_why(clf_cfg, tmp_path):
+    from covidxray.train.tasks import ClassifierTask, GANTask
+
     assert Trainer(clf_cfg(epochs=1), tmp_path / "auto").graphs is None
+    # asked before the task is built: an SGD update keeps its lr on the host and cannot be captured
+    assert "optim.name=sgd keeps its learning rate on the host" in ClassifierTask.graphs_unsupported(
+        clf_cfg(extra=["optim.name=sgd"]))
+    assert ClassifierTask.graphs_unsupported(clf_cfg()) == "" and GANTask.graphs_unsupported(clf_cfg()) == ""
     with pytest.raises(CovidXrayError, match="cuda_graphs=yes cannot be used here: it needs a CUDA device"):
         start_run(clf_cfg(epochs=1, extra=["train.cuda_graphs=yes", "optim.name=sgd"]))
 

@@ -32,7 +32,6 @@ class Task:
         resizes_data: the data may be resized to ``data.image_size`` on the device (classifiers);
             otherwise the prepared size must be the asked one (GANs).
         evaluates: the task implements :meth:`evaluate` (the loop then loads ``eval.split``).
-        supports_graphs: :meth:`device_step` can be captured as a CUDA graph.
         progress_keys: the step scalars the progress bar and log lines show.
         bf16_on_native_cpu: ``train.amp=auto`` means bf16 on a CPU with native bf16 too (AMX /
             AVX512-BF16), not only on CUDA.
@@ -45,7 +44,6 @@ class Task:
     family: ClassVar[str] = ""
     resizes_data: ClassVar[bool] = False
     evaluates: ClassVar[bool] = False
-    supports_graphs: ClassVar[bool] = True
     progress_keys: ClassVar[tuple[str, ...]] = ()
     bf16_on_native_cpu: ClassVar[bool] = False
 
@@ -77,8 +75,11 @@ class Task:
         """CUDA generators the device step draws from (registered with every CUDA graph)."""
         return [g for g, _ in self.generators().values() if g.device.type == "cuda"]
 
-    def graphs_unsupported_reason(self) -> str:
-        return f"the {self.family} task's step cannot be captured"
+    @classmethod
+    def graphs_unsupported(cls, cfg) -> str:
+        """Why this configuration's step cannot be captured as a CUDA graph ("" when it can); asked before
+        the task is built, so that its optimizers are made for the right mode."""
+        return ""
 
     # ------------------------------------------------------------ autocast and compile
     def autocast(self):
