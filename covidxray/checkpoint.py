@@ -12,7 +12,8 @@ Format (``format_version`` 2)::
      "epoch_meter": dict, "interval_meter": dict, ...the task's extra entries}
 
 The task's names: GANs ``models`` G, D, G_ema, ``rng`` noise, aug, coin, plus ``augment``,
-``fixed_z``, ``fixed_y``; classifiers ``models`` net, ``rng`` aug, plus ``class_weights``.
+``fixed_z``, ``fixed_y``; classifiers ``models`` net, ``rng`` aug (and ``synthetic`` with
+``data.synthetic``), plus ``class_weights`` (and ``synthetic``: the generator's file, step, weights).
 
 Format 1 (covidxray 0.1.0, GANs only) is the same without ``family`` (read as ``gan``), the
 evaluation counters and ``image_size``, and with ``config["model"]`` the model's name and

@@ -17,6 +17,19 @@ TINY_SETS = ["arch.g_channels=8", "arch.d_channels=8", "train.batch_size=16", "t
 SMALL_ARCH = ["arch.g_channels=8", "arch.d_channels=8"]
 
 
+def train_tiny_gan(model: str, data, out, extra=()) -> Path:
+    """Train a tiny GAN (TINY_SETS) for one epoch on a prepared 64 px folder; returns its run folder."""
+    from covidxray.config import resolve_config
+    from covidxray.train.loop import start_run
+
+    cfg = resolve_config(model, flags={"data": {"path": str(data), "image_size": 64},
+                                       "train": {"epochs": 1, "device": "cpu"}}, sets=TINY_SETS + list(extra))
+    cfg.out = str(out)
+    trainer, finished = start_run(cfg)
+    assert finished
+    return trainer.run_dir
+
+
 def build_small(name: str, size: int = 64, *sets: str, n_classes: int = 3):
     """Resolve a small config of a registered GAN and build its networks (seeded) for data of
     ``n_classes`` classes at ``size`` px."""

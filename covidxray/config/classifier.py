@@ -1,5 +1,14 @@
 """The ``classifier`` family's configuration: the generic sections (classifier keys in ``model``,
-``train``, ``optim`` and ``eval``) plus ``loss`` and ``aug``. Details: ``docs/classifiers.md``."""
+``data``, ``train``, ``optim`` and ``eval``) plus ``loss`` and ``aug``. Details: ``docs/classifiers.md``.
+
+``data.synthetic`` / ``data.synthetic_ratio`` add images generated on the device, at every step, by a
+trained class-conditional GAN (the downstream-classification experiments: real only, real + synthetic,
+synthetic only). With a ratio ``r`` in (0, 1) each step keeps its ``train.batch_size`` B real images and
+adds ``round(B * r / (1 - r))`` generated ones, so runs with and without synthetic data take the same
+steps over the same real images and a fraction ``r`` of each batch is generated; ``r = 1`` trains on
+generated images only (TSTR, "GAN-train": B generated images a step, no real ones), an epoch still
+having the real data's number of steps. See :mod:`covidxray.train.tasks.classifier`.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +18,7 @@ from typing import ClassVar
 from covidxray.config.core import (
     GENERIC_CHOICES,
     Config,
+    DataConfig,
     EvalConfig,
     Family,
     ModelConfig,
@@ -30,6 +40,18 @@ class ClassifierModelConfig(ModelConfig):
     dropout: float = 0.0                # dropout before the classification head, in training only
     mc_dropout: float = 0.0             # > 0: Monte-Carlo dropout (Gal & Ghahramani 2016): dropout p before the head,
                                         # kept on at evaluation (eval.mc_samples passes); replaces model.dropout
+
+
+@dataclass
+class ClassifierDataConfig(DataConfig):
+    """The generic data keys plus synthetic images from a trained conditional GAN (module docstring): with
+    ``synthetic_ratio`` r < 1 a step is B real + round(B r / (1 - r)) generated images; r = 1: B generated."""
+
+    synthetic: str = ""                 # GAN checkpoint file or run folder (class-conditional, same classes) whose G
+                                        # adds images generated on the device to every training batch; "" = off
+    synthetic_ratio: float = 0.5        # fraction r of each training batch that is generated, 0 < r <= 1: r < 1 keeps
+                                        # the train.batch_size B real images and adds round(B*r/(1-r)) generated ones;
+                                        # r = 1: B generated images a step, no real ones (TSTR), same epoch length
 
 
 @dataclass
@@ -81,6 +103,7 @@ class ClassifierConfig(Config):
     """Configuration of a classifier run (``family == "classifier"``)."""
 
     model: ClassifierModelConfig = field(default_factory=ClassifierModelConfig)
+    data: ClassifierDataConfig = field(default_factory=ClassifierDataConfig)
     train: ClassifierTrainConfig = field(default_factory=ClassifierTrainConfig)
     optim: ClassifierOptimConfig = field(default_factory=ClassifierOptimConfig)
     eval: ClassifierEvalConfig = field(default_factory=ClassifierEvalConfig)
@@ -117,6 +140,11 @@ def check_classifier(cfg: ClassifierConfig) -> None:
     if size and not MIN_SIZE <= size <= MAX_SIZE:
         raise CovidXrayError(f"config key 'data.image_size' must be {MIN_SIZE}-{MAX_SIZE} (or 0: the prepared size) "
                              f"for a classifier; got {size}")
+    r = cfg.data.synthetic_ratio
+    if not 0.0 < r <= 1.0:
+        raise CovidXrayError(f"config key 'data.synthetic_ratio' must be in (0, 1] (the generated fraction of each "
+                             f"batch; 1 = generated images only); got {r:g}",
+                             "Use e.g. 0.5 (as many generated as real images), or leave data.synthetic empty")
     _in_range("model.dropout", cfg.model.dropout, 0.0, 1.0)
     _in_range("model.mc_dropout", cfg.model.mc_dropout, 0.0, 1.0)
     if cfg.optim.lr <= 0:

@@ -13,26 +13,69 @@ one-vs-rest ROC-AUC; with ``model.mc_dropout`` the prediction is the mean over `
 dropout passes. The loop keeps ``best.pt`` by ``eval.metric`` (default: loss) and stops early after
 ``eval.patience`` validations without improvement, as the seed project did.
 
-Checkpoint entries it adds: ``models`` ``net``; ``optimizers``/``scalers`` ``net``; ``rng`` ``aug``;
-``class_weights``.
+Synthetic images (``data.synthetic``, ``data.synthetic_ratio`` r; the downstream-classification
+experiments: real only, real + synthetic, synthetic only = TSTR / "GAN-train"): the generator of a
+trained class-conditional GAN (a checkpoint file or run folder; ``G_ema`` when it has one) is loaded
+once, put on the device in eval mode without gradients, and is neither trained nor saved with the
+classifier. Every step it generates images on the device, never on disk: labels drawn from the real
+training split's class frequencies (inverse CDF, :func:`sample_labels`), latents from a normal
+distribution, both from a generator of their own (``rng`` ``synthetic``, seeded ``train.seed + 5``,
+saved and restored, so a resumed run stays bit-exact); G runs in full precision (as ``covidxray
+sample``), its output is rounded to uint8 and resized to the classifier's side on the device (as
+:func:`~covidxray.data.datasets.resize_u8`) when the sides differ. With 0 < r < 1 the step's B real
+images are kept and ``round(B * r / (1 - r))`` generated ones are appended (a fraction r of the
+batch; runs with and without synthetic data take the same steps over the same real images); with
+r = 1 the B images of a step are all generated (the real batch is left unused; an epoch keeps the
+real data's number of steps, and ``kimg`` in the logs counts real images). Augmentation, loss and the
+logged accuracy then cover the whole batch. The generator must be class-conditional and know the
+training data's classes, in the same order; otherwise the run is refused. Such runs do not use
+CUDA graphs (the generation inside a captured step is untested on a GPU): they train eagerly.
+
+Checkpoint entries it adds: ``models`` ``net``; ``optimizers``/``scalers`` ``net``; ``rng`` ``aug``
+(and ``synthetic``); ``class_weights``; with ``data.synthetic``, ``synthetic`` (the generator's
+checkpoint file, its step and the weights used: a resume whose generator changed says so).
 """
 
 from __future__ import annotations
 
+import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from covidxray.config.classifier import parse_class_weights
-from covidxray.data.datasets import to_float
+from covidxray.data.datasets import resize_u8, to_float, to_uint8
 from covidxray.errors import CovidXrayError
+from covidxray.generate import load_generator
 from covidxray.metrics import classification as M
 from covidxray.models.classifiers import load_pretrained
+from covidxray.models.registry import list_models
 from covidxray.predict import predict_probs
 from covidxray.train.augment import augment_batch
 from covidxray.train.optim import schedule_factor
 from covidxray.train.tasks.base import Task
+
+
+def class_cdf(counts: torch.Tensor) -> torch.Tensor:
+    """Cumulative class frequencies (float, last value exactly 1) of per-class image counts."""
+    cdf = counts.double().cumsum(0) / counts.sum()
+    cdf[-1] = 1.0
+    return cdf.float()
+
+
+def sample_labels(cdf: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
+    """``n`` class indices (int64, on ``cdf``'s device) drawn with the frequencies that ``cdf``
+    (:func:`class_cdf`) describes, by the inverse CDF; no host sync."""
+    u = torch.rand(n, generator=generator, device=cdf.device)
+    return torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.numel() - 1)
+
+
+def synthetic_count(batch_size: int, ratio: float) -> int:
+    """Generated images per step for ``data.synthetic_ratio``: ``round(B * r / (1 - r))`` beside the B
+    real ones for r < 1, B (and no real ones) for r = 1."""
+    return batch_size if ratio >= 1 else int(round(batch_size * ratio / (1.0 - ratio)))
 
 
 class ClassifierTask(Task):
@@ -101,11 +144,65 @@ class ClassifierTask(Task):
         self.aug_kw = dict(rotate=a.rotate, scale=a.scale, translate=a.translate, brightness=a.brightness,
                            contrast=a.contrast, hflip=a.hflip)
 
+        # Synthetic images from a trained conditional GAN (module docstring); None: real images only.
+        self.G: torch.nn.Module | None = None
+        self.n_synthetic = 0
+        self.synthetic_only = False
+        if cfg.data.synthetic:
+            self._init_synthetic(counts)
+
+    def _init_synthetic(self, counts: torch.Tensor) -> None:
+        cfg, t, dev = self.cfg, self.trainer, self.device
+        # An absolute path, as data.path: config.yaml and the checkpoint then find it from anywhere.
+        cfg.data.synthetic = str(Path(cfg.data.synthetic).expanduser().resolve())
+        try:
+            loaded = load_generator(cfg.data.synthetic)
+        except CovidXrayError as exc:  # no checkpoint there, not a GAN, ...: its own message, the key named
+            raise CovidXrayError(f"data.synthetic: {exc.message}", exc.hint) from None
+        ckpt = loaded.checkpoint
+        path, model = str(ckpt["path"]), loaded.cfg.model.name
+        if not loaded.conditional:
+            conditional = ", ".join(m.name for m in list_models("gan") if m.conditional)
+            raise CovidXrayError(f"data.synthetic: unconditional generators cannot add labelled images; {path} holds "
+                                 f"'{model}', which is not class-conditional",
+                                 f"Train a class-conditional GAN ({conditional}) on the classifier's classes and "
+                                 f"pass its run")
+        classes = list(t.data.classes)
+        if loaded.classes != classes:
+            raise CovidXrayError(f"data.synthetic: the generator in {path} was trained on the classes "
+                                 f"{', '.join(loaded.classes)} but the classifier's training data have "
+                                 f"{', '.join(classes)}",
+                                 "Train the classifier on the generator's classes (data.classes), or pass a "
+                                 "conditional GAN trained on these")
+        r = cfg.data.synthetic_ratio
+        n = synthetic_count(t.batch_size, r)
+        if n < 1:
+            raise CovidXrayError(f"data.synthetic_ratio={r:g} with {t.batch_size} real images a step adds "
+                                 f"round({t.batch_size} * {r:g} / {1 - r:g}) = 0 generated images",
+                                 "Raise data.synthetic_ratio or train.batch_size")
+        self.G = loaded.G.to(dev, memory_format=t.memory_format).eval().requires_grad_(False)
+        self.n_synthetic, self.synthetic_only = n, r >= 1
+        self.latent_dim = int(loaded.cfg.arch.latent_dim)
+        self.synthetic_size = t.data_spec.image_size
+        self.synthetic_cdf = class_cdf(counts).to(dev)  # the real training split's class frequencies
+        self.synthetic_gen = torch.Generator(device=dev).manual_seed(cfg.train.seed + 5)
+        self.synthetic_source = {"path": path, "model": model, "weights": loaded.weights,
+                                 "step": int(ckpt.get("step", 0)), "epoch": int(ckpt.get("epoch", 0))}
+        g_size = int(ckpt.get("image_size") or loaded.cfg.data.image_size)
+        resized = f", resized {g_size} -> {self.synthetic_size} px" if g_size != self.synthetic_size else ""
+        mix = "no real images" if self.synthetic_only else f"beside {t.batch_size} real ones"
+        t.log(f"synthetic: {n} generated images per step (ratio {r:g}) from {path} ({model}, {loaded.weights}); "
+              f"{mix}{resized}; the generator was trained {self.synthetic_source['step']} steps "
+              f"({self.synthetic_source['epoch']} epochs)")
+
     @classmethod
     def graphs_unsupported(cls, cfg) -> str:
         # SGD keeps its learning rate as a host float, which a captured update would freeze.
         if cfg.optim.name == "sgd":
             return "optim.name=sgd keeps its learning rate on the host, so its update cannot be captured (use adamw)"
+        if cfg.data.synthetic:
+            return ("data.synthetic: generating the synthetic images inside a captured step is untested on a GPU, "
+                    "so such runs train eagerly")
         return ""
 
     # ------------------------------------------------------------ compile
@@ -119,10 +216,28 @@ class ClassifierTask(Task):
 
     # ------------------------------------------------------------ state
     def generators(self) -> dict[str, tuple[torch.Generator, int]]:
-        return {"aug": (self.aug_gen, 3)}
+        gens = {"aug": (self.aug_gen, 3)}
+        if self.G is not None:
+            gens["synthetic"] = (self.synthetic_gen, 5)
+        return gens
 
     def extra_state(self) -> dict[str, Any]:
-        return {"class_weights": None if self.class_weights is None else self.class_weights.cpu()}
+        state: dict[str, Any] = {"class_weights": None if self.class_weights is None else self.class_weights.cpu()}
+        if self.G is not None:
+            state["synthetic"] = dict(self.synthetic_source)
+        return state
+
+    def load_extra_state(self, ckpt: dict[str, Any]) -> None:
+        if self.G is None:
+            return
+        then, now = ckpt.get("synthetic") or {}, self.synthetic_source
+        keys = ("path", "step", "weights")
+        if any(then.get(k) != now[k] for k in keys):
+            was = ", ".join(f"{k} {then.get(k, '?')}" for k in keys)
+            msg = (f"the generator of data.synthetic changed since {ckpt['path']} was written ({was} then; "
+                   f"{', '.join(f'{k} {now[k]}' for k in keys)} now): the resumed run is not bit-exact")
+            warnings.warn(msg, stacklevel=2)
+            self.trainer.log(f"note: {msg}")
 
     def divergence_hint(self) -> str:
         amp = "--set train.amp=off (full precision), " if self.trainer.amp_dtype is not None else ""
@@ -146,8 +261,26 @@ class ClassifierTask(Task):
                 group["lr"] = lr
         return ()
 
+    @torch.no_grad()
+    def synthetic_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's generated images (uint8, at the classifier's side) and their labels, on the device."""
+        n, dev = self.n_synthetic, self.device
+        y = sample_labels(self.synthetic_cdf, n, self.synthetic_gen)
+        z = torch.randn(n, self.latent_dim, generator=self.synthetic_gen, device=dev)
+        images = to_uint8(self.G(z, y))
+        if images.shape[-1] != self.synthetic_size:
+            images = resize_u8(images, self.synthetic_size)
+        return images, y
+
     def device_step(self, images_u8: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """The device work of one step (no host syncs, so that it can be captured as a CUDA graph)."""
+        if self.G is not None:
+            fake, fake_labels = self.synthetic_batch()
+            if self.synthetic_only:
+                images_u8, labels = fake, fake_labels
+            else:
+                images_u8 = torch.cat([images_u8, fake.contiguous()])
+                labels = torch.cat([labels, fake_labels])
         x = augment_batch(to_float(images_u8), self.aug_gen, **self.aug_kw)
         x = x.contiguous(memory_format=self.trainer.memory_format)
         with self.autocast():
