@@ -18,8 +18,11 @@ EXIT_INTERRUPTED = 130
 
 def fail(message: str) -> "typer.Exit":
     """Print ``error: message`` on stderr (one line) and return an Exit(2) to raise."""
+    from rich.markup import escape
+
     err = make_console(stderr=True)
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    # escaped: a message may hold brackets that rich would take for markup (pip install 'covidxray[fid]')
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     return typer.Exit(EXIT_USER_ERROR)
 
 

@@ -1,9 +1,11 @@
-"""``covidxray evaluate``: score a trained model on a split of a prepared folder (classifiers for now)."""
+"""``covidxray evaluate``: score a classifier, a generator (a run, a checkpoint or ``--fake`` PNGs), or
+``--compare`` earlier outputs in one table."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
@@ -13,32 +15,155 @@ from covidxray.errors import CovidXrayError
 
 @user_errors
 def evaluate_cmd(
-    checkpoint: Path = typer.Argument(..., help="Run folder (uses checkpoints/best.pt, else last.pt) or a .pt file.",
-                                      metavar="RUN_OR_CHECKPOINT"),
-    data: Optional[Path] = typer.Option(None, "--data", help="Prepared folder to evaluate on (output of `covidxray prepare`)."),
-    split: str = typer.Option("test", "--split", help="Split to score: test, val or train."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: RUN/eval-SPLIT-CHECKPOINT)."),
+    targets: Optional[List[Path]] = typer.Argument(None, metavar="RUN_OR_CHECKPOINT",
+                                                   help="Run folder (best.pt, else last.pt) or .pt file; with "
+                                                        "--compare: the evaluate output folders."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Prepared folder with the real images (`covidxray prepare`)."),
+    split: str = typer.Option("test", "--split", help="Split to score on / reference split: test, val or train."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default: RUN/eval-...); with "
+                                       "--compare: the markdown file (default: print only)."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
-    batch_size: int = typer.Option(256, "--batch-size", help="Images per forward pass."),
-    mc_samples: Optional[int] = typer.Option(None, "--mc-samples", help="Monte-Carlo dropout passes per image "
-                                             "(default: the run's eval.mc_samples; models with model.mc_dropout)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per forward pass "
+                                             "(default: 256 for classifiers, 64 for Inception features)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the generated draws (draw r uses seed + r) and subsets."),
+    mc_samples: Optional[int] = typer.Option(None, "--mc-samples", help="Classifiers: Monte-Carlo dropout passes "
+                                             "per image (default: the run's eval.mc_samples)."),
+    n: Optional[int] = typer.Option(None, "-n", "--num", help="Generators: images per draw (default: as many as "
+                                    "the real training images, the floor's N)."),
+    repeats: int = typer.Option(5, "--repeats", help="Generators: draws of N images (mean ± std)."),
+    metrics: str = typer.Option("fid,kid,pr,dc,memorization,diversity", "--metrics",
+                                help="Generators: comma-separated subset of fid,kid,pr,dc,memorization,diversity."),
+    class_: Optional[str] = typer.Option(None, "--class", help="Conditional generators: one class, or all."),
+    inception_weights: Optional[Path] = typer.Option(None, "--inception-weights", help="The FID Inception TorchScript "
+                                                     "(default: $COVIDXRAY_INCEPTION_WEIGHTS, else covidxray[fid])."),
+    cxr_features: Optional[Path] = typer.Option(None, "--cxr-features", help="A classifier run trained on real "
+                                                "X-rays: also report fd_cxr/kd_cxr in its feature space."),
+    fake: Optional[Path] = typer.Option(None, "--fake", help="Score a folder of generated PNGs (per-class "
+                                        "sub-folders allowed) instead of a checkpoint."),
+    skip_unreadable: bool = typer.Option(False, "--skip-unreadable", help="--fake: evaluate the readable images "
+                                         "and list the unreadable ones (default: refuse)."),
+    downstream: bool = typer.Option(False, "--downstream", help="Also train classifiers on real / real + synthetic "
+                                    "/ synthetic images and test them on real ones."),
+    classifier: str = typer.Option("resnet18", "--classifier", help="--downstream: the classifier model."),
+    seeds: int = typer.Option(3, "--seeds", help="--downstream: seeds per arm."),
+    synthetic_ratio: float = typer.Option(0.5, "--synthetic-ratio", help="--downstream: fraction of each batch "
+                                          "that is generated in arm (b)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="--downstream: classifier epochs (default: its config)."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="--downstream: classifier override key=value, repeatable."),
+    compare: bool = typer.Option(False, "--compare", help="Build one markdown table from the given evaluate output "
+                                 "folders (-o FILE to write it)."),
 ) -> None:
-    """Score a classifier: accuracy, balanced accuracy, per-class precision/recall/F1, macro-F1, ROC-AUC, confusion.
+    """Score a model on real X-rays.
 
-    Writes OUT/metrics.json, OUT/predictions.csv and OUT/confusion.png. Generator metrics (FID, KID, ...) are
-    not available yet.
+    Classifiers: accuracy, balanced accuracy, per-class precision/recall/F1, ROC-AUC, confusion matrix.
+    Generators (GAN runs, checkpoints, --fake folders): FID, KID, precision/recall, density/coverage, each
+    beside the real-vs-real floor at the same N; diversity; a memorisation check; with --downstream, the gain
+    of a classifier trained with synthetic images. Writes OUT/metrics.json and a report.
     """
+    targets = list(targets or [])
+    con = console()
+    log = lambda msg: con.print(msg, highlight=False, soft_wrap=True, markup=False)  # noqa: E731
+    if compare:
+        from covidxray.evaluate.report import write_compare
+
+        if not targets:
+            raise CovidXrayError("--compare needs the output folders of earlier `covidxray evaluate` runs",
+                                 "e.g. covidxray evaluate --compare runs/a/eval-gen-test-last runs/b/eval-gen-test-last -o results.md")
+        text = write_compare(targets, out)
+        con.print(text, highlight=False, markup=False, soft_wrap=True)
+        if out is not None:
+            log(f"wrote {out}")
+        return
+    if data is None:
+        raise CovidXrayError("--data is required", "Pass the prepared folder with the real images, e.g. --data data/cxr128")
+    if len(targets) > 1:
+        raise CovidXrayError(f"one RUN_OR_CHECKPOINT at a time, got {len(targets)}",
+                             "To tabulate several evaluations use --compare DIR_A DIR_B ...")
+    if batch_size is not None and batch_size < 1:
+        raise CovidXrayError(f"--batch-size must be at least 1, got {batch_size}")
+    target = targets[0] if targets else None
+    if fake is None and target is None:
+        raise CovidXrayError("nothing to evaluate", "Pass a run folder or checkpoint, or --fake FOLDER")
+    if fake is None:
+        from covidxray.checkpoint import load_checkpoint
+
+        family = load_checkpoint(target, prefer_best=True).get("family", "gan")
+        if family == "classifier":
+            return _classifier(con, target, data, split, out, device, batch_size or 256, mc_samples)
+    _generator(con, log, target, fake, data, split, n, repeats, metrics, class_, inception_weights, cxr_features,
+               out, device, batch_size or 64, seed, skip_unreadable,
+               dict(classifier=classifier, seeds=seeds, synthetic_ratio=synthetic_ratio, epochs=epochs,
+                    sets=list(set_ or [])) if downstream else None)
+
+
+def _generator(con, log, target, fake, data, split, n, repeats, metrics, class_, inception_weights, cxr_features,
+               out, device, batch_size, seed, skip_unreadable, downstream) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.table import Table
+
+    from covidxray.evaluate.generator import evaluate_generator, parse_metrics
+    from covidxray.evaluate.report import fmt
+
+    @contextlib.contextmanager
+    def progress(what: str, total: int):
+        with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TimeRemainingColumn(), console=con, transient=True) as p:
+            task = p.add_task(f"{what} of the generated images", total=total)
+            yield lambda k: p.advance(task, k)
+
+    if downstream is not None:
+        downstream["console"] = con
+    res = evaluate_generator(target, data, fake=fake, split=split, n=n, repeats=repeats,
+                             metrics=parse_metrics(metrics), class_name=class_,
+                             inception_weights=str(inception_weights) if inception_weights else None,
+                             cxr_features=str(cxr_features) if cxr_features else None, out=out, device=device,
+                             batch_size=batch_size, seed=seed, skip_unreadable=skip_unreadable,
+                             downstream=downstream, log=log, progress=progress)
+    feats = res["features"]
+    title = (f"{res['model']} vs the {res['split']} split of {res['data']} (N = {res['reference_n']}): "
+             f"N = {res['n']} generated x {res['repeats']} draws, floor = {res['floor_n']} real training images")
+    table = Table(title=title, title_justify="left")
+    for col in ("metric", "generated", "real-vs-real floor"):
+        table.add_column(col, justify="left" if col == "metric" else "right")
+    from covidxray.evaluate.report import _metric_rows
+
+    for a, b, c in _metric_rows(res):
+        table.add_row(a, b, c)
+    memo = res.get("memorization")
+    if memo:
+        table.add_section()
+        table.add_row("copies (Inception / pixels)", f"{memo['copies'] * 100:.1f} % / {memo['copies_pixel'] * 100:.1f} %",
+                      f"≈ {memo['quantile'] * 100:g} % by construction")
+        ct = memo["ct"]
+        table.add_row("data-copying C_T", "-" if ct.get("ct") is None else f"{ct['ct']:.2f}", "≈ 0")
+    div = res.get("diversity")
+    if div:
+        table.add_row("MS-SSIM of pairs", f"{div['generated']['mean']:.3f}", f"{div['real_train']['mean']:.3f}")
+    down = res.get("downstream")
+    if down and down.get("delta"):
+        d = down["delta"]
+        ci = d.get("ci95")
+        table.add_section()
+        table.add_row("downstream Δ balanced acc.", f"{d['mean']:+.3f} ± {d['std']:.3f}"
+                      + (f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else ""), f"{len(down['seeds'])} seed(s)")
+        table.add_row("  real only / + synthetic / TSTR",
+                      " / ".join(fmt(down["arms"][a]["balanced_accuracy"], 3) for a in
+                                 ("real", "real+synthetic", "synthetic")), "")
+    con.print(table)
+    for name, rec in feats.items():
+        log(f"features {name}: {rec['description']}; filter: {rec['filter']}")
+    if down and down.get("refused"):
+        log(f"downstream: {down['refused']}")
+    log(f"wrote {res['out']}/report.md and metrics.json ({len(res.get('figures', []))} figures)")
+
+
+def _classifier(con, checkpoint, data, split, out, device, batch_size, mc_samples) -> None:
     from rich.table import Table
 
     from covidxray.evaluate.classifier import evaluate_classifier
 
-    if data is None:
-        raise CovidXrayError("--data is required", "Pass the prepared folder to evaluate on, e.g. --data data/cxr128")
-    if batch_size < 1:
-        raise CovidXrayError(f"--batch-size must be at least 1, got {batch_size}")
     if mc_samples is not None and mc_samples < 1:
         raise CovidXrayError(f"--mc-samples must be at least 1, got {mc_samples}")
-    con = console()
     res = evaluate_classifier(checkpoint, data, split, out, device, batch_size, mc_samples,
                               log=lambda msg: con.print(msg, highlight=False, soft_wrap=True))
     m = res["metrics"]

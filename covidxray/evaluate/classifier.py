@@ -21,8 +21,6 @@ import csv
 import io
 import json
 import platform
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -35,7 +33,7 @@ from covidxray.data.datasets import load_tensor_data, read_prepared_info, resize
 from covidxray.errors import CovidXrayError
 from covidxray.metrics import classification as M
 from covidxray.predict import load_classifier, predict_probs
-from covidxray.utils import resolve_device
+from covidxray.utils import atomic_dir, resolve_device
 
 
 def _manifest_rows(root: Path) -> list[dict[str, str]]:
@@ -93,10 +91,9 @@ def evaluate_classifier(checkpoint: str | Path, data: str | Path, split: str = "
         raise CovidXrayError(f"--split must be train, val or test; got '{split}'")
     ckpt = load_checkpoint(checkpoint, prefer_best=True)
     if ckpt["family"] != "classifier":
-        raise CovidXrayError(
-            f"`covidxray evaluate` for {ckpt['family']} models ({ckpt.get('model')}) is not available yet: "
-            f"generator metrics (FID/KID, precision/recall, memorisation) come with the evaluate issue",
-            "Evaluate a classifier run for now")
+        raise CovidXrayError(f"{ckpt['path']} holds a {ckpt['family']} model ({ckpt.get('model')}), not a classifier",
+                             "Score generators with `covidxray evaluate RUN --data PREPARED` "
+                             "(covidxray.evaluate.generator.evaluate_generator)")
     loaded = load_classifier(checkpoint, ckpt)
     classes = loaded.classes
     data = Path(data)
@@ -192,21 +189,8 @@ def _write_outputs(out: Path, result: dict[str, Any], ids: list[str], y: torch.T
     """Write the three files into a temporary folder beside ``out``, then put it in place of ``out``."""
     from covidxray.evaluate.figures import save_confusion_png
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         (tmp / "predictions.csv").write_text(_predictions_csv(ids, result["classes"], y, probs, pred), encoding="utf-8")
         save_confusion_png(result["confusion"], result["classes"], tmp / "confusion.png",
                            title=f"{result['model']} on {result['split']} (N = {result['metrics']['n']})")
         (tmp / "metrics.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

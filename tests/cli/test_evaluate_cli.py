@@ -105,14 +105,6 @@ def test_evaluate_on_data_without_the_models_classes(cli, clf_run, tmp_path):
     assert "has no class(es) normal, viral_pneumonia that the model predicts" in r.clean_stderr
 
 
-def test_evaluate_of_a_gan_says_not_available_yet(cli, tiny_cfg, demo_prepared):
-    from covidxray.train.loop import start_run
-
-    trainer, _ = start_run(tiny_cfg(epochs=1))
-    r = cli("evaluate", trainer.run_dir, "--data", demo_prepared)
-    assert r.exit_code == 2 and "for gan models (rawgan) is not available yet" in r.clean_stderr
-
-
 def test_train_refuses_gan_keys_for_a_classifier_in_one_line(cli, demo_prepared):
     r = cli("train", "--model", "resnet18", "--data", demo_prepared, "--set", "loss.r1_gamma=1", "--dry-run")
     assert r.exit_code == 2

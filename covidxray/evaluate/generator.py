@@ -1,0 +1,426 @@
+"""Scoring a generator (a GAN run, a checkpoint, or a folder of generated PNGs) against real X-rays.
+
+:func:`evaluate_generator` does, in this order:
+
+1. **Images.** The real training split (for the floor and the memorisation check) and the reference
+   split (``--split``, default ``test``) of ``--data`` are read once. ``repeats`` draws of ``N`` generated
+   images are made on the device (seed ``seed + r`` for draw ``r``); a conditional source draws each
+   class in the proportions of the real training split.
+2. **Features, once per image set** (:mod:`covidxray.metrics.features`): the FID Inception, and the
+   in-domain classifier with ``cxr_features``. The real splits' features are cached beside the data.
+3. **Metrics** (:mod:`covidxray.metrics.generative`), each for every draw (mean ± std over draws):
+   FID, KID, improved precision/recall (k = 3), density/coverage (k = 5); all classes together and,
+   for a conditional source, per class (intra-class FID). **Beside each, the real-vs-real floor**:
+   the same metric between ``N`` random real *training* images and the same reference split, which is
+   what a perfect generator would score at this N.
+4. **Diversity**: MS-SSIM of random pairs of generated images beside that of real training pairs.
+5. **Memorisation**: each generated image's nearest training image in Inception space and in pixel
+   space (32 x 32, per-image standardised); a sample is a *copy* when it is closer to the training
+   set than the 1st percentile of the real reference images' nearest-training distances (so held-out
+   real images score about 1 %, training images 100 %); Meehan et al.'s C_T; the 16 closest pairs.
+6. **Downstream** (``downstream=...``): :mod:`covidxray.evaluate.downstream`.
+7. **Report**: ``metrics.json``, ``report.md`` and figures, in a folder that appears whole or not at all
+   (:mod:`covidxray.evaluate.report`).
+
+Where this differs from the anchors: torch-fidelity and clean-fid download their networks and compare
+against a fixed set; here the network is offline, every number carries N, the filter and the floor,
+and the memorisation check is built in (none of them has one).
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from covidxray import __version__
+from covidxray.data.datasets import CACHE_DIR, load_tensor_data, read_prepared_info
+from covidxray.errors import CovidXrayError
+from covidxray.evaluate.sources import FolderSource, GeneratorSource, Source, class_counts
+from covidxray.utils import resolve_device
+
+ALL_METRICS = ("fid", "kid", "pr", "dc", "memorization", "diversity")
+#: Below this many images the 2048 x 2048 covariance of FID is rank-deficient (Heusel et al. used 50k).
+FID_MIN_N = 2048
+
+
+def parse_metrics(text: str) -> list[str]:
+    names = [t.strip().lower() for t in text.split(",") if t.strip()]
+    names = ["memorization" if n in ("memorisation", "copies", "mem") else n for n in names]
+    unknown = [n for n in names if n not in ALL_METRICS]
+    if unknown or not names:
+        raise CovidXrayError(f"--metrics: unknown metric(s) {', '.join(unknown) or '(none given)'}",
+                             f"Choose from {','.join(ALL_METRICS)}")
+    return list(dict.fromkeys(names))
+
+
+def _stat(values: list[float]) -> dict[str, Any]:
+    a = np.asarray([v for v in values if v is not None], dtype=float)
+    if a.size == 0:
+        return {"mean": None, "std": None, "values": []}
+    return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if a.size > 1 else 0.0,
+            "values": [float(v) for v in a]}
+
+
+def _set_metrics(fake: torch.Tensor, ref: torch.Tensor, wanted: list[str], seed: int,
+                 fd_name: str = "fid", kd_name: str = "kid") -> dict[str, float]:
+    """Every feature-space metric of one generated (or floor) set against the reference features."""
+    from covidxray.metrics import generative as G
+
+    out: dict[str, float] = {}
+    if "fid" in wanted:
+        out[fd_name] = G.fid_from_features(fake, ref)
+    if "kid" in wanted:
+        out[kd_name], out[f"{kd_name}_subset_std"] = G.kid(fake, ref, seed=seed)
+    # k-NN radii need k + 2 points per set (prdc); smaller sets (a small class) are left out, and said so.
+    if "pr" in wanted and min(len(fake), len(ref)) >= 3 + 2:
+        out.update(G.precision_recall(ref, fake, k=3))
+    if "dc" in wanted and min(len(fake), len(ref)) >= 5 + 2:
+        out.update(G.density_coverage(ref, fake, k=5))
+    return out
+
+
+def _aggregate(per_draw: list[dict[str, float]]) -> dict[str, dict[str, Any]]:
+    keys = list(dict.fromkeys(k for d in per_draw for k in d))
+    return {k: _stat([d.get(k) for d in per_draw]) for k in keys}
+
+
+def load_source(run_or_checkpoint: str | Path | None, fake: str | Path | None, data_classes: list[str],
+                skip_unreadable: bool, log: Callable[[str], None]) -> Source:
+    if (run_or_checkpoint is None) == (fake is None):
+        raise CovidXrayError("give either RUN_OR_CHECKPOINT or --fake FOLDER (not both)")
+    if fake is not None:
+        return FolderSource(fake, data_classes, skip_unreadable, log)
+    return GeneratorSource(run_or_checkpoint)
+
+
+def evaluate_generator(run_or_checkpoint: str | Path | None, data: str | Path, *, fake: str | Path | None = None,
+                       split: str = "test", n: int | None = None, repeats: int = 5,
+                       metrics: list[str] | None = None, class_name: str | None = None,
+                       inception_weights: str | None = None, cxr_features: str | None = None,
+                       out: str | Path | None = None, device: str = "auto", batch_size: int = 64, seed: int = 0,
+                       skip_unreadable: bool = False, downstream: dict[str, Any] | None = None,
+                       log: Callable[[str], None] | None = None, progress=None) -> dict[str, Any]:
+    """Score generated images against ``split`` of the prepared folder ``data`` (see the module docstring).
+
+    Args:
+        run_or_checkpoint: a generator's run folder or checkpoint (or None with ``fake``).
+        data: the prepared folder with the real images (its ``train`` split gives the floor and the
+            memorisation reference; ``split`` the reference of every metric).
+        fake: a folder of generated images instead of a checkpoint (per-class sub-folders allowed).
+        split: the reference split: ``test`` (default), ``val`` or ``train``.
+        n: generated images per draw (default: as many as the real training images of the evaluated
+            classes, so that the floor uses the same N).
+        repeats: draws of ``n`` images (mean ± std over draws).
+        metrics: subset of :data:`ALL_METRICS` (default: all).
+        class_name: one class of a conditional source, or None/"all".
+        inception_weights: the FID Inception's TorchScript file (default: env / installed package).
+        cxr_features: a classifier run whose features give ``fd_cxr``/``kd_cxr`` too.
+        out: output folder (default: ``RUN/eval-gen-SPLIT-CKPT`` or ``FOLDER-eval``); replaced whole.
+        device, batch_size: where and how many images per forward pass.
+        seed: seed of the draws (draw r uses seed + r) and of every random subset.
+        skip_unreadable: with ``fake``, evaluate the readable images (the others are listed).
+        downstream: options of :func:`covidxray.evaluate.downstream.run_downstream`, or None.
+        log: callable for one-line notes.
+
+    Returns:
+        The report written to ``metrics.json`` (plus ``out``).
+    """
+    from covidxray.evaluate.report import write_generator_report
+    from covidxray.metrics import generative as G
+    from covidxray.metrics.features import ClassifierFeatures, InceptionFeatures
+
+    log = log or (lambda msg: None)
+    t_start = time.perf_counter()
+    wanted = parse_metrics(",".join(metrics)) if metrics else list(ALL_METRICS)
+    if split not in ("train", "val", "test"):
+        raise CovidXrayError(f"--split must be train, val or test; got '{split}'")
+    if repeats < 1:
+        raise CovidXrayError(f"--repeats must be at least 1, got {repeats}")
+    if batch_size < 1:
+        raise CovidXrayError(f"--batch-size must be at least 1, got {batch_size}")
+    data = Path(data)
+    info = read_prepared_info(data)
+    data_classes = sorted(info.get("classes", []))
+    source = load_source(run_or_checkpoint, fake, data_classes, skip_unreadable, log)
+    prepared = int(info["size"])
+    if source.image_size != prepared:
+        raise CovidXrayError(
+            f"the generated images are {source.image_size} px but {data} was prepared at {prepared} px",
+            f"Evaluate against data prepared at {source.image_size} px (`covidxray prepare SRC OUT --size "
+            f"{source.image_size}`), so that real and generated images went through the same resize")
+    missing = [c for c in source.classes if c not in data_classes]
+    if missing:
+        raise CovidXrayError(f"{data} has no class(es) {', '.join(missing)} of the generator "
+                             f"({', '.join(source.classes)})", "Evaluate against data prepared with those classes")
+    if class_name not in (None, "all"):
+        if not source.conditional:
+            raise CovidXrayError(f"--class {class_name}: {source.name} is not class-conditional (it was trained on "
+                                 f"{', '.join(source.classes)} together)", "Drop --class, or evaluate a conditional model")
+        if class_name not in source.classes:
+            raise CovidXrayError(f"unknown class '{class_name}'; {source.name} knows: {', '.join(source.classes)} (or all)")
+        eval_classes = [class_name]
+    else:
+        eval_classes = list(source.classes)
+    if source.kind == "checkpoint":
+        trained_on = source.info.get("training_data")
+        if trained_on and Path(trained_on).resolve() != data.resolve():
+            log(f"note: {source.name} was trained on {trained_on}; the floor and the memorisation check use the "
+                f"training split of {data}")
+
+    dev = resolve_device(device)
+    train = load_tensor_data(data, "train", eval_classes, None, True, log)
+    ref = train if split == "train" else load_tensor_data(data, split, eval_classes, None, True, log)
+    if split == "train":
+        log("warning: the reference split is the training split: the floor compares it with itself")
+    n_train = len(train)
+    train_counts = torch.bincount(train.labels, minlength=len(eval_classes)).tolist()
+    if n is None:
+        n = n_train
+        if source.n_available is not None:
+            n = min(n, source.n_available)
+    if n < 2:
+        raise CovidXrayError(f"-n {n}: at least 2 generated images are needed (FID needs a covariance)",
+                             "Pass -n 1000 or more (at least 2,048 for a full-rank FID)")
+    warnings: list[str] = []
+    if n < FID_MIN_N and "fid" in wanted:
+        warnings.append(f"N = {n} < {FID_MIN_N}: the 2048-d covariance of FID is rank-deficient and FID is biased "
+                        f"upwards at this N; compare it only with the floor at the same N, and prefer KID")
+    if len(ref) < FID_MIN_N and "fid" in wanted:
+        warnings.append(f"the reference split has only {len(ref)} images: every FID here, the floor included, is "
+                        f"far above 0")
+    for key, k in (("pr", 3), ("dc", 5)):
+        if key in wanted and min(n, len(ref)) < k + 2:
+            warnings.append(f"{key} left out: its k = {k} nearest-neighbour radii need at least {k + 2} images per "
+                            f"set (N = {n}, reference {len(ref)})")
+    # Per-class counts of each draw: the real training proportions (conditional sources).
+    labelled = source.conditional
+    counts = class_counts(n, train_counts) if labelled else None
+    if labelled and source.kind == "folder":
+        avail = source.class_available()  # type: ignore[attr-defined]
+        sel = [source.classes.index(c) for c in eval_classes]
+        short = [f"{eval_classes[i]} ({avail[k]} < {counts[i]})" for i, k in enumerate(sel) if avail[k] < counts[i]]
+        if short:
+            raise CovidXrayError(f"--fake has too few images for N = {n} in the training proportions: "
+                                 f"{', '.join(short)}", "Pass a smaller -n or write more samples per class")
+    if source.n_available is not None and repeats > 1 and n >= source.n_available:
+        log(f"note: the folder holds {source.n_available} images and N = {n}: every draw is the same set, so "
+            f"--repeats {repeats} is reduced to 1")
+        repeats = 1
+    floor_n = min(n, n_train)
+    if floor_n < n:
+        warnings.append(f"the floor uses {floor_n} real training images (all there are), fewer than N = {n}")
+
+    # ---------------------------------------------------------------- images
+    draws: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+    t0 = time.perf_counter()
+    for r in range(repeats):
+        if labelled:
+            full = [0] * len(source.classes)
+            for i, c in enumerate(eval_classes):
+                full[source.classes.index(c)] = counts[i]
+            imgs, labels = source.draw(full, seed + r, dev, batch_size=max(batch_size, 256))
+            # labels in eval_classes' indices
+            remap = torch.tensor([eval_classes.index(c) if c in eval_classes else -1 for c in source.classes])
+            labels = remap[labels]
+        else:
+            imgs, labels = source.draw(n, seed + r, dev, batch_size=max(batch_size, 256))
+        draws.append((imgs.cpu(), labels))
+    gen_seconds = time.perf_counter() - t0
+    floors = []
+    for r in range(repeats):
+        g = torch.Generator().manual_seed(seed + 10_000 + r)
+        if labelled:  # the floor draws each class like the generated set
+            idx = []
+            for i in range(len(eval_classes)):
+                pool = (train.labels == i).nonzero().flatten()
+                idx.append(pool[torch.randperm(len(pool), generator=g)[:counts[i]]])
+            floors.append(torch.cat(idx))
+        else:
+            floors.append(torch.randperm(n_train, generator=g)[:floor_n])
+
+    # -------------------------------------------------------------- features
+    extractors = []
+    needs_features = any(m in wanted for m in ("fid", "kid", "pr", "dc", "memorization"))
+    if needs_features:
+        extractors.append(InceptionFeatures(inception_weights, dev, batch_size))
+    if cxr_features:
+        extractors.append(ClassifierFeatures(cxr_features, dev, batch_size))
+    cache_dir = data / CACHE_DIR
+    feats: dict[str, dict[str, Any]] = {}
+    total = sum(len(d[0]) for d in draws) * len(extractors)
+    t0 = time.perf_counter()
+    with (progress or _null_progress)("features", total) as advance:
+        for ex in extractors:
+            f_train = _cached(ex, train, cache_dir, f"train-{','.join(eval_classes)}", log)
+            f_ref = f_train if ref is train else _cached(ex, ref, cache_dir, f"{split}-{','.join(eval_classes)}", log)
+            f_draws = [ex(imgs, advance) for imgs, _ in draws]
+            feats[ex.name] = {"extractor": ex, "train": f_train, "ref": f_ref, "draws": f_draws}
+    feat_seconds = time.perf_counter() - t0
+    n_feat_images = total
+
+    # --------------------------------------------------------------- metrics
+    t0 = time.perf_counter()
+    result_metrics: dict[str, Any] = {}
+    per_class: dict[str, Any] = {}
+    for name, fs in feats.items():
+        ex = fs["extractor"]
+        space_wanted = wanted if name != "cxr" else [m for m in wanted if m in ("fid", "kid")] or ["fid", "kid"]
+        rows, floor_rows = [], []
+        for r in range(repeats):
+            rows.append(_set_metrics(fs["draws"][r], fs["ref"], space_wanted, seed + r, ex.fd_name, ex.kd_name))
+            floor_rows.append(_set_metrics(fs["train"][floors[r]], fs["ref"], space_wanted, seed + r,
+                                           ex.fd_name, ex.kd_name))
+        for k, v in _aggregate(rows).items():
+            result_metrics[k] = v
+        for k, v in _aggregate(floor_rows).items():
+            result_metrics[f"{k}_floor"] = v
+        if labelled and len(eval_classes) > 1 and name != "cxr":
+            for i, c in enumerate(eval_classes):
+                ref_c = fs["ref"][ref.labels == i]
+                if len(ref_c) < 2 or counts[i] < 2:
+                    per_class[c] = {"skipped": f"{len(ref_c)} reference / {counts[i]} generated images"}
+                    continue
+                rows_c, floor_c = [], []
+                for r in range(repeats):
+                    lab = draws[r][1]
+                    rows_c.append(_set_metrics(fs["draws"][r][lab == i], ref_c, space_wanted, seed + r,
+                                               ex.fd_name, ex.kd_name))
+                    fl = floors[r][train.labels[floors[r]] == i]
+                    floor_c.append(_set_metrics(fs["train"][fl], ref_c, space_wanted, seed + r, ex.fd_name,
+                                                ex.kd_name))
+                entry = per_class.setdefault(c, {"n": counts[i], "reference_n": int(len(ref_c))})
+                entry.update(_aggregate(rows_c))
+                entry.update({f"{k}_floor": v for k, v in _aggregate(floor_c).items()})
+
+    diversity = None
+    if "diversity" in wanted:
+        imgs0 = draws[0][0]
+        real_div = G.ms_ssim_diversity(train.images, n_pairs=200, seed=seed)
+        diversity = {"generated": G.ms_ssim_diversity(imgs0, n_pairs=200, seed=seed), "real_train": real_div}
+
+    memo = None
+    if "memorization" in wanted:
+        fi = feats[extractors[0].name]  # the FID network's space (named "unverified" for a stand-in)
+        memo = _memorisation(fi["draws"][0], draws[0][0], fi["train"], train.images, fi["ref"], ref.images, seed)
+        if memo["copies"] > 0.05:
+            warnings.append(f"{memo['copies'] * 100:.1f} % of the samples are closer to a training image than "
+                            f"99 % of real held-out images are: the generator may copy training images "
+                            f"(see closest_pairs.png)")
+    metric_seconds = time.perf_counter() - t0
+
+    down = None
+    if downstream is not None:
+        from covidxray.evaluate.downstream import run_downstream
+
+        if source.kind != "checkpoint":
+            raise CovidXrayError("--downstream needs a generator checkpoint (it generates images on the fly); "
+                                 "a --fake folder cannot be used", "Pass the GAN's run folder")
+        down = downstream  # run inside the output folder below
+
+    import scipy
+    import sklearn
+
+    result: dict[str, Any] = {
+        "kind": "generator",
+        "model": source.name,
+        "source": {"kind": source.kind, "path": source.path, **{k: v for k, v in source.info.items()}},
+        "conditional": source.conditional,
+        "data": str(data.resolve()),
+        "split": split,
+        "reference_n": len(ref),
+        "train_n": n_train,
+        "classes": eval_classes,
+        "class": class_name or "all",
+        "n": n,
+        "n_per_class": dict(zip(eval_classes, counts)) if labelled else None,
+        "floor_n": floor_n,
+        "repeats": repeats,
+        "seed": seed,
+        "image_size": source.image_size,
+        "features": {name: fs["extractor"].record() for name, fs in feats.items()},
+        "metrics_requested": wanted,
+        "metrics": result_metrics,
+        "per_class": per_class,
+        "diversity": diversity,
+        "memorization": memo,
+        "downstream": None,
+        "warnings": warnings,
+        "timing": {"generate_s": round(gen_seconds, 2), "features_s": round(feat_seconds, 2),
+                   "feature_images": n_feat_images,
+                   "features_img_per_s": round(n_feat_images / feat_seconds, 1) if feat_seconds > 0 else None,
+                   "metrics_s": round(metric_seconds, 2)},
+        "device": str(dev),
+        "versions": {"covidxray": __version__, "torch": torch.__version__, "numpy": np.__version__,
+                     "scipy": scipy.__version__, "scikit-learn": sklearn.__version__,
+                     "python": platform.python_version()},
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    out = Path(out) if out is not None else default_generator_out(source, split)
+
+    def finish(tmp: Path) -> None:
+        if down is not None:
+            result["downstream"] = run_downstream(source, data, tmp, device=device, seed=seed, log=log,
+                                                  **down)
+        result["seconds"] = round(time.perf_counter() - t_start, 2)
+
+    write_generator_report(out, result, draws=draws, train=train, before_write=finish)
+    result["out"] = str(out)
+    for w in warnings:
+        log(f"warning: {w}")
+    return result
+
+
+def default_generator_out(source: Source, split: str) -> Path:
+    p = Path(source.path)
+    if source.kind == "folder":
+        return p.with_name(f"{p.name}-eval-{split}")
+    run = p.parent.parent if p.parent.name == "checkpoints" else p.parent
+    return run / f"eval-gen-{split}-{p.stem}"
+
+
+def _cached(ex, td, cache_dir: Path, tag: str, log) -> torch.Tensor:
+    from covidxray.metrics.features import cached_features
+
+    return cached_features(ex, td.images, cache_dir, tag, log)
+
+
+def _memorisation(f_gen: torch.Tensor, gen_u8: torch.Tensor, f_train: torch.Tensor, train_u8: torch.Tensor,
+                  f_ref: torch.Tensor, ref_u8: torch.Tensor, seed: int, q: float = 0.01) -> dict[str, Any]:
+    """Nearest-training-image distances of the samples vs those of held-out real images (see the module doc)."""
+    from covidxray.metrics import generative as G
+
+    out: dict[str, Any] = {"quantile": q}
+    spaces = {"inception": (f_gen, f_train, f_ref),
+              "pixel": (G.pixel_embedding(gen_u8), G.pixel_embedding(train_u8), G.pixel_embedding(ref_u8))}
+    for space, (g, t, r) in spaces.items():
+        d_gen, i_gen = G.nearest_distances(g, t)
+        d_ref, _ = G.nearest_distances(r, t)
+        thr = G.copy_threshold(d_ref, q)
+        out[space] = {"threshold": float(thr), "copies": G.copies_fraction(d_gen, thr),
+                      "median_nn_distance": float(np.median(d_gen)), "median_nn_distance_real": float(np.median(d_ref)),
+                      "reference_copies": G.copies_fraction(d_ref, thr)}
+        if space == "pixel":
+            order = np.argsort(d_gen, kind="stable")[:16]
+            out["closest"] = [{"sample": int(i), "train": int(i_gen[i]), "pixel_distance": float(d_gen[i])}
+                              for i in order]
+    ct = G.data_copying_ct(f_train, f_ref, f_gen, seed=seed)
+    out["ct"] = ct
+    out["copies"] = out["inception"]["copies"]
+    out["copies_pixel"] = out["pixel"]["copies"]
+    return out
+
+
+class _null_progress:
+    def __init__(self, what: str, total: int):
+        pass
+
+    def __enter__(self):
+        return lambda k: None
+
+    def __exit__(self, *exc):
+        return False

@@ -1,0 +1,163 @@
+"""Where generated images come from for ``evaluate``: a trained generator, or a folder of PNGs.
+
+Both give uint8 images (N x 1 x S x S) with labels (class indices into ``classes``) when the source is
+class-conditional (a conditional GAN; a folder with one sub-folder per class) and ``None`` otherwise.
+A generator makes its images on the device and they are never written to disk unless asked.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from covidxray.errors import CovidXrayError
+
+
+def class_counts(n: int, weights: list[float]) -> list[int]:
+    """``n`` split over classes in proportion to ``weights`` (largest remainders; sums to ``n``)."""
+    w = np.asarray(weights, dtype=float)
+    w = w / w.sum()
+    raw = n * w
+    counts = np.floor(raw).astype(int)
+    for i in np.argsort(-(raw - counts), kind="stable")[: n - counts.sum()]:
+        counts[i] += 1
+    return counts.tolist()
+
+
+@dataclass
+class Source:
+    """A source of generated images (see the module docstring)."""
+
+    kind: str                       # "checkpoint" | "folder"
+    name: str                       # the model's name, or the folder's
+    path: str
+    image_size: int
+    classes: list[str]              # the source's classes (conditional), else those it was trained on
+    conditional: bool
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def draw(self, counts: list[int] | int, seed: int, device: torch.device, batch_size: int = 256
+             ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        raise NotImplementedError
+
+    @property
+    def n_available(self) -> int | None:
+        """How many distinct images the source holds (None: unlimited)."""
+        return None
+
+
+class GeneratorSource(Source):
+    """Samples of a trained GAN (EMA weights when present), drawn with ``seed``."""
+
+    def __init__(self, checkpoint: str | os.PathLike):
+        from covidxray.generate import load_generator
+
+        g = load_generator(checkpoint)
+        ck = g.checkpoint
+        info = {"checkpoint": str(Path(ck["path"]).resolve()), "epoch": int(ck.get("epoch", 0)),
+                "step": int(ck.get("step", 0)), "weights": g.weights,
+                "kimg": round(float(ck.get("images_seen", 0)) / 1000, 1) if ck.get("images_seen") else None,
+                "training_data": g.cfg.data.path}
+        super().__init__("checkpoint", g.cfg.model.name, info["checkpoint"], int(g.G.image_size),
+                         g.classes, g.conditional, info)
+        self.loaded = g
+
+    def draw(self, counts, seed, device, batch_size=256):
+        if isinstance(counts, int):
+            if self.conditional:
+                raise ValueError("a conditional generator needs per-class counts")
+            return self.loaded.sample(counts, seed=seed, batch_size=batch_size, device=device), None
+        images, labels = [], []
+        for k, n in enumerate(counts):
+            if n:  # one latent stream per class and seed: adding a class does not change the others
+                images.append(self.loaded.sample(n, seed=seed * 1000 + k, batch_size=batch_size, device=device,
+                                                 label=k))
+                labels.append(torch.full((n,), k, dtype=torch.long))
+        return torch.cat(images), torch.cat(labels)
+
+
+class FolderSource(Source):
+    """Every image under a folder (recursively); sub-folders named like classes label their images."""
+
+    def __init__(self, folder: str | os.PathLike, data_classes: list[str], skip_unreadable: bool = False,
+                 log=None):
+        from covidxray.data.imaging import UnreadableImage, decode, is_image_name, to_gray8
+
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise CovidXrayError(f"--fake {folder} is not a folder", "Pass a folder of generated PNGs "
+                                 "(e.g. the OUT of `covidxray sample`)")
+        files = sorted(p for p in folder.rglob("*") if p.is_file() and is_image_name(p.name)
+                       and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+        files = [p for p in files if p.name != "grid.png"]  # the grid `covidxray sample --grid` writes
+        if not files:
+            raise CovidXrayError(f"--fake {folder} holds no images (.png .jpg .jpeg .bmp .tif .tiff)",
+                                 "Write samples first: `covidxray sample RUN FOLDER -n 1000`")
+        tops = {p.relative_to(folder).parts[0] for p in files if len(p.relative_to(folder).parts) > 1}
+        conditional = bool(tops) and tops <= set(data_classes) and all(
+            len(p.relative_to(folder).parts) > 1 for p in files)
+        if tops and not conditional and log:
+            unknown = sorted(tops - set(data_classes))
+            log(f"note: sub-folders of {folder} are not all class names of the data ({', '.join(unknown[:5])}): "
+                f"its images are evaluated as one unlabelled set")
+        arrays, labels, bad, sizes = [], [], [], {}
+        classes = sorted(tops) if conditional else list(data_classes)
+        for p in files:
+            try:
+                img = to_gray8(decode(p.read_bytes()))
+            except (UnreadableImage, OSError) as exc:
+                bad.append((str(p), str(exc)))
+                continue
+            a = np.asarray(img, dtype=np.uint8)
+            sizes.setdefault(a.shape, []).append(str(p))
+            arrays.append(a)
+            if conditional:
+                labels.append(classes.index(p.relative_to(folder).parts[0]))
+        if bad and not skip_unreadable:
+            first = "; ".join(f"{f}: {why}" for f, why in bad[:3])
+            raise CovidXrayError(f"{len(bad)} of {len(files)} files in --fake {folder} are unreadable ({first}"
+                                 f"{'; ...' if len(bad) > 3 else ''})",
+                                 "Remove or regenerate them, or pass --skip-unreadable to evaluate the rest "
+                                 "(they are listed in metrics.json)")
+        if len(sizes) > 1 or (sizes and next(iter(sizes))[0] != next(iter(sizes))[1]):
+            desc = ", ".join(f"{len(v)} of {s[1]}x{s[0]} (e.g. {v[0]})" for s, v in sizes.items())
+            raise CovidXrayError(f"the images in --fake {folder} must be square and of one size; found {desc}",
+                                 "Write all samples at the prepared size")
+        if not arrays:
+            raise CovidXrayError(f"no readable image in --fake {folder}")
+        size = int(arrays[0].shape[0])
+        super().__init__("folder", folder.name, str(folder.resolve()), size, classes, conditional,
+                         {"files": len(arrays), "unreadable": [{"file": f, "reason": r} for f, r in bad]})
+        self.images = torch.from_numpy(np.stack(arrays)).unsqueeze(1)
+        self.labels = torch.tensor(labels, dtype=torch.long) if conditional else None
+        if bad and log:
+            log(f"warning: {len(bad)} unreadable files in {folder} left out (listed in metrics.json), "
+                f"e.g. {bad[0][0]}: {bad[0][1]}")
+
+    @property
+    def n_available(self) -> int:
+        return int(self.images.shape[0])
+
+    def class_available(self) -> list[int]:
+        if self.labels is None:
+            return [self.n_available]
+        return torch.bincount(self.labels, minlength=len(self.classes)).tolist()
+
+    def draw(self, counts, seed, device, batch_size=256):
+        """A random subset without replacement (all images, in order, when the counts ask for all)."""
+        g = torch.Generator().manual_seed(seed)
+        if isinstance(counts, int):
+            idx = torch.arange(counts) if counts >= self.n_available else torch.randperm(self.n_available,
+                                                                                          generator=g)[:counts]
+            return self.images[idx], (self.labels[idx] if self.labels is not None else None)
+        parts = []
+        for k, n in enumerate(counts):
+            pool = (self.labels == k).nonzero().flatten()
+            parts.append(pool if n >= len(pool) else pool[torch.randperm(len(pool), generator=g)[:n]])
+        idx = torch.cat(parts)
+        return self.images[idx], self.labels[idx]
