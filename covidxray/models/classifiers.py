@@ -215,7 +215,7 @@ def build_inception_v3(cfg, data: DataSpec) -> dict[str, nn.Module]:
     "smallcnn",
     family="classifier",
     paper="a small CNN for GAN-train/GAN-test scores (Shmelkov, Schmid & Alahari, ECCV 2018)",
-    summary="4-block CNN (16-128 channels, 0.4 M parameters), fast at 64 px; bench/gan_quality.py uses it",
+    summary="4-block CNN (16-128 channels, 0.4 M parameters), fast at 64 px; the demo and evaluate --downstream use it",
 )
 def build_smallcnn(cfg, data: DataSpec) -> dict[str, nn.Module]:
     """Build ``{"net"}``: :class:`SmallCNNBackbone` (width 16) + dropout (configs/smallcnn.yaml: 0.3) + linear.
