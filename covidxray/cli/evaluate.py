@@ -42,6 +42,8 @@ def evaluate_cmd(
                                         "sub-folders allowed) instead of a checkpoint."),
     skip_unreadable: bool = typer.Option(False, "--skip-unreadable", help="--fake: evaluate the readable images "
                                          "and list the unreadable ones (default: refuse)."),
+    save_samples: bool = typer.Option(False, "--save-samples", help="Generators: also write the first draw's images "
+                                      "as PNGs into OUT/samples/ (per class for conditional models)."),
     downstream: bool = typer.Option(False, "--downstream", help="Also train classifiers on real / real + synthetic "
                                     "/ synthetic images and test them on real ones."),
     classifier: str = typer.Option("resnet18", "--classifier", help="--downstream: the classifier model."),
@@ -91,13 +93,13 @@ def evaluate_cmd(
         if family == "classifier":
             return _classifier(con, target, data, split, out, device, batch_size or 256, mc_samples)
     _generator(con, log, target, fake, data, split, n, repeats, metrics, class_, inception_weights, cxr_features,
-               out, device, batch_size or 64, seed, skip_unreadable,
+               out, device, batch_size or 64, seed, skip_unreadable, save_samples,
                dict(classifier=classifier, seeds=seeds, synthetic_ratio=synthetic_ratio, epochs=epochs,
                     sets=list(set_ or [])) if downstream else None)
 
 
 def _generator(con, log, target, fake, data, split, n, repeats, metrics, class_, inception_weights, cxr_features,
-               out, device, batch_size, seed, skip_unreadable, downstream) -> None:
+               out, device, batch_size, seed, skip_unreadable, save_samples, downstream) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
     from rich.table import Table
 
@@ -118,7 +120,7 @@ def _generator(con, log, target, fake, data, split, n, repeats, metrics, class_,
                              inception_weights=str(inception_weights) if inception_weights else None,
                              cxr_features=str(cxr_features) if cxr_features else None, out=out, device=device,
                              batch_size=batch_size, seed=seed, skip_unreadable=skip_unreadable,
-                             downstream=downstream, log=log, progress=progress)
+                             downstream=downstream, save_samples=save_samples, log=log, progress=progress)
     feats = res["features"]
     title = (f"{res['model']} vs the {res['split']} split of {res['data']} (N = {res['reference_n']}): "
              f"N = {res['n']} generated x {res['repeats']} draws, floor = {res['floor_n']} real training images")

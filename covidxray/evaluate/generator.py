@@ -104,6 +104,7 @@ def evaluate_generator(run_or_checkpoint: str | Path | None, data: str | Path, *
                        inception_weights: str | None = None, cxr_features: str | None = None,
                        out: str | Path | None = None, device: str = "auto", batch_size: int = 64, seed: int = 0,
                        skip_unreadable: bool = False, downstream: dict[str, Any] | None = None,
+                       save_samples: bool = False,
                        log: Callable[[str], None] | None = None, progress=None) -> dict[str, Any]:
     """Score generated images against ``split`` of the prepared folder ``data`` (see the module docstring).
 
@@ -125,6 +126,8 @@ def evaluate_generator(run_or_checkpoint: str | Path | None, data: str | Path, *
         seed: seed of the draws (draw r uses seed + r) and of every random subset.
         skip_unreadable: with ``fake``, evaluate the readable images (the others are listed).
         downstream: options of :func:`covidxray.evaluate.downstream.run_downstream`, or None.
+        save_samples: also write the first draw as PNGs into ``out/samples/`` (``<class>/`` sub-folders for a
+            conditional source); otherwise generated images never reach the disk.
         log: callable for one-line notes.
 
     Returns:
@@ -363,6 +366,16 @@ def evaluate_generator(run_or_checkpoint: str | Path | None, data: str | Path, *
     out = Path(out) if out is not None else default_generator_out(source, split)
 
     def finish(tmp: Path) -> None:
+        if save_samples:
+            from covidxray.generate import write_samples
+
+            imgs0, lab0 = draws[0]
+            if lab0 is None:
+                write_samples(imgs0, tmp / "samples")
+            else:
+                for i, c in enumerate(eval_classes):
+                    write_samples(imgs0[lab0 == i], tmp / "samples" / c)
+            result["samples_written"] = "samples/"
         if down is not None:
             result["downstream"] = run_downstream(source, data, tmp, device=device, seed=seed, log=log,
                                                   **down)

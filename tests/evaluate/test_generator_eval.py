@@ -159,8 +159,12 @@ def test_cgan_end_to_end_with_floor_per_class_and_report(unverified, gan_runs, d
     text = (out / "report.md").read_text()
     assert "real-vs-real floor" in text and "FD (unverified net)" in text and "| FID |" not in text
     # the same seed gives the same numbers (draws, subsets and floors are seeded)
-    again = evaluate_generator(gan_runs["cgan"], demo_prepared, n=30, repeats=2, out=tmp_path / "ev2", device="cpu")
+    assert not (out / "samples").exists()  # generated images reach the disk only when asked
+    again = evaluate_generator(gan_runs["cgan"], demo_prepared, n=30, repeats=2, out=tmp_path / "ev2", device="cpu",
+                               save_samples=True)
     assert again["metrics"]["fd_unverified"]["values"] == m["fd_unverified"]["values"]
+    assert sorted(p.parent.name for p in (tmp_path / "ev2" / "samples").rglob("*.png")) == \
+        ["covid"] * 10 + ["normal"] * 10 + ["viral_pneumonia"] * 10
 
 
 @pytest.fixture(scope="module")
