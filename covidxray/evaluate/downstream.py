@@ -71,6 +71,23 @@ def paired_delta(b: list[float], a: list[float]) -> dict[str, Any]:
     return out
 
 
+def check_downstream_args(classifier: str = "resnet18", seeds: int = 3, synthetic_ratio: float = 0.5,
+                          epochs: int | None = None, **_: Any) -> None:
+    """Refuse bad --downstream options before any expensive work (one line each)."""
+    from covidxray.models.registry import get_model
+
+    spec = get_model(classifier)
+    if spec.family != "classifier":
+        raise CovidXrayError(f"--classifier {classifier} is a {spec.family} model", "Choose a classifier, e.g. resnet18")
+    if seeds < 1:
+        raise CovidXrayError(f"--seeds must be at least 1, got {seeds}")
+    if not 0 < synthetic_ratio < 1:
+        raise CovidXrayError(f"--synthetic-ratio must be in (0, 1), got {synthetic_ratio}",
+                             "0.5 makes half of each batch generated (the synthetic-only arm always runs too)")
+    if epochs is not None and epochs < 1:
+        raise CovidXrayError(f"--epochs must be at least 1, got {epochs}")
+
+
 def run_downstream(source, data: str | Path, out: Path, *, classifier: str = "resnet18", seeds: int = 3,
                    synthetic_ratio: float = 0.5, epochs: int | None = None, device: str = "auto", seed: int = 0,
                    gan_test_n: int = 100, sets: list[str] | None = None,
@@ -91,20 +108,12 @@ def run_downstream(source, data: str | Path, out: Path, *, classifier: str = "re
     from covidxray.config import resolve_config
     from covidxray.data.datasets import load_tensor_data, resize_u8
     from covidxray.evaluate.figures import save_confusion_png
-    from covidxray.models.registry import get_model
     from covidxray.predict import predict_probs
     from covidxray.train.loop import start_run
     from covidxray.utils import resolve_device
 
     log = log or (lambda msg: None)
-    spec = get_model(classifier)
-    if spec.family != "classifier":
-        raise CovidXrayError(f"--classifier {classifier} is a {spec.family} model", "Choose a classifier, e.g. resnet18")
-    if seeds < 1:
-        raise CovidXrayError(f"--seeds must be at least 1, got {seeds}")
-    if not 0 < synthetic_ratio < 1:
-        raise CovidXrayError(f"--synthetic-ratio must be in (0, 1), got {synthetic_ratio}",
-                             "0.5 makes half of each batch generated (the synthetic-only arm always runs too)")
+    check_downstream_args(classifier, seeds, synthetic_ratio, epochs)
     data = Path(data)
     classes = list(source.classes)
     test = load_tensor_data(data, "test", classes, None, True, log)

@@ -149,6 +149,13 @@ def evaluate_generator(run_or_checkpoint: str | Path | None, data: str | Path, *
     data = Path(data)
     info = read_prepared_info(data)
     data_classes = sorted(info.get("classes", []))
+    if downstream is not None:
+        from covidxray.evaluate.downstream import check_downstream_args
+
+        if fake is not None:
+            raise CovidXrayError("--downstream needs a generator checkpoint (it generates images on the fly); "
+                                 "a --fake folder cannot be used", "Pass the GAN's run folder")
+        check_downstream_args(**downstream)
     source = load_source(run_or_checkpoint, fake, data_classes, skip_unreadable, log)
     prepared = int(info["size"])
     if source.image_size != prepared:
@@ -316,14 +323,7 @@ def evaluate_generator(run_or_checkpoint: str | Path | None, data: str | Path, *
                             f"(see closest_pairs.png)")
     metric_seconds = time.perf_counter() - t0
 
-    down = None
-    if downstream is not None:
-        from covidxray.evaluate.downstream import run_downstream
-
-        if source.kind != "checkpoint":
-            raise CovidXrayError("--downstream needs a generator checkpoint (it generates images on the fly); "
-                                 "a --fake folder cannot be used", "Pass the GAN's run folder")
-        down = downstream  # run inside the output folder below
+    down = downstream  # run inside the output folder below
 
     import scipy
     import sklearn
@@ -377,8 +377,9 @@ def evaluate_generator(run_or_checkpoint: str | Path | None, data: str | Path, *
                     write_samples(imgs0[lab0 == i], tmp / "samples" / c)
             result["samples_written"] = "samples/"
         if down is not None:
-            result["downstream"] = run_downstream(source, data, tmp, device=device, seed=seed, log=log,
-                                                  **down)
+            from covidxray.evaluate.downstream import run_downstream
+
+            result["downstream"] = run_downstream(source, data, tmp, device=device, seed=seed, log=log, **down)
         result["seconds"] = round(time.perf_counter() - t_start, 2)
 
     write_generator_report(out, result, draws=draws, train=train, before_write=finish)
