@@ -17,6 +17,7 @@ from PIL import Image
 
 from covidxray.errors import CovidXrayError
 from covidxray.metrics import features as FE
+from covidxray.train.loop import start_run
 from tests.fixtures import train_tiny_gan
 
 
@@ -318,3 +319,20 @@ def test_paired_delta_interval():
     half = stats.t.ppf(0.975, 2) * sd / 3 ** 0.5
     assert d["mean"] == pytest.approx(sum(diffs) / 3) and d["std"] == pytest.approx(sd)
     assert d["ci95"] == pytest.approx([d["mean"] - half, d["mean"] + half])
+
+
+def test_in_domain_classifier_features_are_fd_cxr(unverified, gan_runs, demo_prepared, clf_cfg, tmp_path):
+    from covidxray.evaluate.generator import evaluate_generator
+
+    clf, finished = start_run(clf_cfg(epochs=1))
+    assert finished
+    res = evaluate_generator(gan_runs["rawgan"], demo_prepared, n=24, repeats=2, metrics=["fid", "kid"],
+                             cxr_features=str(clf.run_dir), out=tmp_path / "c", device="cpu")
+    m = res["metrics"]
+    for key in ("fd_cxr", "kd_cxr", "fd_cxr_floor", "kd_cxr_floor", "fd_unverified"):
+        assert key in m and m[key]["mean"] is not None
+    assert "fid" not in m and res["features"]["cxr"]["sha1"]
+    assert "FD_cxr" in (tmp_path / "c" / "report.md").read_text()
+    with pytest.raises(CovidXrayError, match="--cxr-features needs a classifier run"):
+        evaluate_generator(gan_runs["rawgan"], demo_prepared, n=24, repeats=1, metrics=["fid"],
+                           cxr_features=str(gan_runs["cgan"]), out=tmp_path / "c2", device="cpu")
