@@ -71,20 +71,19 @@ def save_losses(path: Path, stats_file: Path) -> Path | None:
             continue
         if rec.get("kind") == "interval" or (rec.get("kind") == "epoch"):
             rows.append(rec)
+    # The log-interval lines when the run wrote them (finer), else the per-epoch lines; one curve per key.
+    kind = "interval" if any(r.get("kind") == "interval" for r in rows) else "epoch"
+    rows = [r for r in rows if r.get("kind") == kind]
     keys = [k for k in ("loss_d", "loss_g", "loss", "d_real", "d_fake") if any(k in r for r in rows)]
     if not rows or not keys:
         return None
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 3.5), dpi=120)
     try:
-        for kind, style in (("interval", "-"), ("epoch", "o")):
-            sel = [r for r in rows if r.get("kind") == kind]
-            for k in keys:
-                pts = [(r.get("kimg", r.get("step", 0)), r[k]) for r in sel if k in r]
-                if pts:
-                    x, y = zip(*pts)
-                    ax.plot(x, y, style, ms=3, lw=1, label=k if kind == "interval" or not any(
-                        r.get("kind") == "interval" for r in rows) else None)
+        for k in keys:
+            pts = [(r.get("kimg", r.get("step", 0)), r[k]) for r in rows if k in r]
+            x, y = zip(*pts)
+            ax.plot(x, y, "-" if len(pts) > 1 else "o", ms=3, lw=1, label=k)
         ax.set_xlabel("kimg (thousands of real images shown)")
         ax.set_ylabel("value")
         ax.legend(fontsize=8)
