@@ -189,10 +189,18 @@ def evaluate_generator(run_or_checkpoint: str | Path | None, data: str | Path, *
         log("warning: the reference split is the training split: the floor compares it with itself")
     n_train = len(train)
     train_counts = torch.bincount(train.labels, minlength=len(eval_classes)).tolist()
+    labelled = source.conditional
+    folder_counts = None
+    if labelled and source.kind == "folder":
+        avail = source.class_available()  # type: ignore[attr-defined]
+        folder_counts = [avail[source.classes.index(c)] for c in eval_classes]
     if n is None:
-        n = n_train
-        if source.n_available is not None:
-            n = min(n, source.n_available)
+        if folder_counts is not None:  # a labelled folder: all its images, in its own class proportions
+            n = sum(folder_counts)
+        else:
+            n = n_train
+            if source.n_available is not None:
+                n = min(n, source.n_available)
     if n < 2:
         raise CovidXrayError(f"-n {n}: at least 2 generated images are needed (FID needs a covariance)",
                              "Pass -n 1000 or more (at least 2,048 for a full-rank FID)")
@@ -208,12 +216,12 @@ def evaluate_generator(run_or_checkpoint: str | Path | None, data: str | Path, *
             warnings.append(f"{key} left out: its k = {k} nearest-neighbour radii need at least {k + 2} images per "
                             f"set (N = {n}, reference {len(ref)})")
     # Per-class counts of each draw: the real training proportions (conditional sources).
-    labelled = source.conditional
-    counts = class_counts(n, train_counts) if labelled else None
-    if labelled and source.kind == "folder":
-        avail = source.class_available()  # type: ignore[attr-defined]
-        sel = [source.classes.index(c) for c in eval_classes]
-        short = [f"{eval_classes[i]} ({avail[k]} < {counts[i]})" for i, k in enumerate(sel) if avail[k] < counts[i]]
+    if folder_counts is not None and n == sum(folder_counts):
+        counts = list(folder_counts)
+    else:
+        counts = class_counts(n, train_counts) if labelled else None
+    if folder_counts is not None:
+        short = [f"{c} ({have} < {want})" for c, have, want in zip(eval_classes, folder_counts, counts) if have < want]
         if short:
             raise CovidXrayError(f"--fake has too few images for N = {n} in the training proportions: "
                                  f"{', '.join(short)}", "Pass a smaller -n or write more samples per class")
@@ -221,9 +229,11 @@ def evaluate_generator(run_or_checkpoint: str | Path | None, data: str | Path, *
         log(f"note: the folder holds {source.n_available} images and N = {n}: every draw is the same set, so "
             f"--repeats {repeats} is reduced to 1")
         repeats = 1
-    floor_n = min(n, n_train)
+    # The floor draws like the samples (per class for labelled sources), capped by what the training split has.
+    floor_n = sum(min(c, t) for c, t in zip(counts, train_counts)) if labelled else min(n, n_train)
     if floor_n < n:
-        warnings.append(f"the floor uses {floor_n} real training images (all there are), fewer than N = {n}")
+        warnings.append(f"the floor uses {floor_n} real training images (all there are"
+                        f"{' in those class proportions' if labelled else ''}), fewer than N = {n}")
 
     # ---------------------------------------------------------------- images
     draws: list[tuple[torch.Tensor, torch.Tensor | None]] = []

@@ -336,3 +336,18 @@ def test_in_domain_classifier_features_are_fd_cxr(unverified, gan_runs, demo_pre
     with pytest.raises(CovidXrayError, match="--cxr-features needs a classifier run"):
         evaluate_generator(gan_runs["rawgan"], demo_prepared, n=24, repeats=1, metrics=["fid"],
                            cxr_features=str(gan_runs["cgan"]), out=tmp_path / "c2", device="cpu")
+
+
+def test_a_labelled_folder_is_scored_in_its_own_class_proportions(unverified, demo_larger, tmp_path):
+    from covidxray.evaluate.generator import evaluate_generator
+
+    fake = _split_folder(demo_larger, "val", tmp_path / "cls", per_class=True)
+    for p in sorted((fake / "covid").glob("*.png"))[5:]:
+        p.unlink()  # 5 covid images, all the others
+    want = {c: len(list((fake / c).glob("*.png"))) for c in ("covid", "normal", "viral_pneumonia")}
+    res = evaluate_generator(None, demo_larger, fake=fake, metrics=["fid"], repeats=1, out=tmp_path / "o",
+                             device="cpu")
+    assert res["n_per_class"] == want and res["n"] == sum(want.values()) == res["floor_n"]
+    with pytest.raises(CovidXrayError, match="too few images for N"):
+        evaluate_generator(None, demo_larger, fake=fake, n=60, metrics=["fid"], repeats=1, out=tmp_path / "o2",
+                           device="cpu")
