@@ -188,18 +188,10 @@ def hd95(pred: Any, target: Any, spacing: float | Sequence[float] = 1.0) -> np.n
 
 
 def asd(pred: Any, target: Any, spacing: float | Sequence[float] = 1.0) -> np.ndarray:
-    """Average symmetric surface distance between the mask boundaries of every image.
-
-    Args:
-        pred: predicted masks, (N, H, W), (N, 1, H, W) or (H, W); nonzero = foreground.
-        target: reference masks of the same shape.
-        spacing: pixel size, one number or a (row, column) pair; 1.0 gives pixels.
-
-    Returns:
-        float64 array (N,): the mean of the pred->target and target->pred boundary distances pooled
-        together (MONAI's definition); 0 where both masks are empty, the image diagonal (times
-        ``spacing``) where exactly one is.
-    """
+    """Average symmetric surface distance between the mask boundaries of every image; arguments as for
+    :func:`hd95`. Returns float64 (N,): the pred->target and target->pred boundary distances pooled into one
+    mean (MONAI's definition); 0 where both masks are empty, the image diagonal (times ``spacing``) where
+    exactly one is."""
     return _surface_metrics(pred, target, spacing)[1]
 
 
