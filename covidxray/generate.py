@@ -87,9 +87,10 @@ def generate_images(G: nn.Module, z: torch.Tensor, y: torch.Tensor | None, devic
     return torch.cat(out)
 
 
-def load_generator(checkpoint: str | os.PathLike) -> LoadedGenerator:
-    """Rebuild G from a checkpoint (file or run folder); prefers the EMA weights when present."""
-    ckpt = load_checkpoint(checkpoint)
+def load_generator(checkpoint: str | os.PathLike, checkpoint_data: dict | None = None) -> LoadedGenerator:
+    """Rebuild G from a checkpoint (file or run folder; or ``checkpoint_data``, the checkpoint the caller
+    already loaded from it); prefers the EMA weights when present."""
+    ckpt = checkpoint_data if checkpoint_data is not None else load_checkpoint(checkpoint)
     if ckpt["family"] != "gan":
         raise CovidXrayError(f"{ckpt['path']} holds a {ckpt['family']} model ('{ckpt.get('model')}'); "
                              f"`sample` needs a GAN")

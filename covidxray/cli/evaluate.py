@@ -86,19 +86,22 @@ def evaluate_cmd(
     target = targets[0] if targets else None
     if fake is None and target is None:
         raise CovidXrayError("nothing to evaluate", "Pass a run folder or checkpoint, or --fake FOLDER")
-    if fake is None:
-        from covidxray.checkpoint import load_checkpoint
+    ckpt = None
+    if fake is None:  # read once: its family picks the evaluation, which then uses it as loaded
+        from covidxray.checkpoint import load_checkpoint, resolve_checkpoint_path
 
-        family = load_checkpoint(target, prefer_best=True).get("family", "gan")
-        if family == "classifier":
-            return _classifier(con, target, data, split, out, device, batch_size or 256, mc_samples)
-    _generator(con, log, target, fake, data, split, n, repeats, metrics, class_, inception_weights, cxr_features,
+        ckpt = load_checkpoint(target, prefer_best=True)
+        if ckpt.get("family", "gan") == "classifier":
+            return _classifier(con, target, data, split, out, device, batch_size or 256, mc_samples, ckpt)
+        if Path(ckpt["path"]) != resolve_checkpoint_path(target):  # generators read last.pt, not best.pt
+            ckpt = None
+    _generator(con, log, target, ckpt, fake, data, split, n, repeats, metrics, class_, inception_weights, cxr_features,
                out, device, batch_size or 64, seed, skip_unreadable, save_samples,
                dict(classifier=classifier, seeds=seeds, synthetic_ratio=synthetic_ratio, epochs=epochs,
                     sets=list(set_ or [])) if downstream else None)
 
 
-def _generator(con, log, target, fake, data, split, n, repeats, metrics, class_, inception_weights, cxr_features,
+def _generator(con, log, target, ckpt, fake, data, split, n, repeats, metrics, class_, inception_weights, cxr_features,
                out, device, batch_size, seed, skip_unreadable, save_samples, downstream) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
     from rich.table import Table
@@ -120,7 +123,8 @@ def _generator(con, log, target, fake, data, split, n, repeats, metrics, class_,
                              inception_weights=str(inception_weights) if inception_weights else None,
                              cxr_features=str(cxr_features) if cxr_features else None, out=out, device=device,
                              batch_size=batch_size, seed=seed, skip_unreadable=skip_unreadable,
-                             downstream=downstream, save_samples=save_samples, log=log, progress=progress)
+                             downstream=downstream, save_samples=save_samples, checkpoint_data=ckpt, log=log,
+                             progress=progress)
     feats = res["features"]
     title = (f"{res['model']} vs the {res['split']} split of {res['data']} (N = {res['reference_n']}): "
              f"N = {res['n']} generated x {res['repeats']} draws, floor = {res['floor_n']} real training images")
@@ -159,7 +163,7 @@ def _generator(con, log, target, fake, data, split, n, repeats, metrics, class_,
     log(f"wrote {res['out']}/report.md and metrics.json ({len(res.get('figures', []))} figures)")
 
 
-def _classifier(con, checkpoint, data, split, out, device, batch_size, mc_samples) -> None:
+def _classifier(con, checkpoint, data, split, out, device, batch_size, mc_samples, ckpt) -> None:
     from rich.table import Table
 
     from covidxray.evaluate.classifier import evaluate_classifier
@@ -167,7 +171,7 @@ def _classifier(con, checkpoint, data, split, out, device, batch_size, mc_sample
     if mc_samples is not None and mc_samples < 1:
         raise CovidXrayError(f"--mc-samples must be at least 1, got {mc_samples}")
     res = evaluate_classifier(checkpoint, data, split, out, device, batch_size, mc_samples,
-                              log=lambda msg: con.print(msg, highlight=False, soft_wrap=True))
+                              log=lambda msg: con.print(msg, highlight=False, soft_wrap=True), checkpoint_data=ckpt)
     m = res["metrics"]
     title = (f"{res['model']} ({Path(res['checkpoint']).name}, epoch {res['checkpoint_epoch']}) on {res['split']} of "
              f"{res['data']}: N = {m['n']}, {res['image_size']} px"

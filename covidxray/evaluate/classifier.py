@@ -70,7 +70,8 @@ def default_out(checkpoint_path: Path, split: str) -> Path:
 
 def evaluate_classifier(checkpoint: str | Path, data: str | Path, split: str = "test", out: str | Path | None = None,
                         device: str = "auto", batch_size: int = 256, mc_samples: int | None = None,
-                        log: Callable[[str], None] | None = None) -> dict[str, Any]:
+                        log: Callable[[str], None] | None = None,
+                        checkpoint_data: dict[str, Any] | None = None) -> dict[str, Any]:
     """Score a classifier checkpoint (file, or run folder: ``best.pt`` when present) on ``split`` of ``data``.
 
     Args:
@@ -82,6 +83,8 @@ def evaluate_classifier(checkpoint: str | Path, data: str | Path, split: str = "
         batch_size: images per forward pass.
         mc_samples: Monte-Carlo dropout passes (default: the run's ``eval.mc_samples``; 1 without MC dropout).
         log: callable for one-line notes.
+        checkpoint_data: the checkpoint already loaded by the caller (``load_checkpoint(checkpoint,
+            prefer_best=True)``), so that it is not read twice.
 
     Returns:
         The report written to ``metrics.json`` (plus ``out``: the folder written).
@@ -89,7 +92,7 @@ def evaluate_classifier(checkpoint: str | Path, data: str | Path, split: str = "
     log = log or (lambda msg: None)
     if split not in ("train", "val", "test"):
         raise CovidXrayError(f"--split must be train, val or test; got '{split}'")
-    ckpt = load_checkpoint(checkpoint, prefer_best=True)
+    ckpt = checkpoint_data if checkpoint_data is not None else load_checkpoint(checkpoint, prefer_best=True)
     if ckpt["family"] != "classifier":
         raise CovidXrayError(f"{ckpt['path']} holds a {ckpt['family']} model ({ckpt.get('model')}), not a classifier",
                              "Score generators with `covidxray evaluate RUN --data PREPARED` "

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from covidxray.errors import CovidXrayError
+from covidxray.evaluate.report import mean_std
 
 ARMS = ("real", "real+synthetic", "synthetic")
 
@@ -49,13 +50,6 @@ def _score(run_dir: Path, test, device) -> dict[str, Any]:
     return {"accuracy": rep["accuracy"], "balanced_accuracy": rep["balanced_accuracy"], "macro_f1": rep["macro_f1"],
             "auc": rep["auc"], "recall": {c: rep["per_class"][c]["recall"] for c in test.classes},
             "confusion": rep["confusion"], "loaded": loaded}
-
-
-def _mean_std(values: list[float | None]) -> dict[str, Any]:
-    a = np.asarray([v for v in values if v is not None], dtype=float)
-    if a.size == 0:
-        return {"mean": None, "std": None, "values": []}
-    return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if a.size > 1 else 0.0, "values": a.tolist()}
 
 
 def paired_delta(b: list[float], a: list[float]) -> dict[str, Any]:
@@ -168,8 +162,8 @@ def run_downstream(source, data: str | Path, out: Path, *, classifier: str = "re
                               "epochs": epochs if epochs is not None else resolve_config(classifier).train.epochs,
                               "test_n": len(test), "classes": classes, "refused": refused, "arms": {}, "figures": []}
     for arm, rows in per_arm.items():
-        agg = {k: _mean_std([r[k] for r in rows]) for k in ("accuracy", "balanced_accuracy", "macro_f1", "auc")}
-        agg["recall"] = {c: _mean_std([r["recall"][c] for r in rows]) for c in classes}
+        agg = {k: mean_std([r[k] for r in rows]) for k in ("accuracy", "balanced_accuracy", "macro_f1", "auc")}
+        agg["recall"] = {c: mean_std([r["recall"][c] for r in rows]) for c in classes}
         conf = np.sum([np.asarray(r["confusion"]) for r in rows], axis=0).tolist()
         agg["confusion_sum"] = conf
         agg["per_seed"] = rows
@@ -184,7 +178,7 @@ def run_downstream(source, data: str | Path, out: Path, *, classifier: str = "re
         result["delta"]["metric"] = "balanced_accuracy"
     if gan_test:
         result["gan_test"] = {"n": gan_test_n * len(classes),
-                              **{k: _mean_std([g[k] for g in gan_test]) for k in ("accuracy", "balanced_accuracy")}}
+                              **{k: mean_std([g[k] for g in gan_test]) for k in ("accuracy", "balanced_accuracy")}}
     result["class_mix"] = {"predicted_by": "the real-trained classifiers of arm (a)",
                            "mean": dict(zip(classes, np.mean(class_mix, axis=0).tolist())) if class_mix else None,
                            "real_train": dict(zip(classes, (torch.bincount(train_labels, minlength=len(classes)).float()

@@ -29,6 +29,7 @@ and the memorisation check is built in (none of them has one).
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import time
 from pathlib import Path
@@ -40,6 +41,7 @@ import torch
 from covidxray import __version__
 from covidxray.data.datasets import CACHE_DIR, load_tensor_data, read_prepared_info
 from covidxray.errors import CovidXrayError
+from covidxray.evaluate.report import mean_std
 from covidxray.evaluate.sources import FolderSource, GeneratorSource, Source, class_counts
 from covidxray.utils import resolve_device
 
@@ -56,14 +58,6 @@ def parse_metrics(text: str) -> list[str]:
         raise CovidXrayError(f"--metrics: unknown metric(s) {', '.join(unknown) or '(none given)'}",
                              f"Choose from {','.join(ALL_METRICS)}")
     return list(dict.fromkeys(names))
-
-
-def _stat(values: list[float]) -> dict[str, Any]:
-    a = np.asarray([v for v in values if v is not None], dtype=float)
-    if a.size == 0:
-        return {"mean": None, "std": None, "values": []}
-    return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if a.size > 1 else 0.0,
-            "values": [float(v) for v in a]}
 
 
 def _set_metrics(fake: torch.Tensor, ref: torch.Tensor, wanted: list[str], seed: int,
@@ -86,16 +80,16 @@ def _set_metrics(fake: torch.Tensor, ref: torch.Tensor, wanted: list[str], seed:
 
 def _aggregate(per_draw: list[dict[str, float]]) -> dict[str, dict[str, Any]]:
     keys = list(dict.fromkeys(k for d in per_draw for k in d))
-    return {k: _stat([d.get(k) for d in per_draw]) for k in keys}
+    return {k: mean_std([d.get(k) for d in per_draw]) for k in keys}
 
 
 def load_source(run_or_checkpoint: str | Path | None, fake: str | Path | None, data_classes: list[str],
-                skip_unreadable: bool, log: Callable[[str], None]) -> Source:
+                skip_unreadable: bool, log: Callable[[str], None], checkpoint_data: dict | None = None) -> Source:
     if (run_or_checkpoint is None) == (fake is None):
         raise CovidXrayError("give either RUN_OR_CHECKPOINT or --fake FOLDER (not both)")
     if fake is not None:
         return FolderSource(fake, data_classes, skip_unreadable, log)
-    return GeneratorSource(run_or_checkpoint)
+    return GeneratorSource(run_or_checkpoint, checkpoint_data)
 
 
 def evaluate_generator(run_or_checkpoint: str | Path | None, data: str | Path, *, fake: str | Path | None = None,
@@ -104,7 +98,7 @@ def evaluate_generator(run_or_checkpoint: str | Path | None, data: str | Path, *
                        inception_weights: str | None = None, cxr_features: str | None = None,
                        out: str | Path | None = None, device: str = "auto", batch_size: int = 64, seed: int = 0,
                        skip_unreadable: bool = False, downstream: dict[str, Any] | None = None,
-                       save_samples: bool = False,
+                       save_samples: bool = False, checkpoint_data: dict[str, Any] | None = None,
                        log: Callable[[str], None] | None = None, progress=None) -> dict[str, Any]:
     """Score generated images against ``split`` of the prepared folder ``data`` (see the module docstring).
 
@@ -128,6 +122,7 @@ def evaluate_generator(run_or_checkpoint: str | Path | None, data: str | Path, *
         downstream: options of :func:`covidxray.evaluate.downstream.run_downstream`, or None.
         save_samples: also write the first draw as PNGs into ``out/samples/`` (``<class>/`` sub-folders for a
             conditional source); otherwise generated images never reach the disk.
+        checkpoint_data: the generator's checkpoint, when the caller already loaded it (not read twice).
         log: callable for one-line notes.
 
     Returns:
@@ -135,7 +130,7 @@ def evaluate_generator(run_or_checkpoint: str | Path | None, data: str | Path, *
     """
     from covidxray.evaluate.report import write_generator_report
     from covidxray.metrics import generative as G
-    from covidxray.metrics.features import ClassifierFeatures, InceptionFeatures
+    from covidxray.metrics.features import ClassifierFeatures, InceptionFeatures, cached_features
 
     log = log or (lambda msg: None)
     t_start = time.perf_counter()
@@ -156,7 +151,7 @@ def evaluate_generator(run_or_checkpoint: str | Path | None, data: str | Path, *
             raise CovidXrayError("--downstream needs a generator checkpoint (it generates images on the fly); "
                                  "a --fake folder cannot be used", "Pass the GAN's run folder")
         check_downstream_args(**downstream)
-    source = load_source(run_or_checkpoint, fake, data_classes, skip_unreadable, log)
+    source = load_source(run_or_checkpoint, fake, data_classes, skip_unreadable, log, checkpoint_data)
     prepared = int(info["size"])
     if source.image_size != prepared:
         raise CovidXrayError(
@@ -274,10 +269,12 @@ def evaluate_generator(run_or_checkpoint: str | Path | None, data: str | Path, *
     feats: dict[str, dict[str, Any]] = {}
     total = sum(len(d[0]) for d in draws) * len(extractors)
     t0 = time.perf_counter()
-    with (progress or _null_progress)("features", total) as advance:
+    no_progress = lambda what, total: contextlib.nullcontext(lambda k: None)  # noqa: E731
+    with (progress or no_progress)("features", total) as advance:
         for ex in extractors:
-            f_train = _cached(ex, train, cache_dir, f"train-{','.join(eval_classes)}", log)
-            f_ref = f_train if ref is train else _cached(ex, ref, cache_dir, f"{split}-{','.join(eval_classes)}", log)
+            f_train = cached_features(ex, train.images, cache_dir, f"train-{','.join(eval_classes)}", log)
+            f_ref = f_train if ref is train else cached_features(ex, ref.images, cache_dir,
+                                                                 f"{split}-{','.join(eval_classes)}", log)
             f_draws = [ex(imgs, advance) for imgs, _ in draws]
             feats[ex.name] = {"extractor": ex, "train": f_train, "ref": f_ref, "draws": f_draws}
     feat_seconds = time.perf_counter() - t0
@@ -333,7 +330,6 @@ def evaluate_generator(run_or_checkpoint: str | Path | None, data: str | Path, *
                             f"(see closest_pairs.png)")
     metric_seconds = time.perf_counter() - t0
 
-    down = downstream  # run inside the output folder below
 
     import scipy
     import sklearn
@@ -386,10 +382,10 @@ def evaluate_generator(run_or_checkpoint: str | Path | None, data: str | Path, *
                 for i, c in enumerate(eval_classes):
                     write_samples(imgs0[lab0 == i], tmp / "samples" / c)
             result["samples_written"] = "samples/"
-        if down is not None:
+        if downstream is not None:  # the classifier runs live inside the output folder
             from covidxray.evaluate.downstream import run_downstream
 
-            result["downstream"] = run_downstream(source, data, tmp, device=device, seed=seed, log=log, **down)
+            result["downstream"] = run_downstream(source, data, tmp, device=device, seed=seed, log=log, **downstream)
         result["seconds"] = round(time.perf_counter() - t_start, 2)
 
     write_generator_report(out, result, draws=draws, train=train, before_write=finish)
@@ -405,12 +401,6 @@ def default_generator_out(source: Source, split: str) -> Path:
         return p.with_name(f"{p.name}-eval-{split}")
     run = p.parent.parent if p.parent.name == "checkpoints" else p.parent
     return run / f"eval-gen-{split}-{p.stem}"
-
-
-def _cached(ex, td, cache_dir: Path, tag: str, log) -> torch.Tensor:
-    from covidxray.metrics.features import cached_features
-
-    return cached_features(ex, td.images, cache_dir, tag, log)
 
 
 def _memorisation(f_gen: torch.Tensor, gen_u8: torch.Tensor, f_train: torch.Tensor, train_u8: torch.Tensor,
@@ -438,13 +428,3 @@ def _memorisation(f_gen: torch.Tensor, gen_u8: torch.Tensor, f_train: torch.Tens
     out["copies_pixel"] = out["pixel"]["copies"]
     return out
 
-
-class _null_progress:
-    def __init__(self, what: str, total: int):
-        pass
-
-    def __enter__(self):
-        return lambda k: None
-
-    def __exit__(self, *exc):
-        return False

@@ -30,6 +30,14 @@ def _plt():
     return plt
 
 
+def mean_std(values: Sequence[float | None]) -> dict[str, Any]:
+    """``{mean, std (ddof=1; 0 for one value), values}`` of the values that are not None (means None if none)."""
+    a = np.asarray([v for v in values if v is not None], dtype=float)
+    if a.size == 0:
+        return {"mean": None, "std": None, "values": []}
+    return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if a.size > 1 else 0.0, "values": a.tolist()}
+
+
 def fmt(stat: dict | None, digits: int = 2, scale: float = 1.0) -> str:
     """``mean ± std`` of an aggregated metric ("-" when absent)."""
     if not stat or stat.get("mean") is None:
@@ -63,17 +71,15 @@ def save_real_vs_generated(path: Path, classes: Sequence[str], real: torch.Tenso
 
 
 def save_losses(path: Path, stats_file: Path) -> Path | None:
-    rows = []
+    by_kind: dict[str, list[dict]] = {"interval": [], "epoch": []}
     for line in stats_file.read_text(encoding="utf-8").splitlines():
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if rec.get("kind") == "interval" or (rec.get("kind") == "epoch"):
-            rows.append(rec)
+        by_kind.get(rec.get("kind"), []).append(rec)
     # The log-interval lines when the run wrote them (finer), else the per-epoch lines; one curve per key.
-    kind = "interval" if any(r.get("kind") == "interval" for r in rows) else "epoch"
-    rows = [r for r in rows if r.get("kind") == kind]
+    rows = by_kind["interval"] or by_kind["epoch"]
     keys = [k for k in ("loss_d", "loss_g", "loss", "d_real", "d_fake") if any(k in r for r in rows)]
     if not rows or not keys:
         return None

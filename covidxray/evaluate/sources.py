@@ -54,10 +54,10 @@ class Source:
 class GeneratorSource(Source):
     """Samples of a trained GAN (EMA weights when present), drawn with ``seed``."""
 
-    def __init__(self, checkpoint: str | os.PathLike):
+    def __init__(self, checkpoint: str | os.PathLike, checkpoint_data: dict | None = None):
         from covidxray.generate import load_generator
 
-        g = load_generator(checkpoint)
+        g = load_generator(checkpoint, checkpoint_data)
         ck = g.checkpoint
         info = {"checkpoint": str(Path(ck["path"]).resolve()), "epoch": int(ck.get("epoch", 0)),
                 "step": int(ck.get("step", 0)), "weights": g.weights,
