@@ -5,8 +5,9 @@ Two views of the same data:
 * :class:`PreparedDataset` - a map-style dataset whose items are dicts
   (``image``, ``label``, ``mask`` when present, ``id``), the torchxrayvision
   convention; a paired transform is applied to image and mask together.
-* :func:`load_tensor_data` - the fast path for GAN training: the whole split
-  decoded once into one ``uint8`` tensor (N x 1 x H x W), cached on disk beside
+* :func:`load_tensor_data` - the fast path for training: the whole split
+  decoded once into one ``uint8`` tensor (N x 1 x H x W; with ``masks=True`` only
+  the images that have a lung mask, the masks beside them), cached on disk beside
   the prepared data and invalidated when the data change, so that an epoch costs
   no decoding (and, on a GPU, no host-to-device copy either).
 """
@@ -213,32 +214,47 @@ def resize_u8(images: torch.Tensor, size: int, chunk: int = 256) -> torch.Tensor
 
 @dataclass
 class TensorData:
-    """A whole split in memory: ``images`` uint8 N x 1 x H x W, ``labels`` int64 N."""
+    """A whole split in memory: ``images`` uint8 N x 1 x H x W, ``labels`` int64 N, and with
+    ``load_tensor_data(..., masks=True)`` ``masks`` uint8 N x 1 x H x W of 0/1 beside the images."""
 
     images: torch.Tensor
     labels: torch.Tensor
     classes: list[str]
     ids: list[str]
+    masks: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
 
     def to(self, device: torch.device | str) -> "TensorData":
-        return TensorData(self.images.to(device), self.labels.to(device), self.classes, self.ids)
+        masks = None if self.masks is None else self.masks.to(device)
+        return TensorData(self.images.to(device), self.labels.to(device), self.classes, self.ids, masks)
 
 
-def _cache_key(root: Path, records: list[Record], classes: list[str], size: int) -> str:
+def resize_masks(masks: torch.Tensor, size: int) -> torch.Tensor:
+    """Resize 0/1 uint8 masks (N x 1 x H x W) to ``size``: bilinear on 0/255, antialiased when shrinking,
+    then >= 128 (smoother edges than nearest neighbour, the same outline in the mean)."""
+    if masks.shape[-2:] == (size, size):
+        return masks
+    return (resize_u8(masks * 255, size) >= 128).to(torch.uint8)
+
+
+def _cache_key(root: Path, records: list[Record], classes: list[str], size: int, masks: bool = False) -> str:
     # Any change of the file list, a file's size or mtime, the classes or the size
     # gives a new key, so a stale cache is never used.
     h = hashlib.sha256(f"{CACHE_FORMAT}|{size}|{','.join(classes)}".encode())
     for rec in records:
         st = (root / rec.file).stat()
         h.update(f"|{rec.label}|{rec.file}|{st.st_size}|{st.st_mtime_ns}".encode())
+        if masks:
+            st = (root / rec.mask).stat()
+            h.update(f"|{rec.mask}|{st.st_size}|{st.st_mtime_ns}".encode())
     return h.hexdigest()[:16]
 
 
 def load_tensor_data(root: str | os.PathLike, split: str = "train", classes: Sequence[str] | None = None,
-                     image_size: int | None = None, cache: bool = True, log: Callable[[str], None] | None = None) -> TensorData:
+                     image_size: int | None = None, cache: bool = True, log: Callable[[str], None] | None = None,
+                     masks: bool = False) -> TensorData:
     """Decode a whole split into one uint8 tensor, using/writing the on-disk cache.
 
     Args:
@@ -248,6 +264,8 @@ def load_tensor_data(root: str | os.PathLike, split: str = "train", classes: Seq
         image_size: the size the caller needs; a different prepared size is an error.
         cache: read/write ``<root>/.cache/<split>-<key>.pt``.
         log: optional callable for one-line notes (cache hit/miss).
+        masks: load only the images that have a lung mask, with their masks (``TensorData.masks``, 0/1);
+            how many were left out is logged, and a split without any mask is an error.
     """
     root = Path(root)
     info = read_prepared_info(root)
@@ -258,28 +276,47 @@ def load_tensor_data(root: str | os.PathLike, split: str = "train", classes: Seq
             f"Pass --image-size {size}, or prepare again with --size {image_size} into another folder",
         )
     records, class_names = read_records(root, split, classes)
-    key = _cache_key(root, records, class_names, size)
-    cache_file = root / CACHE_DIR / f"{split}-{key}.pt"
+    if masks:
+        with_mask = [r for r in records if r.mask]
+        if not with_mask:
+            raise CovidXrayError(
+                f"no image of the {split} split of {root} ({', '.join(class_names)}) has a lung mask",
+                "Prepare from a source with masks (the Kaggle layout's <Class>/masks/ folders, without --no-masks), "
+                "or try `covidxray prepare --demo` (phantoms with masks)")
+        if log and len(with_mask) < len(records):
+            log(f"{len(records) - len(with_mask)} of {len(records)} {split} images have no lung mask and are left "
+                f"out; {len(with_mask)} images with masks are used")
+        records = with_mask
+    key = _cache_key(root, records, class_names, size, masks)
+    prefix = f"{split}.masks-" if masks else f"{split}-"
+    cache_file = root / CACHE_DIR / f"{prefix}{key}.pt"
     if cache and cache_file.is_file():
         try:
             blob = torch.load(cache_file, map_location="cpu", weights_only=True)
             if log:
-                log(f"loaded {len(blob['ids'])} {split} images from cache {cache_file}")
-            return TensorData(blob["images"], blob["labels"], list(blob["classes"]), list(blob["ids"]))
+                log(f"loaded {len(blob['ids'])} {split} images{' and masks' if masks else ''} from cache {cache_file}")
+            return TensorData(blob["images"], blob["labels"], list(blob["classes"]), list(blob["ids"]),
+                              blob.get("masks"))
         except Exception:  # a corrupt cache is rebuilt, never fatal
             if log:
                 log(f"cache {cache_file} unreadable; rebuilding it")
     images = torch.empty((len(records), 1, size, size), dtype=torch.uint8)
+    mask_t = torch.empty_like(images) if masks else None
     for i, rec in enumerate(records):
         images[i, 0] = torch.from_numpy(_load_gray(root / rec.file, size))
+        if mask_t is not None:
+            mask_t[i, 0] = torch.from_numpy((_load_gray(root / rec.mask, size) >= 128).astype(np.uint8))
     labels = torch.tensor([class_names.index(r.label) for r in records], dtype=torch.long)
-    data = TensorData(images, labels, class_names, [r.id for r in records])
+    data = TensorData(images, labels, class_names, [r.id for r in records], mask_t)
     if cache:
         try:
-            for old in (root / CACHE_DIR).glob(f"{split}-*.pt"):
+            for old in (root / CACHE_DIR).glob(f"{prefix}*.pt"):
                 old.unlink()
+            blob = {"images": images, "labels": labels, "classes": class_names, "ids": data.ids}
+            if mask_t is not None:
+                blob["masks"] = mask_t
             with atomic_path(cache_file) as tmp:
-                torch.save({"images": images, "labels": labels, "classes": class_names, "ids": data.ids}, tmp)
+                torch.save(blob, tmp)
             if log:
                 log(f"decoded {len(records)} {split} images; cached in {cache_file}")
         except OSError as exc:  # read-only data folder: train anyway, say why it is slower next time

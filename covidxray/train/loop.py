@@ -43,7 +43,7 @@ import torch
 
 from covidxray.checkpoint import load_checkpoint, save_checkpoint
 from covidxray.config import Config, config_from_dict, eval_metric
-from covidxray.data.datasets import TensorData, load_tensor_data, resize_u8
+from covidxray.data.datasets import TensorData, load_tensor_data, resize_masks, resize_u8
 from covidxray.errors import CovidXrayError
 from covidxray.models.registry import DataSpec, get_model
 from covidxray.train.graphs import StepGraphs
@@ -210,8 +210,9 @@ class Trainer:
             raise CovidXrayError("no training data given", "Pass --data PREPARED_FOLDER (from `covidxray prepare`)")
         resizes = task_cls.resizes_data
         load_size = None if resizes else (cfg.data.image_size or None)
+        masks = task_cls.needs_masks
         data = load_tensor_data(cfg.data.path, cfg.data.split, cfg.data.classes or None, load_size,
-                                cfg.data.cache, self.log)
+                                cfg.data.cache, self.log, masks=masks)
         eval_data = None
         if cfg.eval.every > 0 and task_cls.evaluates:
             if cfg.eval.split == cfg.data.split:
@@ -219,7 +220,7 @@ class Trainer:
                                      f"selected on its own training images", "Evaluate on another split (eval.split=val)")
             try:
                 eval_data = load_tensor_data(cfg.data.path, cfg.eval.split, cfg.data.classes or None, load_size,
-                                             cfg.data.cache, self.log)
+                                             cfg.data.cache, self.log, masks=masks)
             except CovidXrayError as exc:
                 raise CovidXrayError(f"{exc.message}; it is needed to evaluate during training (eval.every="
                                      f"{cfg.eval.every})", "Prepare with --val > 0, or --set eval.every=0") from None
@@ -232,7 +233,10 @@ class Trainer:
 
         def place(d: TensorData) -> TensorData:
             d = d.to(self.device) if on_gpu else d  # uint8 on the GPU: an epoch needs no host work
-            return d if size == prepared else TensorData(resize_u8(d.images, size), d.labels, d.classes, d.ids)
+            if size == prepared:
+                return d
+            return TensorData(resize_u8(d.images, size), d.labels, d.classes, d.ids,
+                              None if d.masks is None else resize_masks(d.masks, size))
 
         cfg.data.image_size = size  # "0 = the prepared size", resolved for config.yaml and the checkpoint
         return place(data), (place(eval_data) if eval_data is not None else None)
@@ -466,10 +470,12 @@ class Trainer:
                 if s.perm is None:
                     s.perm = torch.randperm(len(self.data), generator=self.shuffle_gen)
                 perm = s.perm.to(self.data.images.device)
+                # What a step learns from beside the images: class labels, or the lung masks (segmenters).
+                targets = self.data.masks if self.task.needs_masks else self.data.labels
                 for b in range(s.batch_in_epoch, self.batches_per_epoch):
                     idx = perm[b * self.batch_size:(b + 1) * self.batch_size]
                     images = self.data.images[idx].to(self.device, non_blocking=True)
-                    labels = self.data.labels[idx].to(self.device, non_blocking=True)
+                    labels = targets[idx].to(self.device, non_blocking=True)
                     out = self._step_with_fallback(images, labels)
                     meter.add(**out)
                     epoch_meter.add(**out)

@@ -32,6 +32,8 @@ class Task:
         resizes_data: the data may be resized to ``data.image_size`` on the device (classifiers);
             otherwise the prepared size must be the asked one (GANs).
         evaluates: the task implements :meth:`evaluate` (the loop then loads ``eval.split``).
+        needs_masks: train on the images that have a lung mask only; the step's second argument is then
+            the batch's masks (uint8 N x 1 x H x W of 0/1) instead of the class labels (segmenters).
         progress_keys: the step scalars the progress bar and log lines show.
         bf16_on_native_cpu: ``train.amp=auto`` means bf16 on a CPU with native bf16 too (AMX /
             AVX512-BF16), not only on CUDA.
@@ -44,6 +46,7 @@ class Task:
     family: ClassVar[str] = ""
     resizes_data: ClassVar[bool] = False
     evaluates: ClassVar[bool] = False
+    needs_masks: ClassVar[bool] = False
     progress_keys: ClassVar[tuple[str, ...]] = ()
     bf16_on_native_cpu: ClassVar[bool] = False
 
