@@ -1,4 +1,5 @@
-"""Optimizer helpers shared by the tasks: loading saved state, the classifiers' learning-rate schedule."""
+"""Optimizer helpers shared by the tasks: loading saved state; the supervised tasks' (classifiers,
+segmenters) optimizer and learning-rate schedule."""
 
 from __future__ import annotations
 
@@ -59,3 +60,35 @@ def schedule_factor(schedule: str, epoch_float: float, total_epochs: int, warmup
     if schedule == "none":
         return 1.0
     raise ValueError(f"unknown schedule {schedule!r}; valid: cosine, step, none")
+
+
+def build_optimizer(params, o, device: torch.device, tensor_lr: bool = False) -> torch.optim.Optimizer:
+    """AdamW or SGD from an ``optim`` section (``name``, ``lr``, ``beta1/2``, ``weight_decay``, ``momentum``,
+    ``nesterov``) of the supervised families.
+
+    ``tensor_lr`` (AdamW, for CUDA graphs): the learning rate lives in a device tensor and the update is
+    ``capturable``, so that a captured step reads the rate :func:`set_lr` writes. AdamW is fused on CUDA.
+    """
+    if o.name == "adamw":
+        kw: dict[str, Any] = {"fused": True} if device.type == "cuda" else {}
+        if tensor_lr:
+            kw["capturable"] = True  # step counters and lr on the GPU: the update can be captured
+        lr: Any = torch.tensor(o.lr, device=device) if tensor_lr else o.lr
+        return torch.optim.AdamW(params, lr=lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay, **kw)
+    return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay)
+
+
+def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    """Write ``lr`` into every parameter group (into the tensor of a ``tensor_lr`` optimizer)."""
+    for group in opt.param_groups:
+        if torch.is_tensor(group["lr"]):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
+
+
+def lr_stat(opt: torch.optim.Optimizer) -> torch.Tensor:
+    """The first group's learning rate as a tensor for the step's logs (a host float stays on the CPU:
+    no host-to-device copy per step)."""
+    lr = opt.param_groups[0]["lr"]
+    return lr.detach().clone() if torch.is_tensor(lr) else torch.tensor(float(lr))

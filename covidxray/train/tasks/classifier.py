@@ -54,8 +54,8 @@ from covidxray.models.classifiers import load_pretrained
 from covidxray.models.registry import list_models
 from covidxray.predict import predict_probs
 from covidxray.train.augment import augment_batch
-from covidxray.train.optim import schedule_factor
-from covidxray.train.tasks.base import Task
+from covidxray.train.optim import lr_stat
+from covidxray.train.tasks.supervised import SupervisedTask
 
 
 def class_cdf(counts: torch.Tensor) -> torch.Tensor:
@@ -78,7 +78,7 @@ def synthetic_count(batch_size: int, ratio: float) -> int:
     return batch_size if ratio >= 1 else int(round(batch_size * ratio / (1.0 - ratio)))
 
 
-class ClassifierTask(Task):
+class ClassifierTask(SupervisedTask):
     """Trains a registered classifier (``family == "classifier"``); see the module docstring."""
 
     family = "classifier"
@@ -104,29 +104,12 @@ class ClassifierTask(Task):
             raise CovidXrayError(f"class(es) {', '.join(empty)} have no images in the {cfg.data.split} split of "
                                  f"{cfg.data.path}", "Prepare the data again, or leave them out with --classes")
 
-        self.net = spec.build(cfg, trainer.data_spec)["net"].to(dev, memory_format=trainer.memory_format)
-        self.net_train = self.net
-        self.models = {"net": self.net}
+        self.setup_net(spec.build(cfg, trainer.data_spec)["net"])
         if cfg.model.pretrained and getattr(trainer, "resuming", False) is False:
             loaded = load_pretrained(self.net, cfg.model.pretrained)
             trainer.log(f"pretrained: {loaded['loaded']} tensors from {cfg.model.pretrained} (first layer summed "
                         f"to 1 channel; {loaded['skipped_head']} head tensors left out, the head starts fresh)")
 
-        o = cfg.optim
-        self.use_tensor_lr = trainer.use_graphs and o.name == "adamw"
-        lr: Any = torch.tensor(o.lr, device=dev) if self.use_tensor_lr else o.lr
-        if o.name == "adamw":
-            kw: dict[str, Any] = {"fused": True} if dev.type == "cuda" else {}
-            if self.use_tensor_lr:
-                kw["capturable"] = True  # step counters and lr on the GPU: the update can be captured
-            self.opt = torch.optim.AdamW(self.net.parameters(), lr=lr, betas=(o.beta1, o.beta2),
-                                         weight_decay=o.weight_decay, **kw)
-        else:
-            self.opt = torch.optim.SGD(self.net.parameters(), lr=lr, momentum=o.momentum, nesterov=o.nesterov,
-                                       weight_decay=o.weight_decay)
-        self.optimizers = {"net": self.opt}
-        self.scaler = torch.amp.GradScaler("cuda", enabled=trainer.amp_dtype == torch.float16)
-        self.scalers = {"net": self.scaler}
 
         weights = parse_class_weights(cfg.loss.class_weights)
         if weights == "balanced":  # inverse class frequency, mean weight per image 1 (scikit-learn's rule)
@@ -197,22 +180,13 @@ class ClassifierTask(Task):
 
     @classmethod
     def graphs_unsupported(cls, cfg) -> str:
-        # SGD keeps its learning rate as a host float, which a captured update would freeze.
-        if cfg.optim.name == "sgd":
-            return "optim.name=sgd keeps its learning rate on the host, so its update cannot be captured (use adamw)"
+        why = super().graphs_unsupported(cfg)
+        if why:
+            return why
         if cfg.data.synthetic:
             return ("data.synthetic: generating the synthetic images inside a captured step is untested on a GPU, "
                     "so such runs train eagerly")
         return ""
-
-    # ------------------------------------------------------------ compile
-    def compile(self, mode: str) -> None:
-        self.net_train = torch.compile(self.net, mode=mode)
-        self.compiled = True
-
-    def uncompile(self) -> None:
-        self.net_train = self.net
-        self.compiled = False
 
     # ------------------------------------------------------------ state
     def generators(self) -> dict[str, tuple[torch.Generator, int]]:
@@ -245,22 +219,6 @@ class ClassifierTask(Task):
                 f"from the last checkpoint")
 
     # ------------------------------------------------------------ step
-    def current_lr(self) -> float:
-        t, o = self.trainer, self.cfg.optim
-        epoch_float = t.state.step / max(t.batches_per_epoch, 1)
-        return o.lr * schedule_factor(o.schedule, epoch_float, self.cfg.train.epochs, o.warmup_epochs,
-                                      o.step_epochs, o.step_gamma)
-
-    def step_variant(self) -> tuple:
-        # Not a graph key: the learning rate of this step is written where the update reads it.
-        lr = self.current_lr()
-        for group in self.opt.param_groups:
-            if torch.is_tensor(group["lr"]):
-                group["lr"].fill_(lr)
-            else:
-                group["lr"] = lr
-        return ()
-
     @torch.no_grad()
     def synthetic_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The step's generated images (uint8, at the classifier's side) and their labels, on the device."""
@@ -287,15 +245,9 @@ class ClassifierTask(Task):
             logits = self.net_train(x)
         loss = F.cross_entropy(logits.float(), labels, weight=self.class_weights,
                                label_smoothing=self.cfg.loss.label_smoothing)
-        self.opt.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.opt)
-        self.scaler.update()
-        lr = self.opt.param_groups[0]["lr"]
-        stats = {"loss": loss.detach(), "acc": (logits.detach().argmax(1) == labels).float().mean()}
-        # (a host float stays on the CPU: no host-to-device copy per step)
-        stats["lr"] = lr.detach().clone() if torch.is_tensor(lr) else torch.tensor(float(lr))
-        return stats
+        self.optimizer_step(loss)
+        return {"loss": loss.detach(), "acc": (logits.detach().argmax(1) == labels).float().mean(),
+                "lr": lr_stat(self.opt)}
 
     # ------------------------------------------------------------ evaluation
     @torch.no_grad()
