@@ -1,4 +1,5 @@
-"""Batched inference of trained classifiers (used by training's validation and by ``evaluate``)."""
+"""Batched inference of trained classifiers and segmenters (used by training's validation, ``evaluate`` and
+``segment``)."""
 
 from __future__ import annotations
 
@@ -94,3 +95,73 @@ def load_classifier(checkpoint: str | os.PathLike, checkpoint_data: dict[str, An
     net.load_state_dict(ckpt["models"]["net"])
     net.eval()
     return LoadedClassifier(net, cfg, ckpt)
+
+
+# ------------------------------------------------------------------------------------------ segmenters
+def _mask_logits(net: nn.Module, x: torch.Tensor, tta: bool) -> torch.Tensor:
+    logits = net(x).float()
+    if tta:  # the mean of the logits of the image and of its mirror image (mirrored back)
+        logits = 0.5 * (logits + net(x.flip(-1)).float().flip(-1))
+    return logits
+
+
+@torch.no_grad()
+def iter_mask_probs(net: nn.Module, images_u8: torch.Tensor, device: torch.device | str, batch_size: int = 64,
+                    amp_dtype: torch.dtype | None = None, memory_format: torch.memory_format = torch.contiguous_format,
+                    tta: bool = False):
+    """Lung probabilities of uint8 images (N x 1 x S x S, on any device) with a segmenter in eval mode,
+    batch by batch: yields ``(start, probs)``, ``probs`` float32 (B x 1 x S x S) on ``device``.
+
+    ``tta``: test-time augmentation, the mean of the logits of each image and of its left-right mirror
+    image (the mirrored prediction mirrored back). The net's training mode is restored afterwards.
+    """
+    was_training = net.training
+    net.eval()
+    device = torch.device(device)
+    try:
+        for i in range(0, images_u8.shape[0], batch_size):
+            x = to_float(images_u8[i:i + batch_size].to(device, non_blocking=True)).contiguous(memory_format=memory_format)
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                logits = _mask_logits(net, x, tta)
+            yield i, torch.sigmoid(logits)
+    finally:
+        net.train(was_training)
+
+
+@dataclass
+class LoadedSegmenter:
+    """A segmenter ready to predict: the network (eval mode), its config and the checkpoint."""
+
+    net: nn.Module
+    cfg: Config
+    checkpoint: dict[str, Any]
+
+    @property
+    def image_size(self) -> int:
+        return int(self.checkpoint["image_size"])
+
+    @property
+    def threshold(self) -> float:
+        return float(self.cfg.eval.threshold)
+
+    @property
+    def fit(self) -> str:
+        """How the training X-rays were fitted into squares by ``prepare`` (stretch | pad | crop)."""
+        return str(self.checkpoint.get("fit", "stretch"))
+
+
+def load_segmenter(checkpoint: str | os.PathLike, checkpoint_data: dict[str, Any] | None = None) -> LoadedSegmenter:
+    """Rebuild a trained segmenter from a checkpoint (a file, or a run folder: its ``best.pt`` when there is
+    one, else ``last.pt``)."""
+    ckpt = checkpoint_data if checkpoint_data is not None else load_checkpoint(checkpoint, prefer_best=True)
+    family = ckpt.get("family", "gan")
+    if family != "segmentation":
+        raise CovidXrayError(f"{ckpt['path']} holds a {family} model ('{ckpt.get('model')}'), not a segmenter",
+                             "Pass a run folder or checkpoint of `covidxray train --model unet` (or attention_unet)")
+    cfg = config_from_dict(ckpt["config"], family=family)
+    spec = get_model(cfg.model.name)
+    classes = tuple(ckpt.get("classes") or ())
+    net = spec.build(cfg, DataSpec(len(classes), int(ckpt["image_size"]), 1, classes))["net"]
+    net.load_state_dict(ckpt["models"]["net"])
+    net.eval()
+    return LoadedSegmenter(net, cfg, ckpt)

@@ -30,6 +30,23 @@ def train_tiny_gan(model: str, data, out, extra=()) -> Path:
     return trainer.run_dir
 
 
+#: A tiny U-Net configuration for tests (same code paths as a real run).
+TINY_UNET_SETS = ["arch.width=8", "arch.depth=3", "train.batch_size=8", "train.log_every=2", "train.num_threads=1"]
+
+
+def train_tiny_unet(data, out, epochs: int = 1, model: str = "unet", extra=()) -> Path:
+    """Train a tiny segmenter (TINY_UNET_SETS) on a prepared 64 px folder with masks; returns its run folder."""
+    from covidxray.config import resolve_config
+    from covidxray.train.loop import start_run
+
+    cfg = resolve_config(model, flags={"data": {"path": str(data)}, "train": {"epochs": epochs, "device": "cpu"}},
+                         sets=TINY_UNET_SETS + list(extra))
+    cfg.out = str(out)
+    trainer, finished = start_run(cfg)
+    assert finished
+    return trainer.run_dir
+
+
 def build_small(name: str, size: int = 64, *sets: str, n_classes: int = 3):
     """Resolve a small config of a registered GAN and build its networks (seeded) for data of
     ``n_classes`` classes at ``size`` px."""

@@ -54,10 +54,21 @@ def evaluate_cmd(
     set_: Optional[List[str]] = typer.Option(None, "--set", help="--downstream: classifier override key=value, repeatable."),
     compare: bool = typer.Option(False, "--compare", help="Build one markdown table from the given evaluate output "
                                  "folders (-o FILE to write it)."),
+    images: Optional[Path] = typer.Option(None, "--images", help="Segmenters: a folder of X-rays to score against "
+                                          "--masks (instead of --data)."),
+    masks: Optional[Path] = typer.Option(None, "--masks", help="Segmenters: the ground-truth masks of --images, "
+                                         "paired by file name."),
+    threshold: Optional[float] = typer.Option(None, "--threshold", help="Segmenters: lung probability threshold "
+                                              "(default: the run's eval.threshold)."),
+    tta: bool = typer.Option(False, "--tta", help="Segmenters: test-time augmentation (mean with the mirror image)."),
+    postprocess: bool = typer.Option(True, "--postprocess/--no-postprocess", help="Segmenters: keep the two largest "
+                                     "components and fill holes, as `segment` does."),
 ) -> None:
     """Score a model on real X-rays.
 
     Classifiers: accuracy, balanced accuracy, per-class precision/recall/F1, ROC-AUC, confusion matrix.
+    Segmenters (U-Net runs): Dice, IoU, HD95, ASD per image and mean ± std, the worst cases, against the masks
+    of --data or of --images/--masks folders.
     Generators (GAN runs, checkpoints, --fake folders): FID, KID, precision/recall, density/coverage, each
     beside the real-vs-real floor at the same N; diversity; a memorisation check; with --downstream, the gain
     of a classifier trained with synthetic images. Writes OUT/metrics.json and a report.
@@ -76,7 +87,7 @@ def evaluate_cmd(
         if out is not None:
             log(f"wrote {out}")
         return
-    if data is None:
+    if data is None and images is None:
         raise CovidXrayError("--data is required", "Pass the prepared folder with the real images, e.g. --data data/cxr128")
     if len(targets) > 1:
         raise CovidXrayError(f"one RUN_OR_CHECKPOINT at a time, got {len(targets)}",
@@ -91,6 +102,14 @@ def evaluate_cmd(
         from covidxray.checkpoint import load_checkpoint, resolve_checkpoint_path
 
         ckpt = load_checkpoint(target, prefer_best=True)
+        if ckpt.get("family", "gan") == "segmentation":
+            return _segmenter(con, log, target, data, split, images, masks, out, device, batch_size or 32, threshold,
+                              tta, postprocess, ckpt)
+        if images is not None or masks is not None:
+            raise CovidXrayError("--images/--masks score segmenters; this checkpoint holds a "
+                                 f"{ckpt.get('family', 'gan')} model", "Pass a U-Net run, or drop --images/--masks")
+        if data is None:
+            raise CovidXrayError("--data is required", "Pass the prepared folder with the real images")
         if ckpt.get("family", "gan") == "classifier":
             return _classifier(con, target, data, split, out, device, batch_size or 256, mc_samples, ckpt)
         if Path(ckpt["path"]) != resolve_checkpoint_path(target):  # generators read last.pt, not best.pt
@@ -197,3 +216,27 @@ def _classifier(con, checkpoint, data, split, out, device, batch_size, mc_sample
         f"{ov['same_pixels']} same-pixel images, {ov['same_patient']} same-patient images" if ov["checked"]
         else f"not checked ({ov['reason']})"), highlight=False)
     con.print(f"wrote {res['out']}/metrics.json, predictions.csv, confusion.png", highlight=False, soft_wrap=True)
+
+
+def _segmenter(con, log, target, data, split, images, masks, out, device, batch_size, threshold, tta, postprocess,
+               ckpt) -> None:
+    from rich.table import Table
+
+    from covidxray.evaluate.segmentation import LABELS, METRICS, evaluate_segmenter
+
+    res = evaluate_segmenter(target, data, split, images, masks, out, device, batch_size, threshold, tta, postprocess,
+                             log=log, checkpoint_data=ckpt)
+    where = f"{res['split']} of {res['data']}" if "data" in res else f"{res['images']} vs {res['masks']}"
+    table = Table(title=f"{res['model']} (epoch {res['checkpoint_epoch']}) on {where}: N = {res['n']}, threshold "
+                        f"{res['threshold']:g}, post-processing {res['postprocess']}, TTA {res['tta']}",
+                  title_justify="left")
+    for col in ("metric", "mean ± std", "median", "min", "max"):
+        table.add_column(col, justify="left" if col == "metric" else "right")
+    for m in METRICS:
+        v = res["summary"][m]
+        table.add_row(LABELS[m], f"{v['mean']:.4f} ± {v['std']:.4f}", f"{v['median']:.4f}",
+                      f"{v['min']:.4f}", f"{v['max']:.4f}")
+    con.print(table)
+    log(f"HD95/ASD in {res['distance_unit']} ({res['resolution']}); empty ground truths {res['n_empty_target']}, "
+        f"empty predictions {res['n_empty_pred']}, one of the two empty {res['n_one_empty']} (scored, never dropped)")
+    log(f"wrote {res['out']}/report.md, metrics.json, per_image.csv, worst.png")

@@ -2,7 +2,8 @@
 
 * :mod:`covidxray.config.core` - the generic sections (``model``, ``data``, ``train``, ``optim``,
   ``eval``), the family declarations, override parsing, validation and resolution;
-* :mod:`covidxray.config.gan`, :mod:`covidxray.config.classifier` - each family's schema (its own
+* :mod:`covidxray.config.gan`, :mod:`covidxray.config.classifier`, :mod:`covidxray.config.segmentation` -
+  each family's schema (its own
   sections and the keys it adds to the generic ones) and its checks.
 
 Every key is declared once, with its default and a comment on its allowed values;
@@ -34,10 +35,11 @@ from covidxray.config.core import (
 )
 from covidxray.config.gan import GANConfig  # noqa: E402  (registers the family)
 from covidxray.config.classifier import ClassifierConfig  # noqa: E402  (registers the family)
+from covidxray.config.segmentation import SegmentationConfig  # noqa: E402  (registers the family)
 
 __all__ = [
     "CONFIG_DIR", "FAMILIES", "Config", "DataConfig", "EvalConfig", "Family", "ModelConfig", "OptimConfig",
-    "TrainConfig", "GANConfig", "ClassifierConfig", "apply_overrides", "config_from_dict", "eval_metric",
+    "TrainConfig", "GANConfig", "ClassifierConfig", "SegmentationConfig", "apply_overrides", "config_from_dict", "eval_metric",
     "family_of", "get_family", "load_yaml", "model_config_path", "new_config", "parse_set", "register_family",
     "resolve_config", "validate",
 ]

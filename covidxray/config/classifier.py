@@ -133,9 +133,19 @@ def _in_range(key: str, value: float, lo: float, hi: float, hi_open: bool = True
         raise CovidXrayError(f"config key '{key}' must be in [{lo:g}, {hi:g}{')' if hi_open else ']'}; got {value:g}")
 
 
+def check_supervised_optim(cfg) -> None:
+    """Checks of the ``optim`` section the classifiers and the segmenters share."""
+    check_positive(cfg, ["optim.step_epochs"])
+    if cfg.optim.lr <= 0:
+        raise CovidXrayError(f"config key 'optim.lr' must be > 0; got {cfg.optim.lr:g}")
+    if cfg.optim.weight_decay < 0 or cfg.optim.momentum < 0 or cfg.optim.warmup_epochs < 0:
+        raise CovidXrayError("config keys 'optim.weight_decay', 'optim.momentum' and 'optim.warmup_epochs' must be >= 0")
+    _in_range("optim.step_gamma", cfg.optim.step_gamma, 0.0, 1.0, hi_open=False)
+
+
 def check_classifier(cfg: ClassifierConfig) -> None:
     """The classifier family's cross-key checks."""
-    check_positive(cfg, ["optim.step_epochs", "eval.mc_samples"])
+    check_positive(cfg, ["eval.mc_samples"])
     size = cfg.data.image_size
     if size and not MIN_SIZE <= size <= MAX_SIZE:
         raise CovidXrayError(f"config key 'data.image_size' must be {MIN_SIZE}-{MAX_SIZE} (or 0: the prepared size) "
@@ -147,11 +157,7 @@ def check_classifier(cfg: ClassifierConfig) -> None:
                              "Use e.g. 0.5 (as many generated as real images), or leave data.synthetic empty")
     _in_range("model.dropout", cfg.model.dropout, 0.0, 1.0)
     _in_range("model.mc_dropout", cfg.model.mc_dropout, 0.0, 1.0)
-    if cfg.optim.lr <= 0:
-        raise CovidXrayError(f"config key 'optim.lr' must be > 0; got {cfg.optim.lr:g}")
-    if cfg.optim.weight_decay < 0 or cfg.optim.momentum < 0 or cfg.optim.warmup_epochs < 0:
-        raise CovidXrayError("config keys 'optim.weight_decay', 'optim.momentum' and 'optim.warmup_epochs' must be >= 0")
-    _in_range("optim.step_gamma", cfg.optim.step_gamma, 0.0, 1.0, hi_open=False)
+    check_supervised_optim(cfg)
     _in_range("loss.label_smoothing", cfg.loss.label_smoothing, 0.0, 1.0)
     parse_class_weights(cfg.loss.class_weights)
     _in_range("aug.rotate", cfg.aug.rotate, 0.0, 180.0, hi_open=False)

@@ -49,12 +49,13 @@ class ModelSpec:
 
     Attributes:
         name: registry key, used as ``--model NAME``.
-        family: a declared family (``covidxray.config.FAMILIES``: ``gan``, ``classifier``); picks the
+        family: a declared family (``covidxray.config.FAMILIES``: ``gan``, ``classifier``,
+            ``segmentation``); picks the
             configuration schema and the training task.
         paper: short citation of the paper the model follows.
         summary: one line for ``covidxray models``.
         build: ``build(cfg, data: DataSpec) -> dict[str, nn.Module]`` (GANs: ``{"G", "D"}``;
-            classifiers: ``{"net"}``).
+            classifiers and segmenters: ``{"net"}``).
         conditional: whether a generator takes class labels.
         features: optional training features the model supports, e.g. ``("uncertainty",)``
             (Monte-Carlo dropout in D) or ``("cutmix",)`` (per-pixel D output).
@@ -104,6 +105,7 @@ def _load_families() -> None:
     import covidxray.models.classifiers  # noqa: F401
     import covidxray.models.conditional  # noqa: F401
     import covidxray.models.dcgan  # noqa: F401
+    import covidxray.models.segmentation  # noqa: F401
     import covidxray.models.unetgan  # noqa: F401
 
 

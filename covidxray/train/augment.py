@@ -6,7 +6,7 @@ state is saved with the run, so a resumed run draws the same numbers), with no h
 step can be a CUDA graph. Images are float N x C x H x W in [-1, 1]; what a warp brings in from
 outside the image is black (-1), the background of a radiograph. The warp is split into
 :func:`affine_matrices` and :func:`warp` so that an image and its mask can share one draw (bilinear
-for the image, nearest for the mask).
+for the image, bilinear then thresholded for the mask: :func:`augment_pair`).
 
 No horizontal flip by default: it swaps the patient's sides (heart on the right), which a real
 PA/AP radiograph never shows.
@@ -26,7 +26,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["affine_matrices", "warp", "jitter", "augment_batch"]
+__all__ = ["affine_matrices", "elastic_displacement", "warp", "jitter", "augment_pair", "augment_batch"]
 
 
 def _uniform(n: int, half_width: float, generator: torch.Generator | None, device) -> torch.Tensor:
@@ -57,9 +57,25 @@ def affine_matrices(n: int, generator: torch.Generator | None = None, device: to
     return theta
 
 
-def warp(x: torch.Tensor, theta: torch.Tensor, mode: str = "bilinear", fill: float = -1.0) -> torch.Tensor:
-    """Apply affine matrices ``theta`` (N, 2, 3) to ``x`` (N, C, H, W); outside pixels become ``fill``."""
+def elastic_displacement(n: int, height: int, width: int, strength: float, generator: torch.Generator | None = None,
+                         device: torch.device | str = "cpu", control: int = 4) -> torch.Tensor:
+    """Smooth random displacements (n, H, W, 2) for :func:`warp`'s ``displacement``, in normalised coordinates.
+
+    Normal noise with a standard deviation of ``strength`` times the side on a ``control`` x ``control``
+    grid, up-sampled bicubically (an elastic deformation in the manner of Simard et al. 2003 and the
+    U-Net paper, which draw displacements on a coarse grid).
+    """
+    d = torch.randn(n, 2, control, control, generator=generator, device=device) * (2 * strength)
+    return F.interpolate(d, size=(height, width), mode="bicubic", align_corners=True).permute(0, 2, 3, 1)
+
+
+def warp(x: torch.Tensor, theta: torch.Tensor, mode: str = "bilinear", fill: float = -1.0,
+         displacement: torch.Tensor | None = None) -> torch.Tensor:
+    """Apply affine matrices ``theta`` (N, 2, 3), then optional ``displacement`` (N, H, W, 2, normalised
+    coordinates, :func:`elastic_displacement`), to ``x`` (N, C, H, W); outside pixels become ``fill``."""
     grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+    if displacement is not None:
+        grid = grid + displacement.to(grid.dtype)
     # grid_sample pads with zeros: shift so that zero padding is `fill`.
     return F.grid_sample(x - fill, grid, mode=mode, padding_mode="zeros", align_corners=False) + fill
 
@@ -73,6 +89,25 @@ def jitter(x: torch.Tensor, generator: torch.Generator | None = None, brightness
     b = _uniform(n, brightness, generator, x.device).view(n, 1, 1, 1).to(x.dtype)
     mean = x.mean((1, 2, 3), keepdim=True)
     return ((x - mean) * c + mean + b).clamp(-1, 1)
+
+
+def augment_pair(x: torch.Tensor, masks: torch.Tensor, generator: torch.Generator | None = None, rotate: float = 0.0,
+                 scale: float = 0.0, translate: float = 0.0, brightness: float = 0.0, contrast: float = 0.0,
+                 elastic: float = 0.0, hflip: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images ``x`` (float, [-1, 1]) and their ``masks`` (0/1, any dtype) warped by one shared random draw
+    (affine, then elastic when ``elastic`` > 0); the image bilinearly (outside: -1), the mask bilinearly
+    then > 0.5 (outside: 0), so that they stay aligned. Brightness/contrast jitter touches the image only.
+    Returns the image and the mask as float 0/1."""
+    m = masks.to(x.dtype)
+    if rotate or scale or translate or hflip or elastic:
+        n, _, h, w = x.shape
+        theta = affine_matrices(n, generator, x.device, rotate, scale, translate, hflip)
+        disp = elastic_displacement(n, h, w, elastic, generator, x.device) if elastic else None
+        x = warp(x, theta, "bilinear", -1.0, disp)
+        m = (warp(m, theta, "bilinear", 0.0, disp) > 0.5).to(x.dtype)
+    if brightness or contrast:
+        x = jitter(x, generator, brightness, contrast)
+    return x, m
 
 
 def augment_batch(x: torch.Tensor, generator: torch.Generator | None = None, rotate: float = 0.0,

@@ -20,14 +20,6 @@ def test_models_lists_the_registry(cli):
     assert "rawgan" in r.clean_stdout and "Radford" in r.clean_stdout
 
 
-@pytest.mark.parametrize("cmd", ["segment"])
-def test_planned_commands_say_not_available(cli, cmd):
-    r = cli(cmd)
-    assert r.exit_code == 2
-    assert "not available yet" in r.clean_stderr
-    assert "Traceback" not in r.output
-
-
 def test_dry_run_prints_resolved_config(cli, demo_prepared, tmp_path):
     r = cli("train", "--model", "rawgan", "--data", demo_prepared, "--epochs", "3", "--batch-size", "8",
             "--image-size", "64", "--set", "optim.lr_g=1e-3", "--snapshot-every", "7", "--out", tmp_path / "runs",
@@ -42,7 +34,7 @@ def test_dry_run_prints_resolved_config(cli, demo_prepared, tmp_path):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["train", "--model", "nosuch", "--data", "x"], "unknown model 'nosuch'; valid models: acgan, cgan, densenet121, inception_v3, rawgan, resnet18, smallcnn, unetcgan, unetgan"),
+        (["train", "--model", "nosuch", "--data", "x"], "unknown model 'nosuch'; valid models: acgan, attention_unet, cgan, densenet121, inception_v3, rawgan, resnet18, smallcnn, unet, unetcgan, unetgan"),
         (["train", "--model", "rawgan", "--set", "train.bogus=1", "--dry-run"], "unknown config key 'train.bogus'"),
         (["train", "--model", "rawgan", "--data", "/nonexistent/prepared", "--image-size", "64"], "does not exist"),
         (["train"], "--model is required"),

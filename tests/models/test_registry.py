@@ -26,7 +26,7 @@ def test_registering_a_name_twice_fails():
 
 
 def test_registering_under_an_unknown_family_fails():
-    with pytest.raises(ValueError, match="unknown family 'diffusion'; declared families: classifier, gan"):
+    with pytest.raises(ValueError, match="unknown family 'diffusion'; declared families: classifier, gan, segmentation"):
         register_model("ddpm", family="diffusion", paper="x", summary="x")
 
 
@@ -70,10 +70,21 @@ def _check_classifier(spec, nets, cfg, size):
     assert net.features(x).shape == (2, net.n_features)
 
 
-FAMILY_CHECKS = {"gan": _check_gan, "classifier": _check_classifier}
+def _check_segmentation(spec, nets, cfg, size):
+    net = nets["net"]
+    x = torch.rand(2, 1, size, size) * 2 - 1
+    logits = net(x)
+    assert logits.shape == (2, 1, size, size) and torch.isfinite(logits).all()
+    logits.mean().backward()
+    assert all(p.grad is not None for p in net.parameters())
+    with pytest.raises(ValueError, match="multiples of"):
+        net(torch.zeros(1, 1, size + 8, size))
+
+
+FAMILY_CHECKS = {"gan": _check_gan, "classifier": _check_classifier, "segmentation": _check_segmentation}
 #: The sizes each family is checked at (the classifiers' smallest and largest, within each model's limit).
-FAMILY_SIZES = {"gan": (64, 128, 256), "classifier": (64, 299)}
-SMALL = {"gan": ["arch.g_channels=8", "arch.d_channels=8"], "classifier": []}
+FAMILY_SIZES = {"gan": (64, 128, 256), "classifier": (64, 299), "segmentation": (64, 256)}
+SMALL = {"gan": ["arch.g_channels=8", "arch.d_channels=8"], "classifier": [], "segmentation": ["arch.width=8"]}
 
 
 @pytest.mark.parametrize("name, size", [(n, s) for n in MODELS for s in FAMILY_SIZES[get_model(n).family]

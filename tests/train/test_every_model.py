@@ -13,6 +13,7 @@ from covidxray.train.loop import Trainer, new_run_dir
 TINY = {
     "gan": ["arch.g_channels=8", "arch.d_channels=8", "train.grid_size=4"],
     "classifier": [],
+    "segmentation": ["arch.width=8", "arch.depth=3"],
 }
 MODELS = [(s.name, s.family) for s in list_models()]
 

@@ -9,8 +9,9 @@ from covidxray.errors import CovidXrayError
 from covidxray.train.tasks.base import Task
 from covidxray.train.tasks.classifier import ClassifierTask
 from covidxray.train.tasks.gan import GANTask
+from covidxray.train.tasks.segmentation import SegmentationTask
 
-TASKS: dict[str, type[Task]] = {"gan": GANTask, "classifier": ClassifierTask}
+TASKS: dict[str, type[Task]] = {"gan": GANTask, "classifier": ClassifierTask, "segmentation": SegmentationTask}
 
 
 def get_task(family: str) -> type[Task]:
@@ -22,4 +23,4 @@ def get_task(family: str) -> type[Task]:
                              f"{', '.join(sorted(TASKS))}") from None
 
 
-__all__ = ["TASKS", "Task", "GANTask", "ClassifierTask", "get_task"]
+__all__ = ["TASKS", "Task", "GANTask", "ClassifierTask", "SegmentationTask", "get_task"]
