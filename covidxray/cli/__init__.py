@@ -16,12 +16,12 @@ app = typer.Typer(
 def _register() -> None:
     # Each module owns one command; heavy imports (torch) happen inside the commands,
     # so that `covidxray --help` stays fast.
-    from covidxray.cli import demo, evaluate, gif, models, planned, prepare, sample, train
+    from covidxray.cli import demo, evaluate, gif, models, prepare, sample, segment, train
 
     app.command("prepare")(prepare.prepare_cmd)
     app.command("train")(train.train_cmd)
     app.command("sample")(sample.sample_cmd)
-    app.command("segment")(planned.segment_cmd)
+    app.command("segment")(segment.segment_cmd)
     app.command("gif")(gif.gif_cmd)
     app.command("evaluate")(evaluate.evaluate_cmd)
     app.command("models")(models.models_cmd)

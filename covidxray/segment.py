@@ -1,0 +1,563 @@
+"""Lung segmentation of any X-ray with a trained segmenter (``covidxray segment``).
+
+Steps, for each input image (one file, or every image file under a folder, searched recursively; the
+output folder is skipped when it lies inside the input folder):
+
+1. read the bytes and :func:`~covidxray.data.imaging.decode` them (the EXIF orientation is applied:
+   every output is in the *upright* orientation of the decoded image, and the CSV's width/height are
+   those of the upright image), then :func:`~covidxray.data.imaging.to_gray8` (16-bit, RGB/RGBA,
+   palette images);
+2. fit the image into the checkpoint's S x S square exactly as ``prepare`` fitted the training X-rays
+   (:func:`~covidxray.data.imaging.fit_image` with the checkpoint's ``fit``: stretch, pad or crop);
+3. predict the lung probability in batches (:func:`~covidxray.predict.iter_mask_probs`: on the GPU when
+   there is one, in bf16; on the CPU in bf16 where it is native, else float32; ``channels_last``;
+   optionally with left-right test-time augmentation); decoding, post-processing and writing run in a
+   small thread pool so that the model is kept busy;
+4. map the S x S probability back onto the *original* width x height by inverting the fit
+   (:func:`inverse_fit`: stretch -> bilinear resize; pad -> the inner box at its offset, resized;
+   crop -> resized into the centre square, 0 outside it), threshold it (default: the checkpoint's
+   ``eval.threshold``) and post-process it (:func:`~covidxray.data.masks.postprocess`: the two largest
+   components, holes filled; can be switched off).
+
+Outputs in ``OUT`` (names keep the input's sub-folders, the suffix becomes ``.png``; two inputs that would
+get the same name, such as ``x.jpg`` and ``x.png``, are named ``x.jpg.png`` and ``x.png.png``):
+
+* ``masks/<name>.png``: the mask, 0/255, at the original (upright) size;
+* ``overlays/<name>.png``: the X-ray with the lung outline (unless ``overlay=False``);
+* ``crops/<name>.png`` (with ``crop=True``): the gray X-ray cut to the lungs' bounding box widened by
+  ``crop_margin`` x the side; no crop when no lung was found (the status says so);
+* ``segment.csv``, one row per input, columns :data:`CSV_COLUMNS`: ``file`` (path relative to the input
+  folder, with ``/``), ``width``, ``height``, ``lung_area_px``, ``lung_fraction`` (of the image, 4
+  decimals), ``image_left_px`` / ``image_right_px`` (the largest component on each side of the image's
+  vertical midline), ``components``, ``mean_intensity`` (mean 8-bit gray value inside the lungs, 1
+  decimal; empty without lungs) and ``status``: ``ok``, ``suspicious: no lung found``, ``suspicious: one
+  lung``, ``suspicious: N large components`` or ``unreadable: <reason>`` (numbers empty);
+* ``segment.json``: the settings, the checkpoint, model, image size and counts of the last run.
+
+Sides are **image** sides, not the patient's: on a standard PA film the patient's right lung is on the
+image's left.
+
+Every file is written atomically (temporary file + rename); ``segment.csv`` is rewritten whole every few
+seconds and at the end (also on Ctrl-C), and a row only appears once its files are written. A rerun on
+the same input and output skips images that already have their mask (and overlay) and a row; it is
+refused when the settings recorded in ``segment.json`` differ, unless ``overwrite=True`` (which redoes
+every image).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from covidxray import __version__
+from covidxray.data.imaging import UnreadableImage, decode, fit_geometry, fit_image, is_image_name, save_png, to_gray8
+from covidxray.data.masks import bounding_box, lung_stats
+from covidxray.data.masks import postprocess as postprocess_mask
+from covidxray.data.overlays import overlay as draw_overlay
+from covidxray.data.overlays import save_rgb
+from covidxray.errors import CovidXrayError
+from covidxray.predict import LoadedSegmenter, iter_mask_probs, load_segmenter
+from covidxray.utils import atomic_write_text, cpu_has_native_bf16, resolve_device
+
+#: The columns of ``segment.csv``, in order.
+CSV_COLUMNS = ("file", "width", "height", "lung_area_px", "lung_fraction", "image_left_px", "image_right_px",
+               "components", "mean_intensity", "status")
+
+CSV_NAME = "segment.csv"
+JSON_NAME = "segment.json"
+
+#: ``segment.csv`` is rewritten at most this often while a run goes on (and always at its end).
+CSV_EVERY_S = 5.0
+
+#: The settings that must match between a run and a rerun into the same output folder.
+SETTING_KEYS = ("input", "checkpoint", "checkpoint_step", "threshold", "postprocess", "tta", "crop", "crop_margin")
+
+
+# ------------------------------------------------------------------------------------------ prediction
+def inverse_fit(prob: torch.Tensor, width: int, height: int, fit: str) -> torch.Tensor:
+    """Map an S x S map of a fitted image back onto the original ``width`` x ``height`` image.
+
+    The inverse of :func:`~covidxray.data.imaging.fit_geometry`: ``stretch`` resizes the whole square;
+    ``pad`` takes the inner box at its offset and resizes it; ``crop`` resizes the square into the
+    centre-square box of the original and leaves 0 outside it. Bilinear (antialiased when shrinking).
+
+    Args:
+        prob: S x S (or 1 x S x S, 1 x 1 x S x S) float tensor, on any device.
+        width: original width.
+        height: original height.
+        fit: ``stretch``, ``pad`` or ``crop``.
+
+    Returns:
+        ``height`` x ``width`` float32 tensor on ``prob``'s device.
+    """
+    size = int(prob.shape[-1])
+    p = prob.reshape(1, 1, size, size).float()
+    geo = fit_geometry(width, height, size, fit)
+    if fit == "pad":
+        (iw, ih), (ox, oy) = geo.inner, geo.offset
+        return _resize(p[..., oy:oy + ih, ox:ox + iw], height, width)
+    if fit == "crop":
+        bl, bt, br, bb = geo.box
+        x0, y0, x1, y1 = round(bl * width), round(bt * height), round(br * width), round(bb * height)
+        out = torch.zeros(height, width, dtype=torch.float32, device=p.device)
+        out[y0:y1, x0:x1] = _resize(p, y1 - y0, x1 - x0)
+        return out
+    return _resize(p, height, width)  # stretch (fit_geometry has rejected unknown fits)
+
+
+def _resize(p: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    if tuple(p.shape[-2:]) == (height, width):
+        return p[0, 0]
+    shrink = height < p.shape[-2] or width < p.shape[-1]
+    return F.interpolate(p, size=(height, width), mode="bilinear", align_corners=False, antialias=shrink)[0, 0]
+
+
+def inference_settings(device: str | torch.device = "auto",
+                       amp: str = "auto") -> tuple[torch.device, torch.dtype | None]:
+    """The device and autocast dtype of segmentation inference.
+
+    ``amp="auto"``: bf16 on a CUDA GPU that supports it and on a CPU with native bf16 (AMX /
+    AVX512-BF16), else float32; ``"bf16"`` forces bf16, ``"off"`` float32.
+    """
+    dev = resolve_device(device) if isinstance(device, str) else torch.device(device)
+    if amp == "off":
+        return dev, None
+    if amp == "bf16":
+        return dev, torch.bfloat16
+    if amp != "auto":
+        raise ValueError(f"amp must be auto, bf16 or off, got {amp!r}")
+    if dev.type == "cuda":
+        return dev, torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    return dev, torch.bfloat16 if dev.type == "cpu" and cpu_has_native_bf16() else None
+
+
+def _ready(loaded: LoadedSegmenter, device: torch.device) -> None:
+    loaded.net.to(device=device, memory_format=torch.channels_last)
+    loaded.net.eval()
+
+
+def predict_masks(loaded: LoadedSegmenter, fitted: Sequence[np.ndarray], sizes: Sequence[tuple[int, int]],
+                  device: torch.device, threshold: float, tta: bool = False,
+                  amp_dtype: torch.dtype | None = None) -> list[np.ndarray]:
+    """Raw (not post-processed) boolean masks at the original sizes of already fitted images.
+
+    Args:
+        loaded: the segmenter (its net must already be on ``device``).
+        fitted: S x S uint8 arrays (from :func:`~covidxray.data.imaging.fit_image`), one batch.
+        sizes: the original (width, height) of each.
+        device: where to predict.
+        threshold: lung where the probability is above it.
+        tta: left-right test-time augmentation.
+        amp_dtype: autocast dtype, or None for float32.
+    """
+    if not len(fitted):
+        return []
+    x = torch.from_numpy(np.stack([np.asarray(f, dtype=np.uint8) for f in fitted]))[:, None]
+    if device.type == "cuda":
+        x = x.pin_memory()
+    masks: list[np.ndarray] = []
+    for start, probs in iter_mask_probs(loaded.net, x, device, len(fitted), amp_dtype, torch.channels_last, tta):
+        for j in range(probs.shape[0]):
+            w, h = sizes[start + j]
+            masks.append((inverse_fit(probs[j, 0], w, h, loaded.fit) > threshold).cpu().numpy())
+    return masks
+
+
+def segment_array(loaded: LoadedSegmenter, gray_list: Iterable[Any], batch_size: int = 16,
+                  device: str | torch.device = "auto", threshold: float | None = None, tta: bool = False,
+                  postprocess: bool = True, *, amp: str = "auto") -> list[np.ndarray]:
+    """Lung masks of in-memory grayscale X-rays, at their own sizes (for benchmarks and ``evaluate``).
+
+    Args:
+        loaded: from :func:`~covidxray.predict.load_segmenter`.
+        gray_list: H x W uint8 arrays or ``L`` Pillow images, of any sizes (upright already).
+        batch_size: images per forward pass.
+        device: ``auto``, ``cpu``, ``cuda``... or a ``torch.device``.
+        threshold: default the checkpoint's ``eval.threshold``.
+        tta: left-right test-time augmentation.
+        postprocess: keep the two largest components and fill their holes.
+        amp: ``auto``, ``bf16`` or ``off`` (see :func:`inference_settings`).
+
+    Returns:
+        One boolean H x W mask per image.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    dev, amp_dtype = inference_settings(device, amp)
+    _ready(loaded, dev)
+    thr = loaded.threshold if threshold is None else float(threshold)
+    grays = [_as_gray_image(g) for g in gray_list]
+    out: list[np.ndarray] = []
+    for i in range(0, len(grays), batch_size):
+        chunk = grays[i:i + batch_size]
+        fitted = [np.asarray(fit_image(g, loaded.image_size, loaded.fit)) for g in chunk]
+        out += predict_masks(loaded, fitted, [g.size for g in chunk], dev, thr, tta, amp_dtype)
+    return [postprocess_mask(m) for m in out] if postprocess else out
+
+
+def _as_gray_image(g: Any) -> Image.Image:
+    if isinstance(g, Image.Image):
+        return g if g.mode == "L" else to_gray8(g)
+    a = np.asarray(g.cpu() if hasattr(g, "cpu") else g)
+    a = np.squeeze(a) if a.ndim > 2 else a
+    if a.ndim != 2 or a.dtype != np.uint8:
+        raise ValueError(f"expected H x W uint8 gray images, got {a.dtype} of shape {a.shape}")
+    return Image.fromarray(np.ascontiguousarray(a), mode="L")
+
+
+# ------------------------------------------------------------------------------------------ the command
+@dataclass(frozen=True)
+class _Item:
+    path: Path
+    file: str  # relative to the input root, "/"-separated (the CSV's key)
+    name: str  # output name relative to masks/ (".png")
+
+
+def list_inputs(inputs: Path, out: Path) -> list[_Item]:
+    """The images to segment: ``inputs`` itself when a file, else its image files (recursively, sorted,
+    the output folder skipped), each with its unique output name."""
+    if inputs.is_file():
+        files = [(inputs, inputs.name)]
+    else:
+        out_r = out.resolve()
+        files = []
+        for p in inputs.rglob("*"):
+            if not is_image_name(p.name) or not p.is_file():
+                continue
+            rp = p.resolve()
+            if rp == out_r or out_r in rp.parents:
+                continue
+            files.append((p, p.relative_to(inputs).as_posix()))
+        files.sort(key=lambda t: t[1])
+    return [_Item(p, rel, name) for (p, rel), name in zip(files, output_names([rel for _, rel in files]))]
+
+
+def output_names(files: Sequence[str]) -> list[str]:
+    """Unique output names (``.png``) for relative input paths: the suffix is replaced (``a/x.jpg`` ->
+    ``a/x.png``); names that would clash (case-insensitively) keep the whole file name (``x.jpg.png``),
+    and any clash left gets a counter (``x.jpg.1.png``), in the sorted order of the inputs."""
+
+    def plain(f: str) -> str:
+        stem, _ = os.path.splitext(f)
+        return stem + ".png"
+
+    counts: dict[str, int] = {}
+    for f in files:
+        counts[plain(f).lower()] = counts.get(plain(f).lower(), 0) + 1
+    names = [plain(f) if counts[plain(f).lower()] == 1 else f + ".png" for f in files]
+    seen: set[str] = set()
+    result = []
+    for name in names:
+        unique, k = name, 0
+        while unique.lower() in seen:
+            k += 1
+            unique = f"{name[:-4]}.{k}.png"
+        seen.add(unique.lower())
+        result.append(unique)
+    return result
+
+
+def _read_csv(path: Path) -> dict[str, dict[str, str]]:
+    if not path.is_file():
+        return {}
+    with open(path, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        if tuple(reader.fieldnames or ()) != CSV_COLUMNS:
+            raise CovidXrayError(f"{path} does not have the columns of covidxray segment",
+                                 "Pass --overwrite to redo every image, or choose another OUT")
+        return {row["file"]: {k: row[k] or "" for k in CSV_COLUMNS} for row in reader}
+
+
+def _write_csv(path: Path, rows: dict[str, dict[str, str]]) -> None:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    for key in sorted(rows):
+        writer.writerow([rows[key][c] for c in CSV_COLUMNS])
+    atomic_write_text(path, buf.getvalue())
+
+
+def _row(file: str, width: int | None = None, height: int | None = None, stats: dict | None = None,
+         status: str = "") -> dict[str, str]:
+    row = dict.fromkeys(CSV_COLUMNS, "")
+    row["file"] = file
+    if stats is not None:
+        mean = stats["mean_intensity"]
+        row.update(width=str(width), height=str(height), lung_area_px=str(stats["area_px"]),
+                   lung_fraction=f"{stats['area_fraction']:.4f}", image_left_px=str(stats["image_left_px"]),
+                   image_right_px=str(stats["image_right_px"]), components=str(stats["components"]),
+                   mean_intensity="" if mean is None else f"{mean:.1f}", status=stats["status"])
+    else:
+        row["status"] = status
+    return row
+
+
+def _load(item: _Item, size: int, fit: str) -> tuple[Image.Image, np.ndarray] | str:
+    """Decode one input: ``(upright gray image, fitted S x S uint8)`` or the reason it is unreadable."""
+    try:
+        data = item.path.read_bytes()
+    except OSError as exc:
+        return f"cannot read the file ({exc.strerror or type(exc).__name__})"
+    try:
+        gray = to_gray8(decode(data))
+    except UnreadableImage as exc:
+        return str(exc)
+    except Exception as exc:  # an exotic mode that cannot become grayscale
+        return f"cannot convert to grayscale ({type(exc).__name__}: {exc})"
+    return gray, np.asarray(fit_image(gray, size, fit))
+
+
+def _prefetch(pool: ThreadPoolExecutor, fn: Callable, items: Sequence, window: int) -> Iterator[tuple[Any, Any]]:
+    """``(item, fn(item))`` in order, with at most ``window`` calls running ahead in ``pool``."""
+    queue: deque[tuple[Any, Future]] = deque()
+    it = iter(items)
+    for item in it:
+        queue.append((item, pool.submit(fn, item)))
+        if len(queue) >= window:
+            break
+    while queue:
+        item, fut = queue.popleft()
+        nxt = next(it, None)
+        if nxt is not None:
+            queue.append((nxt, pool.submit(fn, nxt)))
+        yield item, fut.result()
+
+
+def segment_images(checkpoint: str | os.PathLike | LoadedSegmenter, inputs: str | os.PathLike,
+                   out: str | os.PathLike, *,
+                   batch_size: int = 16, threshold: float | None = None, overlay: bool = True, crop: bool = False,
+                   crop_margin: float = 0.05, tta: bool = False, postprocess: bool = True, device: str = "auto",
+                   overwrite: bool = False, console=None, workers: int | None = None) -> dict[str, Any]:
+    """Segment the lungs of one image or a folder of images; see the module docstring.
+
+    Args:
+        checkpoint: a segmenter's run folder (its ``best.pt``, else ``last.pt``) or ``.pt`` file, or an
+            already loaded :class:`~covidxray.predict.LoadedSegmenter`.
+        inputs: an image file, or a folder searched recursively.
+        out: the output folder.
+        batch_size: images per forward pass.
+        threshold: lung probability threshold in (0, 1); default the checkpoint's ``eval.threshold``.
+        overlay: write ``overlays/``.
+        crop: write ``crops/`` (the X-ray cut to the lungs' bounding box).
+        crop_margin: the crop's margin as a fraction of the image's side.
+        tta: left-right test-time augmentation.
+        postprocess: keep the two largest components, fill holes.
+        device: ``auto``, ``cpu``, ``cuda``, ``cuda:N``.
+        overwrite: redo every image (and accept other settings than the folder's earlier run).
+        console: a rich console for the progress bar (None: no progress display).
+        workers: threads for decoding and writing (default: up to 4).
+
+    Returns:
+        ``segmented``, ``skipped``, ``unreadable`` (list of (file, reason)), ``suspicious`` (among the
+        images segmented now), ``csv``, ``out``, ``images_per_s``, ``threshold``, ``seconds``.
+
+    Raises:
+        CovidXrayError: bad options, a missing input, no images, a checkpoint that is not a segmenter,
+            or other settings than the earlier run into ``out`` (without ``overwrite``).
+    """
+    inputs, out = Path(inputs), Path(out)
+    if batch_size < 1:
+        raise CovidXrayError(f"--batch-size must be at least 1, got {batch_size}")
+    if threshold is not None and not 0.0 < threshold < 1.0:
+        raise CovidXrayError(f"--threshold must be between 0 and 1 (exclusive), got {threshold}")
+    if not 0.0 <= crop_margin <= 1.0:
+        raise CovidXrayError(f"--crop-margin must be between 0 and 1, got {crop_margin}")
+    if not inputs.exists():
+        raise CovidXrayError(f"input {inputs} does not exist", "Pass an image file or a folder of images")
+    if out.exists() and not out.is_dir():
+        raise CovidXrayError(f"{out} exists and is not a folder", "Pass a folder path for OUT")
+    if inputs.is_dir() and out.resolve() == inputs.resolve():
+        raise CovidXrayError("OUT is the input folder", "Choose another OUT (a sub-folder of INPUT is fine)")
+    items = list_inputs(inputs, out)
+    if not items:
+        raise CovidXrayError(f"no images in {inputs} (looked for .png, .jpg, .jpeg, .bmp, .tif, .tiff, recursively)")
+
+    dev, amp_dtype = inference_settings(device)
+    loaded = checkpoint if isinstance(checkpoint, LoadedSegmenter) else load_segmenter(checkpoint)
+    thr = loaded.threshold if threshold is None else float(threshold)
+    ckpt_path = loaded.checkpoint.get("path")
+    settings = {"input": str(inputs.resolve()), "checkpoint": str(Path(ckpt_path).resolve()) if ckpt_path else None,
+                "checkpoint_step": int(loaded.checkpoint.get("step", 0)), "threshold": thr,
+                "postprocess": bool(postprocess), "tta": bool(tta), "crop": bool(crop),
+                "crop_margin": float(crop_margin) if crop else None}
+    csv_path, json_path = out / CSV_NAME, out / JSON_NAME
+    rows = {} if overwrite else _previous_rows(json_path, csv_path, settings)
+
+    # what is already done: a row (not unreadable), its mask and (when asked) its overlay
+    def done(item: _Item) -> bool:
+        row = rows.get(item.file)
+        return (row is not None and not row["status"].startswith("unreadable")
+                and (out / "masks" / item.name).is_file()
+                and (not overlay or (out / "overlays" / item.name).is_file()))
+
+    todo = [it for it in items if not done(it)]
+    skipped = len(items) - len(todo)
+    for it in todo:  # a row appears again only once the image's files are written
+        rows.pop(it.file, None)
+
+    meta = {"covidxray_version": __version__, "settings": settings, "model": loaded.checkpoint.get("model"),
+            "image_size": loaded.image_size, "fit": loaded.fit, "overlay": bool(overlay), "counts": None}
+    out.mkdir(parents=True, exist_ok=True)
+    _write_csv(csv_path, rows)  # first: never a CSV of older settings beside this run's segment.json
+    atomic_write_text(json_path, json.dumps(meta, indent=2) + "\n")
+
+    _ready(loaded, dev)
+    size, fit = loaded.image_size, loaded.fit
+    n_workers = workers or max(1, min(4, os.cpu_count() or 1))
+    counts = {"segmented": 0, "suspicious": 0}
+    unreadable: list[tuple[str, str]] = []
+
+    def finish(item: _Item, gray: Image.Image, raw: np.ndarray) -> dict[str, str]:
+        mask = postprocess_mask(raw) if postprocess else raw
+        g = np.asarray(gray)
+        stats = lung_stats(mask, g)
+        try:
+            if crop:
+                crop_path = out / "crops" / item.name
+                box = bounding_box(mask, crop_margin)
+                if box is not None:
+                    crop_path.parent.mkdir(parents=True, exist_ok=True)
+                    save_png(gray.crop(box), crop_path)
+                else:
+                    crop_path.unlink(missing_ok=True)  # no stale crop of an earlier run
+            if overlay:
+                save_rgb(draw_overlay(g, mask), out / "overlays" / item.name)
+            mask_path = out / "masks" / item.name
+            mask_path.parent.mkdir(parents=True, exist_ok=True)
+            save_png(mask.astype(np.uint8) * 255, mask_path)
+        except OSError as exc:
+            raise CovidXrayError(f"cannot write the outputs of {item.file} in {out}: {exc}") from None
+        return _row(item.file, gray.width, gray.height, stats)
+
+    progress = _progress(console, len(todo))
+    pending: deque[Future] = deque()
+    last_csv = time.monotonic()
+    t0 = time.perf_counter()
+
+    def collect(fut: Future) -> None:
+        row = fut.result()
+        rows[row["file"]] = row
+        counts["segmented"] += 1
+        counts["suspicious"] += row["status"].startswith("suspicious")
+        progress.advance()
+
+    def drain(limit: int) -> None:
+        nonlocal last_csv
+        while len(pending) > limit:
+            collect(pending.popleft())
+        while pending and pending[0].done():
+            collect(pending.popleft())
+        if time.monotonic() - last_csv > CSV_EVERY_S:
+            _write_csv(csv_path, rows)
+            last_csv = time.monotonic()
+
+    # images decoded ahead / waiting to be written: the next batch is ready when the model wants it,
+    # and memory stays bounded (originals can be large)
+    ahead = batch_size + 2 * n_workers
+    pool = ThreadPoolExecutor(n_workers, thread_name_prefix="covidxray-segment")
+    try:
+        with progress:
+            batch: list[tuple[_Item, Image.Image, np.ndarray]] = []
+
+            def run_batch() -> None:
+                masks = predict_masks(loaded, [b[2] for b in batch], [b[1].size for b in batch], dev, thr, tta,
+                                      amp_dtype)
+                for (item, gray, _), raw in zip(batch, masks):
+                    pending.append(pool.submit(finish, item, gray, raw))
+                batch.clear()
+                drain(ahead)
+
+            for item, loaded_img in _prefetch(pool, lambda it: _load(it, size, fit), todo, ahead):
+                if isinstance(loaded_img, str):
+                    rows[item.file] = _row(item.file, status=f"unreadable: {loaded_img}")
+                    unreadable.append((item.file, loaded_img))
+                    progress.advance()
+                    continue
+                batch.append((item, *loaded_img))
+                if len(batch) == batch_size:
+                    run_batch()
+            if batch:
+                run_batch()
+            drain(0)
+    finally:
+        # Ctrl-C or an error: keep what was finished; running writes complete (they are atomic anyway)
+        pool.shutdown(wait=True, cancel_futures=True)
+        for fut in pending:
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                row = fut.result()
+                rows[row["file"]] = row
+        _write_csv(csv_path, rows)
+    seconds = time.perf_counter() - t0
+    result = {"segmented": counts["segmented"], "skipped": skipped, "unreadable": unreadable,
+              "suspicious": counts["suspicious"], "csv": csv_path, "out": out, "threshold": thr,
+              "seconds": seconds, "images_per_s": counts["segmented"] / seconds if seconds > 0 else 0.0,
+              "device": str(dev)}
+    meta["counts"] = {"rows": len(rows), "segmented": counts["segmented"], "skipped": skipped,
+                      "unreadable": len(unreadable), "suspicious": counts["suspicious"]}
+    atomic_write_text(json_path, json.dumps(meta, indent=2) + "\n")
+    return result
+
+
+def _previous_rows(json_path: Path, csv_path: Path, settings: dict[str, Any]) -> dict[str, dict[str, str]]:
+    """The rows of an earlier run into the same folder, after checking that its settings are these."""
+    if not json_path.is_file():
+        return {}
+    hint = "Pass --overwrite to redo every image with the new settings, or choose another OUT"
+    try:
+        old = json.loads(json_path.read_text(encoding="utf-8"))["settings"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise CovidXrayError(f"{json_path} is unreadable, so the settings of the earlier run are unknown",
+                             hint) from None
+    changed = [f"{k} {old.get(k)!r} -> {settings[k]!r}" for k in SETTING_KEYS if old.get(k) != settings[k]]
+    if changed:
+        raise CovidXrayError(f"{json_path.parent} holds a segmentation with other settings ({'; '.join(changed)})",
+                             hint)
+    return _read_csv(csv_path)
+
+
+class _NoProgress:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def advance(self) -> None:
+        pass
+
+
+class _Progress(_NoProgress):
+    def __init__(self, console, total: int):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.bar = Progress(TextColumn("segment"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                            console=console)
+        self.task = self.bar.add_task("segment", total=total)
+
+    def __enter__(self):
+        self.bar.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.bar.stop()
+        return False
+
+    def advance(self) -> None:
+        self.bar.advance(self.task)
+
+
+def _progress(console, total: int) -> _NoProgress:
+    return _NoProgress() if console is None or total == 0 else _Progress(console, total)
