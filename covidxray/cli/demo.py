@@ -1,5 +1,6 @@
 """``covidxray demo``: prepare --demo -> a short rawgan training -> sample -> gif -> a small classifier ->
-evaluate it -> evaluate the GAN (FID beside the real-vs-real floor), on built-in phantoms."""
+evaluate it -> evaluate the GAN (FID beside the real-vs-real floor) -> a short U-Net -> segment a few X-rays
+with overlays (and its test Dice), on built-in phantoms."""
 
 from __future__ import annotations
 
@@ -21,6 +22,10 @@ DEMO_CLASSIFIER_EPOCHS = 10
 # Generator evaluation: N samples per draw and draws; the FID Inception runs at ~10 images/s on 2 CPU cores.
 DEMO_EVAL_N = 96
 DEMO_EVAL_REPEATS = 2
+# Lung segmentation: a small U-Net (16 -> 256 channels) for a few epochs, then `segment` on a few test phantoms.
+DEMO_UNET_EPOCHS = 8
+DEMO_UNET_SETS = ["arch.width=16", "train.batch_size=16"]
+DEMO_SEGMENT_N = 6
 
 
 @user_errors
@@ -45,9 +50,9 @@ def demo_cmd(
     con = console()
     t0 = time.perf_counter()
     data = out / "data"
-    con.rule("1/7 prepare --demo (synthetic phantoms, not medical data)")
+    con.rule("1/9 prepare --demo (synthetic phantoms, not medical data)")
     prepare_demo(data, per_class=DEMO_PER_CLASS, size=DEMO_SIZE, seed=seed)
-    con.rule("2/7 train rawgan")
+    con.rule("2/9 train rawgan")
     cfg = resolve_config("rawgan", flags={"data": {"path": str(data.resolve()), "image_size": DEMO_SIZE},
                                           "train": {"epochs": epochs, "seed": seed, "device": device}},
                          sets=DEMO_SETS)
@@ -56,7 +61,7 @@ def demo_cmd(
     if not finished:
         raise typer.Exit(130)
     run_dir = trainer.run_dir
-    con.rule("3/7 sample")
+    con.rule("3/9 sample")
     gen = load_generator(run_dir)
     images = gen.sample(64, seed=seed, device=resolve_device(device))
     samples = out / "samples"
@@ -64,9 +69,9 @@ def demo_cmd(
         old.unlink()
     write_samples(images, samples)
     grid = save_grid(images, samples / "grid.png")
-    con.rule("4/7 gif")
+    con.rule("4/9 gif")
     gif, frames = make_gif(run_dir, out / "progress.gif", fps=5)
-    con.rule(f"5/7 train {DEMO_CLASSIFIER} (a classifier)")
+    con.rule(f"5/9 train {DEMO_CLASSIFIER} (a classifier)")
     clf_cfg = resolve_config(DEMO_CLASSIFIER, flags={"data": {"path": str(data.resolve())},
                                                      "train": {"epochs": max(1, min(epochs, DEMO_CLASSIFIER_EPOCHS)),
                                                                "seed": seed, "device": device}})
@@ -74,17 +79,41 @@ def demo_cmd(
     clf, finished = start_run(clf_cfg, console=con)
     if not finished:
         raise typer.Exit(130)
-    con.rule("6/7 evaluate the classifier on the test split")
+    con.rule("6/9 evaluate the classifier on the test split")
     res = evaluate_classifier(clf.run_dir, data, "test", out / "evaluate", device=device,
                               log=lambda msg: con.print(msg, highlight=False))
     m = res["metrics"]
-    con.rule("7/7 evaluate the GAN: FID beside the real-vs-real floor, KID, precision/recall, copies")
+    con.rule("7/9 evaluate the GAN: FID beside the real-vs-real floor, KID, precision/recall, copies")
     from covidxray.evaluate.generator import evaluate_generator
 
     gres = evaluate_generator(run_dir, data, n=DEMO_EVAL_N, repeats=DEMO_EVAL_REPEATS, out=out / "evaluate-gan",
                               device=device, seed=seed, log=lambda msg: con.print(msg, highlight=False, markup=False))
     gm = gres["metrics"]
     fd = "fid" if "fid" in gm else "fd_unverified"
+    con.rule("8/9 train unet (lung segmentation)")
+    seg_cfg = resolve_config("unet", flags={"data": {"path": str(data.resolve())},
+                                            "train": {"epochs": DEMO_UNET_EPOCHS, "seed": seed, "device": device}},
+                             sets=DEMO_UNET_SETS)
+    seg_cfg.out = str(out / "runs")
+    seg, finished = start_run(seg_cfg, console=con)
+    if not finished:
+        raise typer.Exit(130)
+    con.rule(f"9/9 segment {DEMO_SEGMENT_N} test X-rays (masks, overlays, segment.csv) and score the test split")
+    import shutil
+
+    from covidxray.data.datasets import read_records
+    from covidxray.evaluate.segmentation import evaluate_segmenter
+    from covidxray.segment import segment_images
+
+    xrays = out / "segment-input"
+    shutil.rmtree(xrays, ignore_errors=True)
+    xrays.mkdir(parents=True)
+    test_records = read_records(data, "test")[0]  # sorted by class: every k-th gives each class its turn
+    for rec in test_records[::max(1, len(test_records) // DEMO_SEGMENT_N)][:DEMO_SEGMENT_N]:
+        shutil.copy2(data / rec.file, xrays / Path(rec.file).name)
+    sres = segment_images(seg.run_dir, xrays, out / "segment", device=device, overwrite=True, console=con)
+    eres = evaluate_segmenter(seg.run_dir, data, "test", out=out / "evaluate-unet", device=device,
+                              log=lambda msg: con.print(msg, highlight=False, markup=False))
 
     table = Table(title=f"covidxray demo finished in {time.perf_counter() - t0:.0f} s")
     table.add_column("what")
@@ -99,4 +128,8 @@ def demo_cmd(
     table.add_row(f"GAN report: {fd.upper() if fd == 'fid' else fd} {gm[fd]['mean']:.1f} (real-vs-real floor "
                   f"{gm[fd + '_floor']['mean']:.1f}; N = {gres['n']}, reference {gres['reference_n']}), copies "
                   f"{gres['memorization']['copies'] * 100:.0f} %", f"{gres['out']}/report.md")
+    table.add_row("U-Net run folder", str(seg.run_dir))
+    table.add_row(f"{sres['segmented']} segmented X-rays: masks/, overlays/, segment.csv", str(out / "segment"))
+    table.add_row(f"U-Net test Dice {eres['summary']['dice']['mean']:.3f} ± {eres['summary']['dice']['std']:.3f} "
+                  f"(N = {eres['n']})", f"{eres['out']}/report.md, worst.png")
     con.print(table)
