@@ -251,23 +251,28 @@ def aspect_mismatch(image_size: tuple[int, int], mask_size: tuple[int, int],
 
 
 def encode_png(gray: Image.Image) -> bytes:
-    """Encode an ``L`` image as a PNG quickly: every row "Up"-filtered, zlib level 1 run-length.
+    """Encode an ``L`` (or ``RGB``: overlays) image as a PNG quickly: every row "Up"-filtered, zlib level 1
+    run-length.
 
     Why not ``Image.save``: Pillow tries all five PNG row filters on every row (adaptive filtering,
     not configurable), which is most of its encoding time. The "Up" filter (row minus the row
     above) suits radiographs and masks; measured on 224 px X-rays: 0.55 ms and 25 KB per image
     versus 1.1 ms and 23 KB with ``save(compress_level=1, compress_type=Z_RLE)`` and 5.6 ms and
-    23 KB with Pillow's defaults. The output is a plain 8-bit grayscale PNG that any decoder reads.
+    23 KB with Pillow's defaults; for a 299 px RGB overlay 2.6 ms and 88 KB versus 4.8 ms and 81 KB with
+    ``save(compress_level=1)``.
+    The output is a plain 8-bit grayscale (or RGB) PNG that any decoder reads.
     """
-    if gray.mode != "L":
-        raise ValueError(f"encode_png needs an L image, got mode {gray.mode}")
+    if gray.mode not in ("L", "RGB"):
+        raise ValueError(f"encode_png needs an L or RGB image, got mode {gray.mode}")
     width, height = gray.size
+    row = width * (3 if gray.mode == "RGB" else 1)
     # Row y minus row y-1 (mod 256); cropping above the top edge reads zeros, as PNG specifies.
     filtered = ImageChops.subtract_modulo(gray, gray.crop((0, -1, width, height - 1))).tobytes()
-    rows = b"".join([b"\x02" + filtered[y * width:(y + 1) * width] for y in range(height)])
+    rows = b"".join([b"\x02" + filtered[y * row:(y + 1) * row] for y in range(height)])
     deflate = zlib.compressobj(1, zlib.DEFLATED, 15, 9, zlib.Z_RLE)
     idat = deflate.compress(rows) + deflate.flush()
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit gray, no interlace
+    colour = 2 if gray.mode == "RGB" else 0
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, colour, 0, 0, 0)  # 8-bit gray or RGB, no interlace
     return b"".join([_PNG_SIGNATURE, _png_chunk(b"IHDR", ihdr), _png_chunk(b"IDAT", idat), _png_chunk(b"IEND", b"")])
 
 

@@ -14,7 +14,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-from covidxray.utils import atomic_path
 
 PRED_RGB = np.array([255, 220, 0], dtype=np.float32)
 TRUE_RGB = np.array([0, 230, 90], dtype=np.float32)
@@ -53,10 +52,12 @@ def overlay(image: np.ndarray, pred: np.ndarray, truth: np.ndarray | None = None
 
 
 def save_rgb(rgb: np.ndarray, path: str | os.PathLike) -> Path:
-    """Write an H x W x 3 uint8 array as a PNG, atomically."""
+    """Write an H x W x 3 uint8 array as a PNG, atomically (the package's fast PNG writer, RGB)."""
+    from covidxray.data.imaging import encode_png
+    from covidxray.utils import atomic_write_bytes
+
     path = Path(path)
-    with atomic_path(path) as tmp:
-        Image.fromarray(rgb, mode="RGB").save(tmp, format="PNG", compress_level=1)
+    atomic_write_bytes(path, encode_png(Image.fromarray(np.ascontiguousarray(rgb), mode="RGB")))
     return path
 
 

@@ -142,5 +142,8 @@ def test_encode_png_round_trips(shape):
     back = Image.open(io.BytesIO(data))
     assert back.format == "PNG" and back.mode == "L" and back.size == (shape[1], shape[0])
     assert np.array_equal(np.asarray(back), arr)
+    rgb = np.stack([arr, arr[::-1], 255 - arr], axis=2)  # RGB (overlays) round-trips too
+    back = Image.open(io.BytesIO(imaging.encode_png(Image.fromarray(rgb))))
+    assert back.mode == "RGB" and np.array_equal(np.asarray(back), rgb)
     with pytest.raises(ValueError):
-        imaging.encode_png(Image.new("RGB", (2, 2)))
+        imaging.encode_png(Image.new("RGBA", (2, 2)))
