@@ -235,3 +235,30 @@ def test_evaluate_a_unet_run_against_a_mask_folder(seg_cfg, demo_prepared, tmp_p
     assert sorted(r["file"] for r in per) == ["sub/x0.png", "x1.png", "x2.png", "x3.png"]
     assert all(r["width"] == "64" for r in per)
     assert "alone.png" in res.output and "broken.png" in res.output
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_graphed_segmentation_steps_equal_eager_steps(seg_cfg, tmp_path):
+    from covidxray.train.loop import Trainer
+
+    def make(extra):
+        cfg = seg_cfg(epochs=2, extra=["train.amp=off", "train.deterministic=true", "aug.elastic=0.01", *extra])
+        cfg.train.device = "cuda"
+        return cfg
+
+    a = Trainer(make([]), tmp_path / "graphs")
+    b = Trainer(make(["train.cuda_graphs=no"]), tmp_path / "eager")
+    assert a.graphs is not None and b.graphs is None
+    n = a.batch_size
+    for step in range(8):
+        idx = torch.arange(step * 3, step * 3 + n) % len(a.data)
+        x, m = a.data.images[idx], a.data.masks[idx]
+        sa, sb = a.train_step(x, m), b.train_step(x, m)
+        for t in (a, b):
+            t.state.step += 1
+        for key in sa:
+            torch.testing.assert_close(sa[key], sb[key], rtol=1e-4, atol=1e-5, msg=f"step {step}: {key}")
+    assert not a.graphs.failed and a.graphs.graphs
+    for (name, pa), pb in zip(a.task.net.state_dict().items(), b.task.net.state_dict().values()):
+        torch.testing.assert_close(pa, pb, rtol=1e-4, atol=1e-4, msg=name)
+    assert torch.equal(a.task.aug_gen.get_state(), b.task.aug_gen.get_state())
