@@ -388,6 +388,8 @@ def segment_images(checkpoint: str | os.PathLike | LoadedSegmenter, inputs: str 
     dev, amp_dtype = inference_settings(device)
     loaded = checkpoint if isinstance(checkpoint, LoadedSegmenter) else load_segmenter(checkpoint)
     thr = loaded.threshold if threshold is None else float(threshold)
+    if tta and loaded.tta_note() and console is not None:
+        console.print(loaded.tta_note(), highlight=False, markup=False, soft_wrap=True)
     ckpt_path = loaded.checkpoint.get("path")
     settings = {"input": str(inputs.resolve()), "checkpoint": str(Path(ckpt_path).resolve()) if ckpt_path else None,
                 "checkpoint_step": int(loaded.checkpoint.get("step", 0)), "threshold": thr,

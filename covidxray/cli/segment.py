@@ -24,7 +24,8 @@ def segment_cmd(
     overlay: bool = typer.Option(True, "--overlay/--no-overlay", help="Write overlays/ (the outline on the X-ray)."),
     crop: bool = typer.Option(False, "--crop", help="Also write crops/: the X-ray cut to the lungs' bounding box."),
     crop_margin: float = typer.Option(0.05, "--crop-margin", help="Margin of the crops, a fraction of the side."),
-    tta: bool = typer.Option(False, "--tta", help="Test-time augmentation: average with the mirrored image."),
+    tta: bool = typer.Option(False, "--tta", help="Test-time augmentation: average with the mirrored image (for models trained with "
+                             "aug.hflip=true; it lowers the Dice of models trained without flips)."),
     postprocess: bool = typer.Option(True, "--postprocess/--no-postprocess",
                                      help="Keep the two largest components and fill their holes."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),

@@ -158,6 +158,8 @@ def evaluate_segmenter(checkpoint: str | Path, data: str | Path | None = None, s
     ckpt = checkpoint_data if checkpoint_data is not None else load_checkpoint(checkpoint, prefer_best=True)
     loaded = load_segmenter(checkpoint, ckpt)
     thr = loaded.threshold if threshold is None else float(threshold)
+    if tta and loaded.tta_note():
+        log(loaded.tta_note())
     if not 0.0 < thr < 1.0:
         raise CovidXrayError(f"--threshold must be in (0, 1); got {thr:g}")
     dev = resolve_device(device)
