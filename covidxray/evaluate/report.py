@@ -282,8 +282,8 @@ def write_generator_report(out: Path, result: dict[str, Any], *, draws, train,
 
 # ------------------------------------------------------------------------------------------- compare
 def compare_markdown(dirs: Sequence[str | Path]) -> str:
-    """One table across ``evaluate`` outputs (generator and classifier ones), like the seed's README tables."""
-    rows_gen, rows_clf = [], []
+    """One table across ``evaluate`` outputs (generator, classifier and segmenter ones), like the seed's README tables."""
+    rows_gen, rows_clf, rows_seg = [], [], []
     for d in dirs:
         path = Path(d) / "metrics.json"
         if not path.is_file():
@@ -292,7 +292,8 @@ def compare_markdown(dirs: Sequence[str | Path]) -> str:
             r = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as exc:
             raise CovidXrayError(f"{path} is unreadable ({exc})", "Run that `covidxray evaluate` again") from None
-        (rows_gen if r.get("kind") == "generator" else rows_clf).append((Path(d), r))
+        kind = r.get("kind")
+        (rows_gen if kind == "generator" else rows_seg if kind == "segmentation" else rows_clf).append((Path(d), r))
     out = []
     if rows_gen:
         out += ["| model | FID ± std (N) | floor | KID × 10³ | floor | precision | recall | copies | downstream Δ ± std |",
@@ -326,6 +327,16 @@ def compare_markdown(dirs: Sequence[str | Path]) -> str:
             out.append(f"| {r['model']} ({d.name}) | {r['split']} | {m['n']} | {m['accuracy']:.3f} | "
                        f"{m['balanced_accuracy']:.3f} | {m['macro_f1']:.3f} | "
                        f"{'-' if m.get('auc') is None else format(m['auc'], '.3f')} |")
+    if rows_seg:
+        out += ["" if out else "", "| segmenter | scored on | N | Dice | IoU | HD95 (px) | ASD (px) |",
+                "|---|---|---:|---:|---:|---:|---:|"]
+        for d, r in rows_seg:
+            sm = r["summary"]
+            where = r["split"] if "split" in r else "folder"
+            out.append(f"| {r['model']} ({d.name}) | {where} | {r['n']} | "
+                       + " | ".join(f"{sm[k]['mean']:.4f} ± {sm[k]['std']:.4f}" for k in ("dice", "iou", "hd95", "asd"))
+                       + " |")
+        out += ["", "Mean ± std over images; threshold, post-processing and resolution in each folder's report.md."]
     return "\n".join(out) + "\n"
 
 

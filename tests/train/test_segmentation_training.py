@@ -192,6 +192,10 @@ def test_evaluate_a_unet_run_on_prepared_masks(seg_cfg, demo_prepared, tmp_path)
     raw = evaluate_segmenter(trainer.run_dir, demo_prepared, "test", out=tmp_path / "raw", device="cpu",
                              postprocess=False)
     assert raw["postprocess"] == "none" and raw["n"] == m["n"]
+    # --compare tabulates segmenter outputs too
+    r = CliRunner().invoke(app, ["evaluate", "--compare", str(out), str(tmp_path / "raw")])
+    assert r.exit_code == 0, r.output
+    assert "| segmenter |" in r.output and f"{m['summary']['dice']['mean']:.4f}" in r.output
 
 
 def test_evaluate_segmenter_refuses_bad_requests(seg_cfg, demo_prepared, tmp_path):
