@@ -102,7 +102,16 @@ def evaluate_cmd(
         from covidxray.checkpoint import load_checkpoint, resolve_checkpoint_path
 
         ckpt = load_checkpoint(target, prefer_best=True)
-        if ckpt.get("family", "gan") == "segmentation":
+        family = ckpt.get("family", "gan")
+        others = {"--downstream": downstream, "-n": n is not None, "--class": class_ is not None,
+                  "--cxr-features": cxr_features is not None, "--save-samples": save_samples,
+                  "--mc-samples": mc_samples is not None, "--skip-unreadable": skip_unreadable}
+        seg_only = {"--threshold": threshold is not None, "--tta": tta, "--no-postprocess": not postprocess}
+        wrong = [k for k, v in (others if family == "segmentation" else seg_only).items() if v]
+        if wrong:
+            raise CovidXrayError(f"{', '.join(wrong)} do(es) not apply to the {family} model in {ckpt['path']}",
+                                 "See `covidxray evaluate --help` for the options of each kind of model")
+        if family == "segmentation":
             return _segmenter(con, log, target, data, split, images, masks, out, device, batch_size or 32, threshold,
                               tta, postprocess, ckpt)
         if images is not None or masks is not None:

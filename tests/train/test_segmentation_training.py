@@ -266,3 +266,9 @@ def test_graphed_segmentation_steps_equal_eager_steps(seg_cfg, tmp_path):
     for (name, pa), pb in zip(a.task.net.state_dict().items(), b.task.net.state_dict().values()):
         torch.testing.assert_close(pa, pb, rtol=1e-4, atol=1e-4, msg=name)
     assert torch.equal(a.task.aug_gen.get_state(), b.task.aug_gen.get_state())
+
+
+def test_evaluate_refuses_options_of_other_kinds_of_model(seg_cfg, demo_prepared):
+    trainer, _ = start_run(seg_cfg(epochs=1))
+    r = CliRunner().invoke(app, ["evaluate", str(trainer.run_dir), "--data", str(demo_prepared), "--downstream"])
+    assert r.exit_code == 2 and "--downstream do(es) not apply to the segmentation model" in r.output
