@@ -15,9 +15,9 @@ SHOW_UNREADABLE = 5
 
 @user_errors
 def segment_cmd(
-    checkpoint: Path = typer.Argument(..., help="Segmenter run folder (best.pt, else last.pt) or .pt file."),
+    checkpoint: Path = typer.Argument(..., metavar="CHECKPOINT", help="Segmenter run folder (best.pt, else last.pt) or .pt file."),
     inputs: Path = typer.Argument(..., metavar="INPUT", help="An X-ray file, or a folder (searched recursively)."),
-    out: Path = typer.Argument(..., help="Output folder: masks/, overlays/, crops/, segment.csv, segment.json."),
+    out: Path = typer.Argument(..., metavar="OUT", help="Output folder: masks/, overlays/, crops/, segment.csv, segment.json."),
     batch_size: int = typer.Option(16, "--batch-size", help="Images per forward pass."),
     threshold: Optional[float] = typer.Option(None, "--threshold", help="Lung probability threshold in (0, 1) "
                                               "(default: the checkpoint's eval.threshold)."),
