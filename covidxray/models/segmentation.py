@@ -4,7 +4,7 @@ Both map a 1-channel X-ray (N x 1 x H x W in [-1, 1]) to one logit map of the lu
 sigmoid > ``threshold`` = lung). H and W must be multiples of ``2 ** arch.depth``.
 
 The encoder has ``arch.depth`` down-sampling levels; level i has ``arch.width * 2**i`` channels (the
-defaults 32 and 4: 32 -> 512 at the bottleneck, 7.8 M parameters). Each level is two 3x3 convolutions
+defaults 32 and 4: 32 -> 512 at the bottleneck, 7.2 M parameters). Each level is two 3x3 convolutions
 with a normalisation (``batch`` or ``group``: GroupNorm, 8 groups, for small batches) and ReLU; 2x2
 max-pooling goes down; ``bilinear`` up-sampling (then a 1x1 convolution halving the channels) or a
 2x2 ``transpose`` convolution goes up, and the decoder concatenates the encoder's features of the same
@@ -12,7 +12,7 @@ level (the skip connection).
 
 The Attention U-Net adds an additive attention gate on each skip connection (Oktay et al.'s Fig. 2):
 the decoder's up-sampled features g and the skip features x give ``a = sigmoid(psi(relu(W_g g + W_x x)))``,
-one weight in [0, 1] per pixel, and the decoder concatenates ``a * x`` instead of x; it costs about 3 %
+one weight in [0, 1] per pixel, and the decoder concatenates ``a * x`` instead of x; it costs about 1 %
 more parameters.
 
 Why written here and not taken from MONAI (``monai.networks.nets.BasicUNet`` / ``AttentionUnet``):
