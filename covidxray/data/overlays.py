@@ -39,16 +39,17 @@ def outline(mask: np.ndarray, thickness: int = 1) -> np.ndarray:
 def overlay(image: np.ndarray, pred: np.ndarray, truth: np.ndarray | None = None, tint: bool = True) -> np.ndarray:
     """An RGB uint8 overlay (H x W x 3) of the gray uint8 ``image`` (H x W) with the boolean ``pred`` mask
     (yellow outline and tint) and optionally the boolean ``truth`` mask (green outline)."""
-    gray = np.asarray(image, dtype=np.float32)
+    gray = np.asarray(image, dtype=np.uint8)
     rgb = np.repeat(gray[..., None], 3, axis=2)
     pred = np.asarray(pred, dtype=bool)
     thick = max(1, min(gray.shape) // 256)
-    if tint:
-        rgb[pred] = (1 - TINT) * rgb[pred] + TINT * PRED_RGB
-    rgb[outline(pred, thick)] = PRED_RGB
+    if tint:  # only the lung pixels go through float arithmetic
+        lung = gray[pred].astype(np.float32)[:, None]
+        rgb[pred] = ((1 - TINT) * lung + TINT * PRED_RGB).round().clip(0, 255).astype(np.uint8)
+    rgb[outline(pred, thick)] = PRED_RGB.astype(np.uint8)
     if truth is not None:
-        rgb[outline(np.asarray(truth, dtype=bool), thick)] = TRUE_RGB
-    return rgb.round().clip(0, 255).astype(np.uint8)
+        rgb[outline(np.asarray(truth, dtype=bool), thick)] = TRUE_RGB.astype(np.uint8)
+    return rgb
 
 
 def save_rgb(rgb: np.ndarray, path: str | os.PathLike) -> Path:
