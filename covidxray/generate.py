@@ -46,7 +46,7 @@ class LoadedGenerator:
 
     @torch.no_grad()
     def sample(self, n: int, seed: int = 0, batch_size: int = 256, device: str | torch.device = "cpu",
-               label: int | None = None) -> torch.Tensor:
+               label: int | None = None, temperature: float = 1.0) -> torch.Tensor:
         """``n`` uint8 images (n x 1 x S x S); the same seed (and label) gives the same images.
 
         Args:
@@ -55,12 +55,15 @@ class LoadedGenerator:
             batch_size: images per forward pass.
             device: where to run G.
             label: class index for a conditional model (required there, refused otherwise).
+            temperature: scale of the latents (1 = the prior; < 1 trades diversity for typical images).
         """
+        if temperature <= 0:
+            raise CovidXrayError(f"--temperature must be > 0, got {temperature:g}")
         if self.conditional and label is None:
             raise CovidXrayError(f"model '{self.cfg.model.name}' is class-conditional: choose a class "
                                  f"({', '.join(self.classes)} or all)")
         gen = torch.Generator().manual_seed(seed)
-        z = torch.randn(n, self.cfg.arch.latent_dim, generator=gen)
+        z = torch.randn(n, self.cfg.arch.latent_dim, generator=gen) * temperature
         y = torch.full((n,), label, dtype=torch.long) if self.conditional else None
         return generate_images(self.G.to(device), z, y, device, batch_size)
 
@@ -91,9 +94,11 @@ def load_generator(checkpoint: str | os.PathLike, checkpoint_data: dict | None =
     """Rebuild G from a checkpoint (file or run folder; or ``checkpoint_data``, the checkpoint the caller
     already loaded from it); prefers the EMA weights when present."""
     ckpt = checkpoint_data if checkpoint_data is not None else load_checkpoint(checkpoint)
+    if ckpt["family"] == "autoencoder":
+        return _load_vae_decoder(ckpt)
     if ckpt["family"] != "gan":
         raise CovidXrayError(f"{ckpt['path']} holds a {ckpt['family']} model ('{ckpt.get('model')}'); "
-                             f"`sample` needs a GAN")
+                             f"`sample` needs a GAN or a VAE")
     cfg = config_from_dict(ckpt["config"], family="gan")
     spec = get_model(cfg.model.name)
     classes = tuple(ckpt.get("classes", ()))
@@ -102,6 +107,23 @@ def load_generator(checkpoint: str | os.PathLike, checkpoint_data: dict | None =
     G.load_state_dict(ckpt["models"][weights])
     G.eval()
     return LoadedGenerator(G, cfg, weights, ckpt)
+
+
+def _load_vae_decoder(ckpt: dict) -> LoadedGenerator:
+    """A VAE's decoder as a generator: it maps prior draws z ~ N(0, I) (and classes, for a cVAE) to images."""
+    cfg = config_from_dict(ckpt["config"], family="autoencoder")
+    spec = get_model(cfg.model.name)
+    if "prior" not in spec.features:
+        from covidxray.models.registry import list_models
+
+        priors = ", ".join(m.name for m in list_models("autoencoder") if "prior" in m.features)
+        raise CovidXrayError(f"{ckpt['path']} holds a '{spec.name}', which has no prior to sample from",
+                             f"Train a model with a prior ({priors}) to generate images")
+    classes = tuple(ckpt.get("classes", ()))
+    net = spec.build(cfg, DataSpec(len(classes), int(ckpt["image_size"]), 1, classes))["net"]
+    net.load_state_dict(ckpt["models"]["net"])
+    net.eval()
+    return LoadedGenerator(net.decoder, cfg, "net", ckpt)
 
 
 def write_samples(images: torch.Tensor, out: Path, prefix: str = "sample") -> list[Path]:

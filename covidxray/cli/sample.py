@@ -13,7 +13,7 @@ from covidxray.errors import CovidXrayError
 
 @user_errors
 def sample_cmd(
-    checkpoint: Path = typer.Argument(..., help="Checkpoint .pt file, or a run folder (uses checkpoints/last.pt)."),
+    checkpoint: Path = typer.Argument(..., help="Checkpoint .pt file, or a run folder (uses checkpoints/last.pt) of a GAN, vae or cvae."),
     out: Path = typer.Argument(..., help="Folder for the PNGs."),
     n: int = typer.Option(64, "-n", "--num", help="Number of images."),
     seed: int = typer.Option(0, "--seed", help="Latent seed: the same seed gives the same images."),
@@ -21,14 +21,21 @@ def sample_cmd(
     class_: Optional[str] = typer.Option(None, "--class", help="Conditional models: a class name or 'all' "
                                          "(N images per class, one folder each) [default: all]."),
     batch_size: int = typer.Option(256, "--batch-size", help="Images generated per forward pass."),
+    temperature: float = typer.Option(1.0, "--temperature", help="Scale of the latent draws (1 = the prior; "
+                                      "< 1: more typical, less diverse images)."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Allow writing into a folder that already holds samples."),
+    reconstruct: Optional[Path] = typer.Option(None, "--reconstruct", help="Autoencoders: reconstruct the X-rays of "
+                                               "this folder instead (input | reconstruction PNGs, reconstruct.csv)."),
 ) -> None:
-    """Generate N grayscale PNGs at the training size (EMA generator when the checkpoint has one)."""
+    """Generate N grayscale PNGs at the training size from a GAN (its EMA generator when it has one) or a VAE's
+    prior."""
     from covidxray.data.grids import grid_nrow, save_grid
     from covidxray.generate import load_generator, write_samples
     from covidxray.utils import resolve_device
 
+    if reconstruct is not None:
+        return _reconstruct(checkpoint, reconstruct, out, class_, batch_size, device, grid, temperature)
     if n < 1:
         raise CovidXrayError(f"-n must be at least 1, got {n}")
     if batch_size < 1:
@@ -49,7 +56,7 @@ def sample_cmd(
         if folder.is_dir() and any(folder.glob("sample_*.png")) and not overwrite:
             raise CovidXrayError(f"{folder} already holds sample_*.png files", "Choose another OUT or pass --overwrite")
     for name, folder, label in jobs:
-        images = loaded.sample(n, seed=seed, batch_size=batch_size, device=dev, label=label)
+        images = loaded.sample(n, seed=seed, batch_size=batch_size, device=dev, label=label, temperature=temperature)
         folder.mkdir(parents=True, exist_ok=True)
         if overwrite:  # do not leave stale extra files of an earlier, larger -n
             for old in folder.glob("sample_*.png"):
@@ -60,3 +67,20 @@ def sample_cmd(
         if grid:
             msg += f"; grid {save_grid(images, folder / 'grid.png', nrow=grid_nrow(n))}"
         con.print(msg, highlight=False)
+
+
+def _reconstruct(checkpoint, folder, out, class_, batch_size, device, grid, temperature) -> None:
+    from covidxray.reconstruct import reconstruct_folder
+
+    if grid or temperature != 1.0:
+        raise CovidXrayError("--grid and --temperature do not go with --reconstruct",
+                             "Drop them: --reconstruct writes one input | reconstruction PNG per image")
+    res = reconstruct_folder(checkpoint, folder, out, class_name=class_, batch_size=batch_size, device=device)
+    bad = res["unreadable"]
+    mean = (f"; mean PSNR {res['mean_psnr']:.2f} dB, SSIM {res['mean_ssim']:.3f}" if res["reconstructed"] else "")
+    console().print(f"reconstructed {res['reconstructed']} images with {res['model']} into {res['out']}{mean}; "
+                    f"table {res['csv']}", highlight=False, markup=False, soft_wrap=True)
+    if bad:
+        shown = "; ".join(f"{f} ({why})" for f, why in bad[:5])
+        console().print(f"unreadable ({len(bad)}): {shown}{' ...' if len(bad) > 5 else ''}", highlight=False,
+                        markup=False, soft_wrap=True)

@@ -102,6 +102,7 @@ def register_model(name: str, *, family: str, paper: str, summary: str, conditio
 
 def _load_families() -> None:
     # Importing the families runs their @register_model decorators.
+    import covidxray.models.autoencoders  # noqa: F401
     import covidxray.models.classifiers  # noqa: F401
     import covidxray.models.conditional  # noqa: F401
     import covidxray.models.dcgan  # noqa: F401

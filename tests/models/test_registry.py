@@ -26,7 +26,7 @@ def test_registering_a_name_twice_fails():
 
 
 def test_registering_under_an_unknown_family_fails():
-    with pytest.raises(ValueError, match="unknown family 'diffusion'; declared families: classifier, gan, segmentation"):
+    with pytest.raises(ValueError, match="unknown family 'diffusion'; declared families: autoencoder, classifier, gan, segmentation"):
         register_model("ddpm", family="diffusion", paper="x", summary="x")
 
 
@@ -81,10 +81,27 @@ def _check_segmentation(spec, nets, cfg, size):
         net(torch.zeros(1, 1, size + 8, size))
 
 
-FAMILY_CHECKS = {"gan": _check_gan, "classifier": _check_classifier, "segmentation": _check_segmentation}
+def _check_autoencoder(spec, nets, cfg, size):
+    net = nets["net"]
+    k = 3 if spec.conditional else 0
+    assert net.n_classes == k and net.decoder.n_classes == k
+    x = torch.rand(2, 1, size, size) * 2 - 1
+    y = torch.tensor([0, 2]) if k else None
+    eps = torch.randn(2, cfg.arch.latent_dim)
+    recon, mu, logvar = net(x, y, eps)
+    assert recon.shape == x.shape and recon.min() >= -1 and recon.max() <= 1
+    assert mu.shape == (2, cfg.arch.latent_dim) and (logvar is not None) == ("prior" in spec.features)
+    (recon.mean() + mu.pow(2).mean()).backward()
+    assert all(p.grad is not None for p in net.parameters())
+    assert net.decoder(eps, y).shape == x.shape  # the decoder has a GAN generator's interface
+
+
+FAMILY_CHECKS = {"gan": _check_gan, "classifier": _check_classifier, "segmentation": _check_segmentation,
+                 "autoencoder": _check_autoencoder}
 #: The sizes each family is checked at (the classifiers' smallest and largest, within each model's limit).
-FAMILY_SIZES = {"gan": (64, 128, 256), "classifier": (64, 299), "segmentation": (64, 256)}
-SMALL = {"gan": ["arch.g_channels=8", "arch.d_channels=8"], "classifier": [], "segmentation": ["arch.width=8"]}
+FAMILY_SIZES = {"gan": (64, 128, 256), "classifier": (64, 299), "segmentation": (64, 256), "autoencoder": (32, 128)}
+SMALL = {"gan": ["arch.g_channels=8", "arch.d_channels=8"], "classifier": [], "segmentation": ["arch.width=8"],
+         "autoencoder": ["arch.channels=8"]}
 
 
 @pytest.mark.parametrize("name, size", [(n, s) for n in MODELS for s in FAMILY_SIZES[get_model(n).family]

@@ -6,12 +6,14 @@
 from __future__ import annotations
 
 from covidxray.errors import CovidXrayError
+from covidxray.train.tasks.autoencoder import AutoencoderTask
 from covidxray.train.tasks.base import Task
 from covidxray.train.tasks.classifier import ClassifierTask
 from covidxray.train.tasks.gan import GANTask
 from covidxray.train.tasks.segmentation import SegmentationTask
 
-TASKS: dict[str, type[Task]] = {"gan": GANTask, "classifier": ClassifierTask, "segmentation": SegmentationTask}
+TASKS: dict[str, type[Task]] = {"gan": GANTask, "classifier": ClassifierTask, "segmentation": SegmentationTask,
+                               "autoencoder": AutoencoderTask}
 
 
 def get_task(family: str) -> type[Task]:
@@ -23,4 +25,4 @@ def get_task(family: str) -> type[Task]:
                              f"{', '.join(sorted(TASKS))}") from None
 
 
-__all__ = ["TASKS", "Task", "GANTask", "ClassifierTask", "SegmentationTask", "get_task"]
+__all__ = ["TASKS", "Task", "GANTask", "ClassifierTask", "SegmentationTask", "AutoencoderTask", "get_task"]
