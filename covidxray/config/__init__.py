@@ -37,10 +37,11 @@ from covidxray.config.gan import GANConfig  # noqa: E402  (registers the family)
 from covidxray.config.classifier import ClassifierConfig  # noqa: E402  (registers the family)
 from covidxray.config.segmentation import SegmentationConfig  # noqa: E402  (registers the family)
 from covidxray.config.autoencoder import AutoencoderConfig  # noqa: E402  (registers the family)
+from covidxray.config.image2image import Image2ImageConfig  # noqa: E402  (registers the family)
 
 __all__ = [
     "CONFIG_DIR", "FAMILIES", "Config", "DataConfig", "EvalConfig", "Family", "ModelConfig", "OptimConfig",
-    "TrainConfig", "GANConfig", "ClassifierConfig", "SegmentationConfig", "AutoencoderConfig", "apply_overrides", "config_from_dict", "eval_metric",
+    "TrainConfig", "GANConfig", "ClassifierConfig", "SegmentationConfig", "AutoencoderConfig", "Image2ImageConfig", "apply_overrides", "config_from_dict", "eval_metric",
     "family_of", "get_family", "load_yaml", "model_config_path", "new_config", "parse_set", "register_family",
     "resolve_config", "validate",
 ]

@@ -106,6 +106,7 @@ def _load_families() -> None:
     import covidxray.models.classifiers  # noqa: F401
     import covidxray.models.conditional  # noqa: F401
     import covidxray.models.dcgan  # noqa: F401
+    import covidxray.models.pix2pix  # noqa: F401
     import covidxray.models.segmentation  # noqa: F401
     import covidxray.models.unetgan  # noqa: F401
 

@@ -92,3 +92,18 @@ def lr_stat(opt: torch.optim.Optimizer) -> torch.Tensor:
     no host-to-device copy per step)."""
     lr = opt.param_groups[0]["lr"]
     return lr.detach().clone() if torch.is_tensor(lr) else torch.tensor(float(lr))
+
+
+def adam_pair(G: torch.nn.Module, D: torch.nn.Module, o, trainer) -> tuple:
+    """The two-network tasks' (GANs, pix2pix) Adam optimizers and loss scalers: ``(opt_g, opt_d, scaler_g,
+    scaler_d)`` from ``o.lr_g``, ``o.lr_d``, ``o.beta1``, ``o.beta2``; fused on CUDA, ``capturable`` with CUDA
+    graphs (the step counter lives on the GPU, so the update can be captured), scalers on for fp16 only."""
+    device = next(G.parameters()).device
+    kw: dict[str, Any] = {"fused": True} if device.type == "cuda" else {}
+    if trainer.use_graphs:
+        kw["capturable"] = True
+    betas = (o.beta1, o.beta2)
+    fp16 = trainer.amp_dtype == torch.float16
+    return (torch.optim.Adam(G.parameters(), lr=o.lr_g, betas=betas, **kw),
+            torch.optim.Adam(D.parameters(), lr=o.lr_d, betas=betas, **kw),
+            torch.amp.GradScaler("cuda", enabled=fp16), torch.amp.GradScaler("cuda", enabled=fp16))

@@ -26,7 +26,7 @@ def test_registering_a_name_twice_fails():
 
 
 def test_registering_under_an_unknown_family_fails():
-    with pytest.raises(ValueError, match="unknown family 'diffusion'; declared families: autoencoder, classifier, gan, segmentation"):
+    with pytest.raises(ValueError, match="unknown family 'diffusion'; declared families: autoencoder, classifier, gan, image2image, segmentation"):
         register_model("ddpm", family="diffusion", paper="x", summary="x")
 
 
@@ -96,12 +96,24 @@ def _check_autoencoder(spec, nets, cfg, size):
     assert net.decoder(eps, y).shape == x.shape  # the decoder has a GAN generator's interface
 
 
+def _check_image2image(spec, nets, cfg, size):
+    G, D = nets["G"], nets["D"]
+    c = (torch.rand(2, 1, size, size) > 0.5).float() * 2 - 1
+    x = G(c)
+    assert x.shape == c.shape and x.min() >= -1 and x.max() <= 1
+    logits = D(c, x)
+    assert logits.ndim == 4 and logits.shape[:2] == (2, 1) and logits.shape[-1] > 1  # one logit per patch
+    logits.mean().backward()
+    assert all(p.grad is not None for p in G.parameters())
+
+
 FAMILY_CHECKS = {"gan": _check_gan, "classifier": _check_classifier, "segmentation": _check_segmentation,
-                 "autoencoder": _check_autoencoder}
+                 "autoencoder": _check_autoencoder, "image2image": _check_image2image}
 #: The sizes each family is checked at (the classifiers' smallest and largest, within each model's limit).
-FAMILY_SIZES = {"gan": (64, 128, 256), "classifier": (64, 299), "segmentation": (64, 256), "autoencoder": (32, 128)}
+FAMILY_SIZES = {"gan": (64, 128, 256), "classifier": (64, 299), "segmentation": (64, 256), "autoencoder": (32, 128),
+                "image2image": (32, 256)}
 SMALL = {"gan": ["arch.g_channels=8", "arch.d_channels=8"], "classifier": [], "segmentation": ["arch.width=8"],
-         "autoencoder": ["arch.channels=8"]}
+         "autoencoder": ["arch.channels=8"], "image2image": ["arch.g_channels=8", "arch.d_channels=8"]}
 
 
 @pytest.mark.parametrize("name, size", [(n, s) for n in MODELS for s in FAMILY_SIZES[get_model(n).family]

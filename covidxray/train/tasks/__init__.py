@@ -10,10 +10,11 @@ from covidxray.train.tasks.autoencoder import AutoencoderTask
 from covidxray.train.tasks.base import Task
 from covidxray.train.tasks.classifier import ClassifierTask
 from covidxray.train.tasks.gan import GANTask
+from covidxray.train.tasks.image2image import Image2ImageTask
 from covidxray.train.tasks.segmentation import SegmentationTask
 
 TASKS: dict[str, type[Task]] = {"gan": GANTask, "classifier": ClassifierTask, "segmentation": SegmentationTask,
-                               "autoencoder": AutoencoderTask}
+                               "autoencoder": AutoencoderTask, "image2image": Image2ImageTask}
 
 
 def get_task(family: str) -> type[Task]:
@@ -25,4 +26,4 @@ def get_task(family: str) -> type[Task]:
                              f"{', '.join(sorted(TASKS))}") from None
 
 
-__all__ = ["TASKS", "Task", "GANTask", "ClassifierTask", "SegmentationTask", "AutoencoderTask", "get_task"]
+__all__ = ["TASKS", "Task", "GANTask", "ClassifierTask", "SegmentationTask", "AutoencoderTask", "Image2ImageTask", "get_task"]

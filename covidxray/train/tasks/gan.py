@@ -28,6 +28,7 @@ from covidxray.train import gan_losses as losses
 from covidxray.train import unetgan_cutmix
 from covidxray.train.diffaugment import diff_augment, parse_policy
 from covidxray.train.ema import EMA, decay_for
+from covidxray.train.optim import adam_pair
 from covidxray.train.tasks.base import Task
 
 
@@ -50,22 +51,14 @@ class GANTask(Task):
         self.spec = spec
         self.conditional = spec.conditional
         self.n_classes = trainer.data_spec.n_classes if self.conditional else 0
-        fp16 = trainer.amp_dtype == torch.float16
         fmt = trainer.memory_format
 
         nets = spec.build(cfg, trainer.data_spec)
         self.G = nets["G"].to(dev, memory_format=fmt)
         self.D = nets["D"].to(dev, memory_format=fmt)
         self.models = {"G": self.G, "D": self.D}
-        betas = (cfg.optim.beta1, cfg.optim.beta2)
-        adam_kw: dict[str, Any] = {"fused": True} if dev.type == "cuda" else {}
-        if trainer.use_graphs:
-            adam_kw["capturable"] = True  # the step counter lives on the GPU, so the update can be captured
-        self.opt_g = torch.optim.Adam(self.G.parameters(), lr=cfg.optim.lr_g, betas=betas, **adam_kw)
-        self.opt_d = torch.optim.Adam(self.D.parameters(), lr=cfg.optim.lr_d, betas=betas, **adam_kw)
+        self.opt_g, self.opt_d, self.scaler_g, self.scaler_d = adam_pair(self.G, self.D, cfg.optim, trainer)
         self.optimizers = {"G": self.opt_g, "D": self.opt_d}
-        self.scaler_g = torch.amp.GradScaler("cuda", enabled=fp16)
-        self.scaler_d = torch.amp.GradScaler("cuda", enabled=fp16)
         self.scalers = {"G": self.scaler_g, "D": self.scaler_d}
         self.ema = EMA(self.G) if cfg.train.ema_kimg > 0 else None
         self.policy = parse_policy(cfg.aug.diffaugment) if cfg.aug.diffaugment else ()

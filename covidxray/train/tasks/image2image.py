@@ -1,0 +1,132 @@
+"""The image-to-image task (``pix2pix``, ``model.task = mask2xray``): L1 + conditional adversarial loss.
+
+Trains on the images that have a lung mask (the loop gives the batch's masks, as for the segmenters). One
+step: the uint8 X-rays become float in [-1, 1]; X-ray and mask get one shared random warp on the device
+(:func:`~covidxray.train.augment.augment_pair`, ``aug.*``; a generator saved with the run); the condition is
+the mask in [-1, 1]. D (a PatchGAN on the condition and an image) takes one Adam step on the mean of its
+losses on (c, x) and (c, G(c)); then G takes one Adam step on ``adversarial + loss.l1_weight * L1(G(c), x)``
+(Isola et al. 2017). G's dropout draws from the default generator, whose state the loop saves, so a resumed
+run is exact.
+
+Validation (every ``eval.every`` epochs): the mean absolute error of G(c) against the real X-ray over the
+split's masked images (images in [0, 1], G in eval mode except its dropout, as at sampling), which picks
+``best.pt``. Snapshots (``samples/epoch_XXXX.png``, for ``covidxray gif``): ``train.grid_size`` fixed validation
+masks in the first row, G's X-rays from them in the second, the real X-rays in the third.
+
+Checkpoint entries it adds: ``models`` ``G``, ``D``; ``optimizers``/``scalers`` ``G``, ``D``; ``rng`` ``aug``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from covidxray.data.datasets import to_float, to_uint8
+from covidxray.train import gan_losses as losses
+from covidxray.train.augment import augment_pair
+from covidxray.train.optim import adam_pair
+from covidxray.train.tasks.base import Task
+
+
+def sampling_mode(G: nn.Module) -> None:
+    """G as pix2pix samples: BatchNorm on its running statistics, dropout on (the paper's noise)."""
+    G.eval()
+    for m in G.modules():
+        if isinstance(m, nn.Dropout):
+            m.train()
+
+
+class Image2ImageTask(Task):
+    """Trains a registered image-to-image model (``family == "image2image"``); see the module docstring."""
+
+    family = "image2image"
+    resizes_data = True
+    evaluates = True
+    needs_masks = True
+    progress_keys = ("loss_d", "loss_g", "l1")
+
+    def __init__(self, trainer):
+        super().__init__(trainer)
+        cfg, spec, dev = self.cfg, trainer.spec, self.device
+        fmt = trainer.memory_format
+        nets = spec.build(cfg, trainer.data_spec)
+        self.G = nets["G"].to(dev, memory_format=fmt)
+        self.D = nets["D"].to(dev, memory_format=fmt)
+        self.models = {"G": self.G, "D": self.D}
+        self.opt_g, self.opt_d, self.scaler_g, self.scaler_d = adam_pair(self.G, self.D, cfg.optim, trainer)
+        self.optimizers = {"G": self.opt_g, "D": self.opt_d}
+        self.scalers = {"G": self.scaler_g, "D": self.scaler_d}
+        self.aug_gen = torch.Generator(device=dev).manual_seed(cfg.train.seed + 3)
+        a = cfg.aug
+        self.aug_kw = dict(rotate=a.rotate, scale=a.scale, translate=a.translate)
+
+    def generators(self) -> dict[str, tuple[torch.Generator, int]]:
+        return {"aug": (self.aug_gen, 3)}
+
+    def divergence_hint(self) -> str:
+        amp = "--set train.amp=off (full precision), " if self.trainer.amp_dtype is not None else ""
+        return f"Try {amp}lower learning rates (optim.lr_g, optim.lr_d), or resume from the last checkpoint"
+
+    @staticmethod
+    def condition(masks: torch.Tensor) -> torch.Tensor:
+        """The mask2xray condition: the 0/1 mask as an image in [-1, 1]."""
+        return masks.float() * 2 - 1
+
+    def device_step(self, images_u8: torch.Tensor, masks_u8: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The device work of one step (no host syncs)."""
+        kind, fmt = self.cfg.loss.gan, self.trainer.memory_format
+        x, m = augment_pair(to_float(images_u8), masks_u8, self.aug_gen, **self.aug_kw)
+        x = x.contiguous(memory_format=fmt)
+        c = self.condition(m).contiguous(memory_format=fmt)
+        with self.autocast():
+            fake = self.G(c)
+            d_real, d_fake = self.D(c, x), self.D(c, fake.detach())
+        loss_d = 0.5 * losses.d_loss(kind, d_real.float(), d_fake.float())
+        self.opt_d.zero_grad(set_to_none=True)
+        self.scaler_d.scale(loss_d).backward()
+        self.scaler_d.step(self.opt_d)
+        self.scaler_d.update()
+        with self.autocast():
+            g_logits = self.D(c, fake)
+        l1 = (fake.float() - x).abs().mean()
+        loss_g = losses.g_loss(kind, g_logits.float()) + self.cfg.loss.l1_weight * l1
+        self.opt_g.zero_grad(set_to_none=True)
+        self.scaler_g.scale(loss_g).backward()
+        self.scaler_g.step(self.opt_g)
+        self.scaler_g.update()
+        return {"loss_d": loss_d.detach(), "loss_g": loss_g.detach(), "l1": l1.detach() / 2}
+
+    # ------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def translate(self, masks_u8: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
+        """G's X-rays (uint8 N x 1 x S x S, on the CPU) from 0/1 masks, G in sampling mode (dropout on)."""
+        was = self.G.training
+        sampling_mode(self.G)
+        bs = batch_size or self.cfg.eval.batch_size
+        out = []
+        try:
+            for i in range(0, masks_u8.shape[0], bs):
+                c = self.condition(masks_u8[i:i + bs].to(self.device))
+                with self.autocast():
+                    out.append(to_uint8(self.G(c)).cpu())
+        finally:
+            self.G.train(was)
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def evaluate(self, data) -> dict[str, float]:
+        fake = self.translate(data.masks).float() / 255
+        real = data.images.cpu().float() / 255
+        return {"l1": float((fake - real).abs().mean())}
+
+    @torch.no_grad()
+    def snapshot(self) -> None:
+        from covidxray.data.grids import save_grid
+
+        t = self.trainer
+        data = t.eval_data if t.eval_data is not None else t.data
+        n = min(self.cfg.train.grid_size, len(data))
+        masks = data.masks[:n]
+        fake = self.translate(masks)
+        grid = torch.cat([masks.cpu() * 255, fake, data.images[:n].cpu()])
+        save_grid(grid, t.run_dir / "samples" / f"epoch_{t.epoch:04d}.png", nrow=n)
