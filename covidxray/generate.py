@@ -96,6 +96,9 @@ def load_generator(checkpoint: str | os.PathLike, checkpoint_data: dict | None =
     ckpt = checkpoint_data if checkpoint_data is not None else load_checkpoint(checkpoint)
     if ckpt["family"] == "autoencoder":
         return _load_vae_decoder(ckpt)
+    if ckpt["family"] == "image2image":
+        raise CovidXrayError(f"{ckpt['path']} holds a pix2pix model: it translates masks, it has no latent to sample",
+                             "Pass --from-data PREPARED (its masks, optionally --deform) or --masks FOLDER")
     if ckpt["family"] != "gan":
         raise CovidXrayError(f"{ckpt['path']} holds a {ckpt['family']} model ('{ckpt.get('model')}'); "
                              f"`sample` needs a GAN or a VAE")

@@ -27,6 +27,14 @@ def sample_cmd(
     overwrite: bool = typer.Option(False, "--overwrite", help="Allow writing into a folder that already holds samples."),
     reconstruct: Optional[Path] = typer.Option(None, "--reconstruct", help="Autoencoders: reconstruct the X-rays of "
                                                "this folder instead (input | reconstruction PNGs, reconstruct.csv)."),
+    from_data: Optional[Path] = typer.Option(None, "--from-data", help="pix2pix: translate the masks of this prepared "
+                                             "folder's --split into paired (X-ray, mask) data in the prepared layout."),
+    split: str = typer.Option("train", "--split", help="--from-data: the split whose masks are used."),
+    masks: Optional[Path] = typer.Option(None, "--masks", help="pix2pix: translate a folder of mask images instead."),
+    deform: bool = typer.Option(False, "--deform", help="pix2pix: deform each mask smoothly first (new anatomies)."),
+    copies: int = typer.Option(1, "--copies", help="pix2pix: pairs per mask (each deformed and drawn anew)."),
+    mix: bool = typer.Option(False, "--mix", help="pix2pix --from-data: also copy the real training images into OUT "
+                             "(real + synthetic pairs)."),
 ) -> None:
     """Generate N grayscale PNGs at the training size from a GAN (its EMA generator when it has one) or a VAE's
     prior."""
@@ -34,6 +42,18 @@ def sample_cmd(
     from covidxray.generate import load_generator, write_samples
     from covidxray.utils import resolve_device
 
+    if from_data is not None or masks is not None:
+        from covidxray.synthesize import synthesize_pairs
+
+        res = synthesize_pairs(checkpoint, out, from_data=from_data, split=split, masks=masks, deform=deform,
+                               copies=copies, mix=mix, seed=seed, batch_size=min(batch_size, 64), device=device,
+                               overwrite=overwrite, log=lambda msg: console().print(msg, highlight=False, markup=False))
+        real = res["real_copied"]
+        console().print(f"wrote {res['pairs']} synthetic (X-ray, mask) pairs into the train split of {res['out']}"
+                        f"{' with deformed masks' if deform else ''}; real images copied: {real['train']} train, "
+                        f"{real['val']} val, {real['test']} test (train a segmenter: covidxray train --model unet "
+                        f"--data {res['out']})", highlight=False, markup=False, soft_wrap=True)
+        return
     if reconstruct is not None:
         return _reconstruct(checkpoint, reconstruct, out, class_, batch_size, device, grid, temperature)
     if n < 1:

@@ -71,3 +71,78 @@ def test_bad_pix2pix_settings(p2p_cfg):
         p2p_cfg(extra=["arch.dropout=1.0"])
     with pytest.raises(CovidXrayError, match="data.image_size"):
         p2p_cfg(extra=["data.image_size=96"])
+
+
+def test_sample_from_data_writes_paired_synthetic_data_that_a_unet_trains_on(p2p_cfg, demo_prepared, tmp_path):
+    from typer.testing import CliRunner
+
+    from covidxray.cli import app
+    from covidxray.data.datasets import load_tensor_data, read_prepared_info
+
+    run, _ = start_run(p2p_cfg(epochs=1))
+    out = tmp_path / "pairs"
+    r = CliRunner().invoke(app, ["sample", str(run.run_dir), str(out), "--from-data", str(demo_prepared), "--deform",
+                                 "--copies", "2", "--seed", "3"])
+    assert r.exit_code == 0, r.output
+    info = read_prepared_info(out)
+    assert info["synthetic"] and info["layout"] == "pix2pix-pairs" and info["generator"]["model"] == "pix2pix"
+    real = load_tensor_data(demo_prepared, "train", masks=True)
+    syn = load_tensor_data(out, "train", masks=True)
+    assert len(syn) == 2 * len(real) and syn.classes == real.classes
+    assert set(syn.masks.unique().tolist()) == {0, 1}
+    assert len(load_tensor_data(out, "test", masks=True)) == len(load_tensor_data(demo_prepared, "test", masks=True))
+    rows = (out / "manifest.csv").read_text().splitlines()
+    assert all(line.endswith(",1") for line in rows[1:] if line.startswith("train,"))  # synthetic=1
+    # the segmenter reads it as it is (and is validated on the copied real val split)
+    cfg = resolve_config("unet", flags={"data": {"path": str(out)}, "train": {"epochs": 1, "device": "cpu"}},
+                         sets=["arch.width=8", "arch.depth=3", "train.batch_size=8", "train.num_threads=1"])
+    cfg.out = str(tmp_path / "seg")
+    seg, finished = start_run(cfg)
+    assert finished and len(seg.data) == len(syn)
+    # --mix adds the real training pairs
+    r = CliRunner().invoke(app, ["sample", str(run.run_dir), str(tmp_path / "mixed"), "--from-data", str(demo_prepared),
+                                 "--mix"])
+    assert r.exit_code == 0, r.output
+    assert len(load_tensor_data(tmp_path / "mixed", "train", masks=True)) == 2 * len(real)
+    # pix2pix has no latent to sample; an existing OUT is kept unless --overwrite
+    r = CliRunner().invoke(app, ["sample", str(run.run_dir), str(tmp_path / "x"), "-n", "2"])
+    assert r.exit_code == 2 and "--from-data" in r.output
+    r = CliRunner().invoke(app, ["sample", str(run.run_dir), str(out), "--from-data", str(demo_prepared)])
+    assert r.exit_code == 2 and "not empty" in r.output
+
+
+def test_deformed_masks_stay_binary_with_about_the_same_area(demo_prepared):
+    from covidxray.data.datasets import load_tensor_data
+    from covidxray.synthesize import deform_masks
+
+    m = load_tensor_data(demo_prepared, "train", masks=True).masks[:16]
+    d = deform_masks(m, torch.Generator().manual_seed(0))
+    assert d.shape == m.shape and d.dtype == torch.uint8 and set(d.unique().tolist()) <= {0, 1}
+    ratio = d.flatten(1).sum(1).float() / m.flatten(1).sum(1).float()
+    assert ((ratio > 0.7) & (ratio < 1.4)).all(), ratio
+    assert not torch.equal(d, m)
+
+
+def test_sample_from_a_mask_folder_says_what_it_changed(p2p_cfg, demo_prepared, tmp_path):
+    import numpy as np
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from covidxray.cli import app
+    from covidxray.data.datasets import load_tensor_data
+
+    run, _ = start_run(p2p_cfg(epochs=1))
+    folder = tmp_path / "masks"
+    folder.mkdir()
+    mask = np.zeros((64, 64), np.uint8)
+    mask[10:50, 8:28] = 200
+    mask[10:50, 36:56] = 255  # not binary
+    Image.fromarray(mask).save(folder / "a.png")
+    Image.fromarray(mask).resize((100, 100)).save(folder / "b.png")  # another size
+    (folder / "c.png").write_bytes(b"nope")
+    out = tmp_path / "pairs"
+    r = CliRunner().invoke(app, ["sample", str(run.run_dir), str(out), "--masks", str(folder)])
+    assert r.exit_code == 0, r.output
+    assert "thresholded" in r.output and "resized" in r.output and "c.png" in r.output
+    syn = load_tensor_data(out, "train", masks=True)
+    assert len(syn) == 2 and syn.classes == ["synthetic"]

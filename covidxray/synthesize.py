@@ -1,0 +1,220 @@
+"""Paired synthetic data from a trained pix2pix ``mask2xray`` run: lung masks in, (X-ray, mask) pairs out, written
+in the prepared layout so that ``covidxray train --model unet --data OUT`` reads them as they are.
+
+``covidxray sample PIX2PIX_RUN OUT --from-data PREPARED [--split train] [--deform] [--copies K] [--mix]``:
+
+* the masks are those of ``PREPARED``'s ``--split`` (images with a mask only), resized to the model's side when
+  the sides differ (bilinear, then > 0.5; said so); with ``--deform`` each copy of a mask first gets a random
+  smooth deformation (a small affine warp: rotation +-8 deg, zoom +-8 %, shift +-5 %; then an elastic field,
+  displacement std 2 % of the side on a 4 x 4 grid), post-processed to two components without holes, so that new
+  anatomies appear; ``--copies K`` writes K pairs per mask (each with its own deformation and dropout noise);
+* G (in sampling mode: dropout on, the paper's noise; seeded by ``--seed``) draws the X-ray of each mask;
+* the pairs form ``OUT``'s **train** split (class = the class of the image the mask came from); ``OUT``'s val and
+  test splits are copies of ``PREPARED``'s real ones, so a segmenter trained on ``OUT`` is selected and tested on
+  real X-rays; ``--mix`` also copies the real training images (real + synthetic pairs in one train split).
+
+``covidxray sample PIX2PIX_RUN OUT --masks FOLDER`` takes any folder of mask images instead (binarised at half
+their range: a mask that was not binary is thresholded, and one of another size resized, both said so); those
+pairs, of class ``synthetic``, are the train split and there are no val/test splits (train with ``--set
+eval.every=0``, or use ``--from-data``).
+
+``manifest.csv`` marks every synthetic row ``synthetic=1`` with ``source`` = ``pix2pix:<checkpoint>#<mask source>``;
+``prepare.json`` says ``"synthetic": true``, the checkpoint, its step and the settings. Everything is written into a
+temporary folder beside ``OUT`` that replaces it whole at the end (never half a data set).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from covidxray import __version__
+from covidxray.checkpoint import load_checkpoint
+from covidxray.config import config_from_dict
+from covidxray.data.datasets import load_tensor_data, read_prepared_info, read_records, resize_masks, to_uint8
+from covidxray.data.masks import postprocess
+from covidxray.errors import CovidXrayError
+from covidxray.models.registry import DataSpec, get_model
+from covidxray.utils import atomic_dir, resolve_device
+
+MANIFEST_COLUMNS = ("split", "class", "file", "mask", "source", "source_sha256", "pixel_sha256",
+                    "orig_width", "orig_height", "orig_mode", "patient_id", "synthetic")
+#: The deformation of ``--deform`` (module docstring).
+DEFORM = {"rotate": 8.0, "scale": 0.08, "translate": 0.05, "elastic": 0.02}
+
+
+def load_pix2pix(checkpoint: str | os.PathLike):
+    """G of a pix2pix run (best.pt when the run has one) in sampling mode, its config and checkpoint."""
+    from covidxray.train.tasks.image2image import sampling_mode
+
+    ckpt = load_checkpoint(checkpoint, prefer_best=True)
+    if ckpt.get("family") != "image2image":
+        raise CovidXrayError(f"{ckpt['path']} holds a {ckpt.get('family')} model ('{ckpt.get('model')}'); "
+                             f"--from-data/--masks need a pix2pix run", "Train one: covidxray train --model pix2pix")
+    cfg = config_from_dict(ckpt["config"], family="image2image")
+    classes = tuple(ckpt.get("classes", ()))
+    G = get_model(cfg.model.name).build(cfg, DataSpec(len(classes), int(ckpt["image_size"]), 1, classes))["G"]
+    G.load_state_dict(ckpt["models"]["G"])
+    sampling_mode(G)
+    return G, cfg, ckpt
+
+
+def deform_masks(masks: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random smooth deformations of 0/1 masks (N x 1 x S x S) -> 0/1 uint8 masks, two components, no holes."""
+    from covidxray.train.augment import augment_pair
+
+    x = torch.zeros(masks.shape, dtype=torch.float32)
+    _, m = augment_pair(x, masks, generator, **DEFORM)
+    out = torch.stack([torch.from_numpy(postprocess(mi[0].numpy() > 0.5))[None] for mi in m])
+    return out.to(torch.uint8)
+
+
+def _read_mask_folder(folder: Path, size: int, log: Callable[[str], None]) -> tuple[torch.Tensor, list[str]]:
+    from PIL import Image
+
+    from covidxray.data import imaging
+
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and imaging.is_image_name(p.name))
+    if not files:
+        raise CovidXrayError(f"no mask images in {folder}", "Pass a folder of lung masks (PNG, 0/255)")
+    masks, names, resized, thresholded, bad = [], [], 0, 0, []
+    for f in files:
+        try:
+            img = imaging.to_gray8(imaging.decode(f.read_bytes()))
+        except (OSError, imaging.UnreadableImage) as exc:
+            bad.append(f"{f.name} ({exc})")
+            continue
+        arr = np.asarray(img)
+        if len(np.unique(arr)) > 2:
+            thresholded += 1
+        if img.size != (size, size):
+            resized += 1
+            img = img.resize((size, size), Image.Resampling.BILINEAR)
+            arr = np.asarray(img)
+        hi = int(arr.max())
+        masks.append(torch.from_numpy((arr > hi / 2).astype(np.uint8) if hi > 0 else arr * 0)[None])
+        names.append(f.relative_to(folder).with_suffix("").as_posix().replace("/", "_"))
+    if thresholded:
+        log(f"note: {thresholded} masks were not binary and were thresholded at half their range")
+    if resized:
+        log(f"note: {resized} masks were resized to the model's {size} px (bilinear, then > 0.5)")
+    if bad:
+        log(f"unreadable, left out ({len(bad)}): {'; '.join(bad[:5])}")
+    if not masks:
+        raise CovidXrayError(f"none of the {len(files)} files in {folder} is a readable image")
+    return torch.stack(masks), names
+
+
+def synthesize_pairs(checkpoint: str | os.PathLike, out: str | os.PathLike, *, from_data: str | os.PathLike | None = None,
+                     split: str = "train", masks: str | os.PathLike | None = None, deform: bool = False,
+                     copies: int = 1, mix: bool = False, seed: int = 0, batch_size: int = 64, device: str = "auto",
+                     overwrite: bool = False, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Write paired synthetic (X-ray, mask) data in the prepared layout (module docstring); returns its summary."""
+    from covidxray.data.imaging import save_png
+
+    log = log or (lambda msg: None)
+    if (from_data is None) == (masks is None):
+        raise CovidXrayError("pix2pix needs masks to translate: pass one of --from-data PREPARED or --masks FOLDER",
+                             "e.g. covidxray sample RUN OUT --from-data data/cxr128 --deform")
+    if copies < 1 or batch_size < 1:
+        raise CovidXrayError(f"--copies and --batch-size must be at least 1; got {copies} and {batch_size}")
+    if mix and from_data is None:
+        raise CovidXrayError("--mix copies the real images of --from-data", "Pass --from-data PREPARED")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise CovidXrayError(f"{out} already exists and is not empty", "Choose another OUT or pass --overwrite")
+    G, cfg, ckpt = load_pix2pix(checkpoint)
+    size = int(ckpt["image_size"])
+    dev = resolve_device(device)
+    G = G.to(dev)
+    if from_data is not None:
+        src = Path(from_data)
+        info = read_prepared_info(src)
+        td = load_tensor_data(src, split, None, None, True, log, masks=True)
+        m = td.masks
+        if m.shape[-1] != size:
+            log(f"masks prepared at {m.shape[-1]} px are resized to the model's {size} px (bilinear, then > 0.5)")
+            m = resize_masks(m, size)
+        classes = list(td.classes)
+        labels = [classes[int(k)] for k in td.labels]
+        names = list(td.ids)
+        source = f"{src.resolve()}:{split}"
+    else:
+        info = None
+        m, names = _read_mask_folder(Path(masks), size, log)
+        classes, labels = ["synthetic"], ["synthetic"] * len(names)
+        source = str(Path(masks).resolve())
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # G's dropout noise
+    ckpt_ref = f"pix2pix:{Path(ckpt['path']).resolve()}"
+    rows: list[tuple] = []
+    t0 = time.perf_counter()
+    with atomic_dir(out) as tmp:
+        n_pairs = 0
+        for k in range(copies):
+            mk = deform_masks(m, gen) if deform else m
+            for i in range(0, mk.shape[0], batch_size):
+                batch = mk[i:i + batch_size]
+                with torch.no_grad():
+                    fake = to_uint8(G(batch.to(dev).float() * 2 - 1)).cpu()
+                for j in range(batch.shape[0]):
+                    idx = i + j
+                    cls, stem = labels[idx], f"syn_{names[idx]}_{k:02d}"
+                    rel = f"train/{cls}/{stem}.png"
+                    rel_mask = f"train/{cls}/masks/{stem}.png"
+                    (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                    (tmp / rel_mask).parent.mkdir(parents=True, exist_ok=True)
+                    img = fake[j, 0]
+                    save_png(img, tmp / rel, atomic=False)
+                    save_png(batch[j, 0] * 255, tmp / rel_mask, atomic=False)
+                    pix = hashlib.sha256(img.numpy().tobytes()).hexdigest()
+                    rows.append(("train", cls, rel, rel_mask, f"{ckpt_ref}#{source}/{names[idx]}", "", pix, size, size,
+                                 "L", "", 1))
+                    n_pairs += 1
+        copied = {"train": 0, "val": 0, "test": 0}
+        if info is not None:  # the real val/test (and with --mix, train) splits, as they are
+            src_rows = list(csv.DictReader((src / "manifest.csv").open(newline="", encoding="utf-8")))
+            for r in src_rows:
+                if r["split"] in ("val", "test") or (mix and r["split"] == "train"):
+                    for key in ("file", "mask"):
+                        if r.get(key):
+                            (tmp / r[key]).parent.mkdir(parents=True, exist_ok=True)
+                            shutil.copy2(src / r[key], tmp / r[key])
+                    rows.append(tuple(r.get(c, "") for c in MANIFEST_COLUMNS))
+                    copied[r["split"]] += 1
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(MANIFEST_COLUMNS)
+        w.writerows(rows)
+        (tmp / "manifest.csv").write_text(buf.getvalue(), encoding="utf-8")
+        (tmp / "rejected.csv").write_text("path,reason\n", encoding="utf-8")
+        all_classes = sorted(set(classes) | ({c for c in info.get("classes", [])} if info else set()))
+        counts: dict[str, dict[str, int]] = {}
+        for r in rows:
+            counts.setdefault(r[0], {}).setdefault(r[1], 0)
+            counts[r[0]][r[1]] += 1
+        summary = {
+            "format": "covidxray-prepared", "format_version": 1, "covidxray_version": __version__, "complete": True,
+            "layout": "pix2pix-pairs", "source": source, "size": size,
+            "fit": info.get("fit", "stretch") if info else "stretch", "masks": True, "classes": all_classes,
+            "synthetic": True, "counts": counts,
+            "generator": {"checkpoint": str(Path(ckpt["path"]).resolve()), "model": cfg.model.name,
+                          "step": int(ckpt.get("step", 0)), "epoch": int(ckpt.get("epoch", 0))},
+            "settings": {"split": split if info else None, "deform": dict(DEFORM) if deform else None,
+                         "copies": copies, "mix": mix, "seed": seed},
+            "pairs": n_pairs, "real_copied": copied,
+        }
+        (tmp / "prepare.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    summary["out"] = str(out)
+    summary["seconds"] = round(time.perf_counter() - t0, 2)
+    return summary
