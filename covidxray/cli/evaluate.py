@@ -63,6 +63,8 @@ def evaluate_cmd(
     tta: bool = typer.Option(False, "--tta", help="Segmenters: test-time augmentation (mean with the mirror image)."),
     postprocess: bool = typer.Option(True, "--postprocess/--no-postprocess", help="Segmenters: keep the two largest "
                                      "components and fill holes, as `segment` does."),
+    segmenter: Optional[Path] = typer.Option(None, "--segmenter", help="pix2pix runs: a U-Net run; reports the Dice "
+                                             "between the given masks and its masks of the drawn X-rays."),
 ) -> None:
     """Score a model on real X-rays.
 
@@ -103,7 +105,7 @@ def evaluate_cmd(
 
         ckpt = load_checkpoint(target, prefer_best=True)
         family = ckpt.get("family", "gan")
-        others = {"--downstream": downstream, "-n": n is not None, "--class": class_ is not None,
+        others = {"--downstream": downstream, "--segmenter": segmenter is not None, "-n": n is not None, "--class": class_ is not None,
                   "--cxr-features": cxr_features is not None, "--save-samples": save_samples,
                   "--mc-samples": mc_samples is not None, "--skip-unreadable": skip_unreadable}
         seg_only = {"--threshold": threshold is not None, "--tta": tta, "--no-postprocess": not postprocess}
@@ -126,11 +128,11 @@ def evaluate_cmd(
     _generator(con, log, target, ckpt, fake, data, split, n, repeats, metrics, class_, inception_weights, cxr_features,
                out, device, batch_size or 64, seed, skip_unreadable, save_samples,
                dict(classifier=classifier, seeds=seeds, synthetic_ratio=synthetic_ratio, epochs=epochs,
-                    sets=list(set_ or [])) if downstream else None)
+                    sets=list(set_ or [])) if downstream else None, segmenter)
 
 
 def _generator(con, log, target, ckpt, fake, data, split, n, repeats, metrics, class_, inception_weights, cxr_features,
-               out, device, batch_size, seed, skip_unreadable, save_samples, downstream) -> None:
+               out, device, batch_size, seed, skip_unreadable, save_samples, downstream, segmenter=None) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
     from rich.table import Table
 
@@ -152,7 +154,7 @@ def _generator(con, log, target, ckpt, fake, data, split, n, repeats, metrics, c
                              cxr_features=str(cxr_features) if cxr_features else None, out=out, device=device,
                              batch_size=batch_size, seed=seed, skip_unreadable=skip_unreadable,
                              downstream=downstream, save_samples=save_samples, checkpoint_data=ckpt, log=log,
-                             progress=progress)
+                             progress=progress, segmenter=str(segmenter) if segmenter else None)
     feats = res["features"]
     title = (f"{res['model']} vs the {res['split']} split of {res['data']} (N = {res['reference_n']}): "
              f"N = {res['n']} generated x {res['repeats']} draws, floor = {res['floor_n']} real training images")

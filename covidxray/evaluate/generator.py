@@ -39,10 +39,12 @@ import numpy as np
 import torch
 
 from covidxray import __version__
+from covidxray.checkpoint import load_checkpoint
 from covidxray.data.datasets import CACHE_DIR, load_tensor_data, read_prepared_info
 from covidxray.errors import CovidXrayError
 from covidxray.evaluate.report import mean_std
-from covidxray.evaluate.sources import FolderSource, GeneratorSource, Source, class_counts
+from covidxray.evaluate.sources import (FolderSource, GeneratorSource, Pix2PixSource, Source, class_counts,
+                                        mask_consistency)
 from covidxray.utils import resolve_device
 
 ALL_METRICS = ("fid", "kid", "pr", "dc", "memorization", "diversity")
@@ -89,6 +91,9 @@ def load_source(run_or_checkpoint: str | Path | None, fake: str | Path | None, d
         raise CovidXrayError("give either RUN_OR_CHECKPOINT or --fake FOLDER (not both)")
     if fake is not None:
         return FolderSource(fake, data_classes, skip_unreadable, log)
+    family = (checkpoint_data or load_checkpoint(run_or_checkpoint)).get("family")
+    if family == "image2image":
+        return Pix2PixSource(run_or_checkpoint)
     return GeneratorSource(run_or_checkpoint, checkpoint_data)
 
 
@@ -99,6 +104,7 @@ def evaluate_generator(run_or_checkpoint: str | Path | None, data: str | Path, *
                        out: str | Path | None = None, device: str = "auto", batch_size: int = 64, seed: int = 0,
                        skip_unreadable: bool = False, downstream: dict[str, Any] | None = None,
                        save_samples: bool = False, checkpoint_data: dict[str, Any] | None = None,
+                       segmenter: str | Path | None = None,
                        log: Callable[[str], None] | None = None, progress=None) -> dict[str, Any]:
     """Score generated images against ``split`` of the prepared folder ``data`` (see the module docstring).
 
@@ -123,6 +129,8 @@ def evaluate_generator(run_or_checkpoint: str | Path | None, data: str | Path, *
         save_samples: also write the first draw as PNGs into ``out/samples/`` (``<class>/`` sub-folders for a
             conditional source); otherwise generated images never reach the disk.
         checkpoint_data: the generator's checkpoint, when the caller already loaded it (not read twice).
+        segmenter: a pix2pix run only: a U-Net run whose masks of the drawn X-rays are compared with the masks
+            they were drawn from (``mask_consistency``: Dice over the first draw).
         log: callable for one-line notes.
 
     Returns:
@@ -152,6 +160,10 @@ def evaluate_generator(run_or_checkpoint: str | Path | None, data: str | Path, *
                                  "a --fake folder cannot be used", "Pass the GAN's run folder")
         check_downstream_args(**downstream)
     source = load_source(run_or_checkpoint, fake, data_classes, skip_unreadable, log, checkpoint_data)
+    if segmenter is not None and not isinstance(source, Pix2PixSource):
+        raise CovidXrayError("--segmenter scores the mask consistency of a pix2pix run; this source is "
+                             f"'{source.name}'", "Drop --segmenter, or pass a pix2pix run")
+    first_masks = None
     prepared = int(info["size"])
     if source.image_size != prepared:
         raise CovidXrayError(
@@ -245,6 +257,8 @@ def evaluate_generator(run_or_checkpoint: str | Path | None, data: str | Path, *
         else:
             imgs, labels = source.draw(n, seed + r, dev, batch_size=max(batch_size, 256))
         draws.append((imgs.cpu(), labels))
+        if r == 0:
+            first_masks = getattr(source, "last_masks", None)  # pix2pix: the masks of the first draw
     gen_seconds = time.perf_counter() - t0
     floors = []
     for r in range(repeats):
@@ -382,6 +396,12 @@ def evaluate_generator(run_or_checkpoint: str | Path | None, data: str | Path, *
                 for i, c in enumerate(eval_classes):
                     write_samples(imgs0[lab0 == i], tmp / "samples" / c)
             result["samples_written"] = "samples/"
+        if segmenter is not None:
+            imgs0, _ = draws[0]
+            result["mask_consistency"] = mask_consistency(imgs0, first_masks, segmenter, dev, batch_size)
+            log(f"mask consistency: Dice {result['mask_consistency']['dice']['mean']:.3f} ± "
+                f"{result['mask_consistency']['dice']['std']:.3f} between the given masks and the U-Net's masks of "
+                f"the {len(imgs0)} drawn X-rays")
         if downstream is not None:  # the classifier runs live inside the output folder
             from covidxray.evaluate.downstream import run_downstream
 

@@ -209,6 +209,13 @@ def generator_markdown(result: dict[str, Any], figures: dict[str, str]) -> str:
                   "Data-copying statistic C_T (Meehan et al. 2020; ≪ 0 means copying, ≫ 0 underfitting): "
                   + (f"{ct['ct']:.2f} over {ct['cells_used']} of {ct['cells']} cells." if ct.get("ct") is not None
                      else f"not computed ({ct.get('reason')}).")]
+    mc = result.get("mask_consistency")
+    if mc:
+        d = mc["dice"]
+        lines += ["", "## Mask consistency", "",
+                  f"Dice between the masks pix2pix was given and the masks `{mc['model']}` (`{mc['segmenter']}`) finds "
+                  f"in the X-rays it drew from them: {d['mean']:.3f} ± {d['std']:.3f} (median {d['median']:.3f}, "
+                  f"N = {mc['n']}, the first draw)."]
     down = result.get("downstream")
     if down:
         lines += ["", "## Downstream classification", "", *downstream_markdown(down)]

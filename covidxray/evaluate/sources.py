@@ -161,3 +161,70 @@ class FolderSource(Source):
             parts.append(pool if n >= len(pool) else pool[torch.randperm(len(pool), generator=g)[:n]])
         idx = torch.cat(parts)
         return self.images[idx], self.labels[idx]
+
+
+class Pix2PixSource(Source):
+    """X-rays of a pix2pix ``mask2xray`` run, drawn from the lung masks of its training split: each draw picks
+    masks at random (``seed``), deforms each smoothly (as ``sample --deform``) so that a draw of any size has new
+    anatomies, and translates them with G's dropout noise seeded too. Unlabelled (pix2pix is not
+    class-conditional); ``last_masks`` keeps the masks of the latest draw (for the mask-consistency score)."""
+
+    def __init__(self, checkpoint: str | os.PathLike):
+        from covidxray.data.datasets import load_tensor_data, resize_masks
+        from covidxray.synthesize import load_pix2pix
+
+        G, cfg, ck = load_pix2pix(checkpoint)
+        size = int(ck["image_size"])
+        try:
+            td = load_tensor_data(cfg.data.path, cfg.data.split, cfg.data.classes or None, None, True, masks=True)
+        except CovidXrayError as exc:
+            raise CovidXrayError(f"the masks pix2pix draws from are unavailable: {exc.message}",
+                                 "Evaluate where the run's training data (data.path in its config.yaml) are") from None
+        masks = td.masks if td.masks.shape[-1] == size else resize_masks(td.masks, size)
+        info = {"checkpoint": str(Path(ck["path"]).resolve()), "epoch": int(ck.get("epoch", 0)),
+                "step": int(ck.get("step", 0)), "weights": "G (dropout on)", "training_data": cfg.data.path,
+                "masks": f"{len(masks)} masks of the {cfg.data.split} split, deformed per draw"}
+        super().__init__("checkpoint", cfg.model.name, info["checkpoint"], size, list(td.classes), False, info)
+        self.G, self.masks = G, masks
+        self.last_masks: torch.Tensor | None = None
+
+    def draw(self, counts, seed, device, batch_size=256):
+        from covidxray.data.datasets import to_uint8
+        from covidxray.synthesize import deform_masks
+
+        n = counts if isinstance(counts, int) else int(sum(counts))
+        gen = torch.Generator().manual_seed(seed)
+        idx = torch.randint(len(self.masks), (n,), generator=gen)
+        masks = deform_masks(self.masks[idx], gen)
+        G = self.G.to(device)
+        out = []
+        with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []), torch.no_grad():
+            torch.manual_seed(seed)
+            for i in range(0, n, batch_size):
+                out.append(to_uint8(G(masks[i:i + batch_size].to(device).float() * 2 - 1)).cpu())
+        self.last_masks = masks
+        return torch.cat(out), None
+
+
+def mask_consistency(images_u8: torch.Tensor, masks: torch.Tensor, segmenter: str | os.PathLike,
+                     device: torch.device, batch_size: int = 64) -> dict[str, Any]:
+    """Dice between the masks a pix2pix run was given and a trained U-Net's masks of the X-rays it drew from them
+    (both at the images' side; the U-Net's input resized when its side differs), summarised over the images."""
+    import torch.nn.functional as F
+
+    from covidxray.data.datasets import resize_u8
+    from covidxray.metrics.segmentation import dice, summarize
+    from covidxray.predict import iter_mask_probs, load_segmenter
+
+    seg = load_segmenter(segmenter)
+    side, size = int(images_u8.shape[-1]), seg.image_size
+    x = images_u8 if side == size else resize_u8(images_u8, size)
+    net = seg.net.to(device)
+    preds = []
+    for _, probs in iter_mask_probs(net, x, device, batch_size):
+        if side != size:
+            probs = F.interpolate(probs, size=(side, side), mode="bilinear", align_corners=False)
+        preds.append((probs > seg.threshold).cpu())
+    d = dice(torch.cat(preds)[:, 0].numpy(), masks[:, 0].numpy() > 0)
+    return {"segmenter": str(Path(seg.checkpoint["path"]).resolve()), "model": seg.cfg.model.name,
+            "dice": summarize(d), "n": int(len(d))}

@@ -9,6 +9,7 @@ from covidxray.checkpoint import load_checkpoint
 from covidxray.config import resolve_config
 from covidxray.errors import CovidXrayError
 from covidxray.train.loop import resume_run, start_run
+from tests.evaluate.test_generator_eval import standin, unverified  # noqa: F401  (the stand-in FID network)
 
 TINY = ["arch.g_channels=8", "arch.d_channels=8", "arch.d_layers=2", "train.batch_size=8", "train.log_every=2",
         "train.grid_size=4", "train.num_threads=1"]
@@ -146,3 +147,29 @@ def test_sample_from_a_mask_folder_says_what_it_changed(p2p_cfg, demo_prepared, 
     assert "thresholded" in r.output and "resized" in r.output and "c.png" in r.output
     syn = load_tensor_data(out, "train", masks=True)
     assert len(syn) == 2 and syn.classes == ["synthetic"]
+
+
+def test_evaluate_a_pix2pix_run_with_its_mask_consistency(p2p_cfg, demo_prepared, tmp_path, unverified):
+    from typer.testing import CliRunner
+
+    from covidxray.cli import app
+    from tests.fixtures import train_tiny_unet
+
+    run, _ = start_run(p2p_cfg(epochs=1))
+    unet = train_tiny_unet(demo_prepared, tmp_path / "seg")
+    out = tmp_path / "ev"
+    r = CliRunner().invoke(app, ["evaluate", str(run.run_dir), "--data", str(demo_prepared), "-n", "12", "--repeats", "2",
+                                 "--metrics", "fid,kid", "--segmenter", str(unet), "-o", str(out), "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["model"] == "pix2pix" and m["n"] == 12 and "fd_unverified" in m["metrics"]
+    mc = m["mask_consistency"]
+    assert mc["n"] == 12 and 0 <= mc["dice"]["mean"] <= 1 and mc["model"] == "unet"
+    assert "Mask consistency" in (out / "report.md").read_text()
+    # two draws with other seeds differ (new masks and new dropout noise)
+    from covidxray.evaluate.sources import Pix2PixSource
+    src = Pix2PixSource(run.run_dir)
+    a, _ = src.draw(4, 0, torch.device("cpu"))
+    b, _ = src.draw(4, 0, torch.device("cpu"))
+    c, _ = src.draw(4, 1, torch.device("cpu"))
+    assert torch.equal(a, b) and not torch.equal(a, c)
