@@ -134,6 +134,9 @@ def synthesize_pairs(checkpoint: str | os.PathLike, out: str | os.PathLike, *, f
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise CovidXrayError(f"{out} already exists and is not empty", "Choose another OUT or pass --overwrite")
     G, cfg, ckpt = load_pix2pix(checkpoint)
+    if cfg.model.task != "mask2xray":
+        raise CovidXrayError(f"{ckpt['path']} is a pix2pix {cfg.model.task} run; --from-data/--masks need mask2xray",
+                             "For colorize pass --images FOLDER")
     size = int(ckpt["image_size"])
     dev = resolve_device(device)
     G = G.to(dev)
@@ -218,3 +221,51 @@ def synthesize_pairs(checkpoint: str | os.PathLike, out: str | os.PathLike, *, f
     summary["out"] = str(out)
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     return summary
+
+
+def colorize_folder(checkpoint: str | os.PathLike, images: str | os.PathLike, out: str | os.PathLike,
+                    batch_size: int = 64, device: str = "auto", seed: int = 0,
+                    log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """A ``colorize`` pix2pix run's pseudo-colour renderings of every X-ray under ``images`` (any size and format;
+    resized to the model's square), written as ``OUT/<name>.png`` (RGB, at the model's side); unreadable files are
+    listed and left out."""
+    from covidxray.data import imaging
+    from covidxray.data.datasets import to_float
+    from covidxray.data.overlays import save_rgb
+
+    log = log or (lambda msg: None)
+    G, cfg, ckpt = load_pix2pix(checkpoint)
+    if cfg.model.task != "colorize":
+        raise CovidXrayError(f"{ckpt['path']} is a pix2pix {cfg.model.task} run; --images needs a colorize run",
+                             "For mask2xray pass --from-data PREPARED or --masks FOLDER")
+    folder, out = Path(images), Path(out)
+    if not folder.exists():
+        raise CovidXrayError(f"--images {folder} does not exist", "Pass a folder of X-rays")
+    files = [folder] if folder.is_file() else sorted(
+        p for p in folder.rglob("*") if p.is_file() and imaging.is_image_name(p.name))
+    if not files:
+        raise CovidXrayError(f"no images in {folder}")
+    size = int(ckpt["image_size"])
+    root = folder if folder.is_dir() else folder.parent
+    arrays, names, bad = [], [], []
+    for f in files:
+        try:
+            gray = imaging.to_gray8(imaging.decode(f.read_bytes()))
+        except (OSError, imaging.UnreadableImage) as exc:
+            bad.append((f.relative_to(root).as_posix(), str(exc)))
+            continue
+        arrays.append(np.asarray(imaging.fit_image(gray, size, "stretch")))
+        names.append(f.relative_to(root).with_suffix(".png").as_posix())
+    for name, why in bad:
+        log(f"unreadable, left out: {name} ({why})")
+    dev = resolve_device(device)
+    G = G.to(dev)
+    torch.manual_seed(seed)  # G's dropout noise
+    with torch.no_grad():
+        for i in range(0, len(arrays), batch_size):
+            x = torch.from_numpy(np.stack(arrays[i:i + batch_size]))[:, None]
+            rgb = to_uint8(G(to_float(x.to(dev)))).cpu()
+            for j, name in enumerate(names[i:i + batch_size]):
+                (out / name).parent.mkdir(parents=True, exist_ok=True)
+                save_rgb(rgb[j].permute(1, 2, 0).numpy(), out / name)
+    return {"colorized": len(names), "unreadable": bad, "out": str(out)}

@@ -35,6 +35,8 @@ def sample_cmd(
     copies: int = typer.Option(1, "--copies", help="pix2pix: pairs per mask (each deformed and drawn anew)."),
     mix: bool = typer.Option(False, "--mix", help="pix2pix --from-data: also copy the real training images into OUT "
                              "(real + synthetic pairs)."),
+    images: Optional[Path] = typer.Option(None, "--images", help="pix2pix colorize runs: render the X-rays of this "
+                                          "folder in pseudo-colour."),
 ) -> None:
     """Generate N grayscale PNGs at the training size from a GAN (its EMA generator when it has one) or a VAE's
     prior."""
@@ -42,6 +44,16 @@ def sample_cmd(
     from covidxray.generate import load_generator, write_samples
     from covidxray.utils import resolve_device
 
+    if images is not None:
+        from covidxray.synthesize import colorize_folder
+
+        res = colorize_folder(checkpoint, images, out, batch_size=min(batch_size, 64), device=device, seed=seed,
+                              log=lambda msg: console().print(msg, highlight=False, markup=False))
+        bad = len(res["unreadable"])
+        console().print(f"wrote {res['colorized']} pseudo-colour renderings to {res['out']}"
+                        + (f" ({bad} unreadable, listed above)" if bad else ""), highlight=False, markup=False,
+                        soft_wrap=True)
+        return
     if from_data is not None or masks is not None:
         from covidxray.synthesize import synthesize_pairs
 

@@ -2,7 +2,8 @@
 ``aug``. Details: ``docs/image2image.md``.
 
 ``model.task`` says what is translated into what: ``mask2xray`` (the lung mask of a prepared image -> the
-X-ray; trains on the images that have a mask). G's loss is ``loss.l1_weight * L1(G(c), x) + adversarial``;
+X-ray; trains on the images that have a mask) or ``colorize`` (the X-ray -> a 3-channel pseudo-colour
+rendering of its anatomy, :func:`covidxray.train.tasks.image2image.colorize_target`). G's loss is ``loss.l1_weight * L1(G(c), x) + adversarial``;
 D's is the mean of its losses on (c, x) and (c, G(c)) (the paper halves D's objective).
 """
 
@@ -30,7 +31,9 @@ SIZES = (32, 64, 128, 256)
 
 @dataclass
 class Image2ImageModelConfig(ModelConfig):
-    task: str = "mask2xray"             # mask2xray: lung mask -> X-ray (images with a mask only)
+    task: str = "mask2xray"             # mask2xray: lung mask -> X-ray | colorize: X-ray -> pseudo-colour anatomy
+                                        # (lungs / rest of the body / background, built from the masks); both train
+                                        # on the images with a mask only
 
 
 @dataclass
@@ -115,9 +118,9 @@ def check_image2image(cfg: Image2ImageConfig) -> None:
 IMAGE2IMAGE = register_family(Family(
     name="image2image",
     config=Image2ImageConfig,
-    choices={**GENERIC_CHOICES, "model.task": ("mask2xray",), "loss.gan": ("bce", "lsgan")},
+    choices={**GENERIC_CHOICES, "model.task": ("mask2xray", "colorize"), "loss.gan": ("bce", "lsgan")},
     check=check_image2image,
     # Validation: the mean absolute error of G(condition) against the real image (images in [0, 1]).
     metrics={"l1": "min"},
-    summary="image-to-image translation (pix2pix): lung mask -> X-ray",
+    summary="image-to-image translation (pix2pix): lung mask -> X-ray, or X-ray -> pseudo-colour anatomy",
 ))

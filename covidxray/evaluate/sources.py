@@ -174,6 +174,10 @@ class Pix2PixSource(Source):
         from covidxray.synthesize import load_pix2pix
 
         G, cfg, ck = load_pix2pix(checkpoint)
+        if cfg.model.task != "mask2xray":
+            raise CovidXrayError(f"{ck['path']} is a pix2pix {cfg.model.task} run: its outputs are pseudo-colour "
+                                 f"renderings, not X-rays, so there is nothing to compare with real X-rays",
+                                 "Evaluate a mask2xray run; look at a colorize run's renderings with sample --images")
         size = int(ck["image_size"])
         try:
             td = load_tensor_data(cfg.data.path, cfg.data.split, cfg.data.classes or None, None, True, masks=True)

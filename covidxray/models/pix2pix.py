@@ -12,7 +12,8 @@ then a stride-1 level and a 1-channel convolution): one real/fake logit per over
 condition and the image, concatenated. At 128 px and below, ``arch.d_layers`` = 2 keeps the patch (34 x 34)
 in proportion to the image.
 
-The condition is an image of ``in_channels`` channels in [-1, 1] (``mask2xray``: the lung mask, 1 channel).
+The condition is an image of ``in_channels`` channels in [-1, 1] (``mask2xray``: the lung mask, 1 channel, to a
+1-channel X-ray; ``colorize``: the X-ray, 1 channel, to a 3-channel pseudo-colour rendering).
 """
 
 from __future__ import annotations
@@ -115,8 +116,9 @@ def build_pix2pix(cfg, data):
     """pix2pix (Isola et al. 2017): U-Net generator with dropout, 70x70 PatchGAN (``arch.d_layers``), L1 weight 100
     + adversarial loss, Adam 2e-4 (0.5, 0.999) (``configs/pix2pix.yaml``, ``docs/image2image.md``)."""
     a = cfg.arch
-    G = UNetGenerator(data.image_size, 1, 1, a.g_channels, a.dropout)
-    D = PatchDiscriminator(2, a.d_channels, a.d_layers)
+    out = 3 if cfg.model.task == "colorize" else 1  # colorize: a 3-channel rendering of a 1-channel X-ray
+    G = UNetGenerator(data.image_size, 1, out, a.g_channels, a.dropout)
+    D = PatchDiscriminator(1 + out, a.d_channels, a.d_layers)
     init_weights(G)
     init_weights(D)
     return {"G": G, "D": D}

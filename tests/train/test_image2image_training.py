@@ -67,7 +67,7 @@ def test_pix2pix_resume_equals_uninterrupted(p2p_cfg, stop_at):
 
 def test_bad_pix2pix_settings(p2p_cfg):
     with pytest.raises(CovidXrayError, match="model.task"):
-        p2p_cfg(extra=["model.task=colorize"])
+        p2p_cfg(extra=["model.task=inpaint"])
     with pytest.raises(CovidXrayError, match="arch.dropout"):
         p2p_cfg(extra=["arch.dropout=1.0"])
     with pytest.raises(CovidXrayError, match="data.image_size"):
@@ -173,3 +173,43 @@ def test_evaluate_a_pix2pix_run_with_its_mask_consistency(p2p_cfg, demo_prepared
     b, _ = src.draw(4, 0, torch.device("cpu"))
     c, _ = src.draw(4, 1, torch.device("cpu"))
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_colorize_target_known_answer():
+    from covidxray.train.tasks.image2image import BODY_RGB, LUNG_RGB, colorize_target
+
+    x = torch.tensor([[[[1.0, 0.0, -1.0]]]])  # gray 1.0, 0.5, 0.0 in [0, 1]
+    m = torch.tensor([[[[1, 0, 0]]]], dtype=torch.uint8)
+    t = (colorize_target(x, m) + 1) / 2  # lung at full gray; body at half gray; background black
+    assert t[0, :, 0, 0].tolist() == pytest.approx(list(LUNG_RGB))
+    assert t[0, :, 0, 1].tolist() == pytest.approx([0.5 * c for c in BODY_RGB])
+    assert t[0, :, 0, 2].tolist() == pytest.approx([0.0, 0.0, 0.0])
+
+
+def test_colorize_trains_and_renders_a_folder(p2p_cfg, demo_prepared, tmp_path):
+    import numpy as np
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from covidxray.cli import app
+
+    run, finished = start_run(p2p_cfg(epochs=1, extra=["model.task=colorize"]))
+    assert finished and run.task.G(torch.zeros(1, 1, 64, 64)).shape == (1, 3, 64, 64)
+    with Image.open(run.run_dir / "samples" / "epoch_0001.png") as im:
+        assert im.mode == "RGB"
+    src = tmp_path / "xrays"
+    src.mkdir()
+    rows = [r for r in (demo_prepared / "manifest.csv").read_text().splitlines()[1:] if r.startswith("test,")][:2]
+    for i, r in enumerate(rows):
+        Image.open(demo_prepared / r.split(",")[2]).resize((90, 70)).save(src / f"x{i}.png")
+    (src / "bad.png").write_bytes(b"nope")
+    r = CliRunner().invoke(app, ["sample", str(run.run_dir), str(tmp_path / "col"), "--images", str(src)])
+    assert r.exit_code == 0, r.output
+    assert "wrote 2 pseudo-colour renderings" in r.output and "bad.png" in r.output
+    with Image.open(tmp_path / "col" / "x0.png") as im:
+        assert im.mode == "RGB" and im.size == (64, 64) and np.asarray(im).std() > 0
+    # a colorize run makes no X-rays: no pairs, no generator evaluation
+    r = CliRunner().invoke(app, ["sample", str(run.run_dir), str(tmp_path / "p"), "--from-data", str(demo_prepared)])
+    assert r.exit_code == 2 and "need mask2xray" in r.output
+    r = CliRunner().invoke(app, ["evaluate", str(run.run_dir), "--data", str(demo_prepared)])
+    assert r.exit_code == 2 and "pseudo-colour" in r.output

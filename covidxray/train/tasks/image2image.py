@@ -1,4 +1,8 @@
-"""The image-to-image task (``pix2pix``, ``model.task = mask2xray``): L1 + conditional adversarial loss.
+"""The image-to-image task (``pix2pix``; ``model.task`` mask2xray or colorize): L1 + conditional adversarial loss.
+
+``colorize`` swaps the roles: the condition is the X-ray and the target its pseudo-colour rendering
+(:func:`colorize_target`: lungs, rest of the body, background, each pixel's gray value in its region's colour),
+so the same network shows a colorization target; the rest of this docstring is written for mask2xray.
 
 Trains on the images that have a lung mask (the loop gives the batch's masks, as for the segmenters). One
 step: the uint8 X-rays become float in [-1, 1]; X-ray and mask get one shared random warp on the device
@@ -26,6 +30,24 @@ from covidxray.train import gan_losses as losses
 from covidxray.train.augment import augment_pair
 from covidxray.train.optim import adam_pair
 from covidxray.train.tasks.base import Task
+
+
+#: Colours (RGB in [0, 1]) of the colorize target: lungs, the rest of the body, background.
+LUNG_RGB, BODY_RGB = (1.0, 0.45, 0.35), (0.35, 0.75, 1.0)
+#: A pixel outside the lungs is body when its X-ray intensity (in [0, 1]) is above this.
+BODY_LEVEL = 0.15
+
+
+def colorize_target(x: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """The colorize task's target (N x 3 x H x W in [-1, 1]) of X-rays ``x`` (N x 1, in [-1, 1]) and their 0/1 lung
+    masks: each pixel's gray value (in [0, 1]) times the colour of its region - lungs (the mask), the rest of the
+    body (outside the mask, brighter than :data:`BODY_LEVEL`) or background (black). A rendering of the anatomy
+    the masks and a threshold define, not a physical or clinical colour."""
+    v = (x.float() + 1) / 2
+    lung = masks.float()
+    body = (1 - lung) * (v > BODY_LEVEL).float()
+    colours = [lung * c1 + body * c2 for c1, c2 in zip(LUNG_RGB, BODY_RGB)]
+    return torch.cat([v * c for c in colours], 1) * 2 - 1
 
 
 def sampling_mode(G: nn.Module) -> None:
@@ -56,6 +78,7 @@ class Image2ImageTask(Task):
         self.opt_g, self.opt_d, self.scaler_g, self.scaler_d = adam_pair(self.G, self.D, cfg.optim, trainer)
         self.optimizers = {"G": self.opt_g, "D": self.opt_d}
         self.scalers = {"G": self.scaler_g, "D": self.scaler_d}
+        self.colorize = cfg.model.task == "colorize"
         self.aug_gen = torch.Generator(device=dev).manual_seed(cfg.train.seed + 3)
         a = cfg.aug
         self.aug_kw = dict(rotate=a.rotate, scale=a.scale, translate=a.translate)
@@ -76,8 +99,12 @@ class Image2ImageTask(Task):
         """The device work of one step (no host syncs)."""
         kind, fmt = self.cfg.loss.gan, self.trainer.memory_format
         x, m = augment_pair(to_float(images_u8), masks_u8, self.aug_gen, **self.aug_kw)
+        if self.colorize:  # X-ray -> its pseudo-colour rendering
+            c, x = x, colorize_target(x, m)
+        else:  # mask -> X-ray
+            c = self.condition(m)
         x = x.contiguous(memory_format=fmt)
-        c = self.condition(m).contiguous(memory_format=fmt)
+        c = c.contiguous(memory_format=fmt)
         with self.autocast():
             fake = self.G(c)
             d_real, d_fake = self.D(c, x), self.D(c, fake.detach())
@@ -98,15 +125,17 @@ class Image2ImageTask(Task):
 
     # ------------------------------------------------------------ evaluation
     @torch.no_grad()
-    def translate(self, masks_u8: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
-        """G's X-rays (uint8 N x 1 x S x S, on the CPU) from 0/1 masks, G in sampling mode (dropout on)."""
+    def translate(self, inputs_u8: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
+        """G's outputs (uint8 N x C x S x S, on the CPU), G in sampling mode (dropout on): X-rays from 0/1 masks
+        (mask2xray), or renderings from uint8 X-rays (colorize)."""
         was = self.G.training
         sampling_mode(self.G)
         bs = batch_size or self.cfg.eval.batch_size
         out = []
         try:
-            for i in range(0, masks_u8.shape[0], bs):
-                c = self.condition(masks_u8[i:i + bs].to(self.device))
+            for i in range(0, inputs_u8.shape[0], bs):
+                chunk = inputs_u8[i:i + bs].to(self.device)
+                c = to_float(chunk) if self.colorize else self.condition(chunk)
                 with self.autocast():
                     out.append(to_uint8(self.G(c)).cpu())
         finally:
@@ -115,8 +144,13 @@ class Image2ImageTask(Task):
 
     @torch.no_grad()
     def evaluate(self, data) -> dict[str, float]:
-        fake = self.translate(data.masks).float() / 255
-        real = data.images.cpu().float() / 255
+        if self.colorize:
+            fake = self.translate(data.images).float() / 255
+            real = (colorize_target(to_float(data.images.cpu()), data.masks.cpu()) + 1) / 2
+            real = (real * 255).round() / 255  # as uint8, like G's output
+        else:
+            fake = self.translate(data.masks).float() / 255
+            real = data.images.cpu().float() / 255
         return {"l1": float((fake - real).abs().mean())}
 
     @torch.no_grad()
@@ -126,7 +160,16 @@ class Image2ImageTask(Task):
         t = self.trainer
         data = t.eval_data if t.eval_data is not None else t.data
         n = min(self.cfg.train.grid_size, len(data))
-        masks = data.masks[:n]
-        fake = self.translate(masks)
-        grid = torch.cat([masks.cpu() * 255, fake, data.images[:n].cpu()])
-        save_grid(grid, t.run_dir / "samples" / f"epoch_{t.epoch:04d}.png", nrow=n)
+        masks, images = data.masks[:n].cpu(), data.images[:n].cpu()
+        path = t.run_dir / "samples" / f"epoch_{t.epoch:04d}.png"
+        if self.colorize:  # rows: X-ray, G's rendering, the target
+            from torchvision.utils import make_grid
+
+            from covidxray.data.overlays import save_rgb
+
+            target = to_uint8(colorize_target(to_float(images), masks))
+            grid = torch.cat([images.expand(-1, 3, -1, -1), self.translate(images), target])
+            save_rgb(make_grid(grid, nrow=n, padding=2).permute(1, 2, 0).numpy(), path)
+            return
+        grid = torch.cat([masks * 255, self.translate(masks), images])
+        save_grid(grid, path, nrow=n)
