@@ -10,10 +10,10 @@ import torch
 from torch import nn
 
 from covidxray.checkpoint import load_checkpoint
-from covidxray.config import Config, config_from_dict
+from covidxray.config import Config
 from covidxray.data.datasets import to_uint8
 from covidxray.errors import CovidXrayError
-from covidxray.models.registry import DataSpec, get_model
+from covidxray.models.registry import build_from_checkpoint, get_model
 
 
 @dataclass
@@ -102,10 +102,8 @@ def load_generator(checkpoint: str | os.PathLike, checkpoint_data: dict | None =
     if ckpt["family"] != "gan":
         raise CovidXrayError(f"{ckpt['path']} holds a {ckpt['family']} model ('{ckpt.get('model')}'); "
                              f"`sample` needs a GAN or a VAE")
-    cfg = config_from_dict(ckpt["config"], family="gan")
-    spec = get_model(cfg.model.name)
-    classes = tuple(ckpt.get("classes", ()))
-    G = spec.build(cfg, DataSpec(len(classes), int(ckpt.get("image_size") or cfg.data.image_size), 1, classes))["G"]
+    nets, cfg = build_from_checkpoint(ckpt, "gan")
+    G = nets["G"]
     weights = "G_ema" if "G_ema" in ckpt["models"] else "G"
     G.load_state_dict(ckpt["models"][weights])
     G.eval()
@@ -114,7 +112,7 @@ def load_generator(checkpoint: str | os.PathLike, checkpoint_data: dict | None =
 
 def _load_vae_decoder(ckpt: dict) -> LoadedGenerator:
     """A VAE's decoder as a generator: it maps prior draws z ~ N(0, I) (and classes, for a cVAE) to images."""
-    cfg = config_from_dict(ckpt["config"], family="autoencoder")
+    nets, cfg = build_from_checkpoint(ckpt, "autoencoder")
     spec = get_model(cfg.model.name)
     if "prior" not in spec.features:
         from covidxray.models.registry import list_models
@@ -122,8 +120,7 @@ def _load_vae_decoder(ckpt: dict) -> LoadedGenerator:
         priors = ", ".join(m.name for m in list_models("autoencoder") if "prior" in m.features)
         raise CovidXrayError(f"{ckpt['path']} holds a '{spec.name}', which has no prior to sample from",
                              f"Train a model with a prior ({priors}) to generate images")
-    classes = tuple(ckpt.get("classes", ()))
-    net = spec.build(cfg, DataSpec(len(classes), int(ckpt["image_size"]), 1, classes))["net"]
+    net = nets["net"]
     net.load_state_dict(ckpt["models"]["net"])
     net.eval()
     return LoadedGenerator(net.decoder, cfg, "net", ckpt)

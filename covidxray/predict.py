@@ -11,10 +11,10 @@ import torch
 from torch import nn
 
 from covidxray.checkpoint import load_checkpoint
-from covidxray.config import Config, config_from_dict
+from covidxray.config import Config
 from covidxray.data.datasets import to_float
 from covidxray.errors import CovidXrayError
-from covidxray.models.registry import DataSpec, get_model
+from covidxray.models.registry import build_from_checkpoint
 
 
 @torch.no_grad()
@@ -88,10 +88,8 @@ def load_classifier(checkpoint: str | os.PathLike, checkpoint_data: dict[str, An
     family = ckpt.get("family", "gan")
     if family != "classifier":
         raise CovidXrayError(f"{ckpt['path']} holds a {family} model ('{ckpt.get('model')}'), not a classifier")
-    cfg = config_from_dict(ckpt["config"], family=family)
-    spec = get_model(cfg.model.name)
-    classes = tuple(ckpt["classes"])
-    net = spec.build(cfg, DataSpec(len(classes), int(ckpt["image_size"]), 1, classes))["net"]
+    nets, cfg = build_from_checkpoint(ckpt, family)
+    net = nets["net"]
     net.load_state_dict(ckpt["models"]["net"])
     net.eval()
     return LoadedClassifier(net, cfg, ckpt)
@@ -165,10 +163,8 @@ def load_segmenter(checkpoint: str | os.PathLike, checkpoint_data: dict[str, Any
     if family != "segmentation":
         raise CovidXrayError(f"{ckpt['path']} holds a {family} model ('{ckpt.get('model')}'), not a segmenter",
                              "Pass a run folder or checkpoint of `covidxray train --model unet` (or attention_unet)")
-    cfg = config_from_dict(ckpt["config"], family=family)
-    spec = get_model(cfg.model.name)
-    classes = tuple(ckpt.get("classes") or ())
-    net = spec.build(cfg, DataSpec(len(classes), int(ckpt["image_size"]), 1, classes))["net"]
+    nets, cfg = build_from_checkpoint(ckpt, family)
+    net = nets["net"]
     net.load_state_dict(ckpt["models"]["net"])
     net.eval()
     return LoadedSegmenter(net, cfg, ckpt)

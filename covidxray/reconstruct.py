@@ -21,11 +21,10 @@ import numpy as np
 import torch
 
 from covidxray.checkpoint import load_checkpoint
-from covidxray.config import config_from_dict
 from covidxray.data.datasets import to_float, to_uint8
 from covidxray.errors import CovidXrayError
 from covidxray.metrics import image as IM
-from covidxray.models.registry import DataSpec, get_model
+from covidxray.models.registry import build_from_checkpoint
 from covidxray.utils import atomic_write_text, resolve_device
 
 CSV_COLUMNS = ("file", "mse", "psnr", "ssim", "status")
@@ -37,9 +36,8 @@ def load_autoencoder(checkpoint: str | os.PathLike):
     if ckpt.get("family") != "autoencoder":
         raise CovidXrayError(f"{ckpt['path']} holds a {ckpt.get('family')} model ('{ckpt.get('model')}'); "
                              f"--reconstruct needs an autoencoder", "Pass a run of autoencoder, vae or cvae")
-    cfg = config_from_dict(ckpt["config"], family="autoencoder")
-    classes = tuple(ckpt.get("classes", ()))
-    net = get_model(cfg.model.name).build(cfg, DataSpec(len(classes), int(ckpt["image_size"]), 1, classes))["net"]
+    nets, cfg = build_from_checkpoint(ckpt, "autoencoder")
+    net = nets["net"]
     net.load_state_dict(ckpt["models"]["net"])
     return net.eval(), cfg, ckpt
 

@@ -40,11 +40,10 @@ import torch
 
 from covidxray import __version__
 from covidxray.checkpoint import load_checkpoint
-from covidxray.config import config_from_dict
-from covidxray.data.datasets import load_tensor_data, read_prepared_info, read_records, resize_masks, to_uint8
+from covidxray.data.datasets import load_tensor_data, read_prepared_info, resize_masks, to_uint8
 from covidxray.data.masks import postprocess
 from covidxray.errors import CovidXrayError
-from covidxray.models.registry import DataSpec, get_model
+from covidxray.models.registry import build_from_checkpoint
 from covidxray.utils import atomic_dir, resolve_device
 
 MANIFEST_COLUMNS = ("split", "class", "file", "mask", "source", "source_sha256", "pixel_sha256",
@@ -61,9 +60,8 @@ def load_pix2pix(checkpoint: str | os.PathLike):
     if ckpt.get("family") != "image2image":
         raise CovidXrayError(f"{ckpt['path']} holds a {ckpt.get('family')} model ('{ckpt.get('model')}'); "
                              f"--from-data/--masks need a pix2pix run", "Train one: covidxray train --model pix2pix")
-    cfg = config_from_dict(ckpt["config"], family="image2image")
-    classes = tuple(ckpt.get("classes", ()))
-    G = get_model(cfg.model.name).build(cfg, DataSpec(len(classes), int(ckpt["image_size"]), 1, classes))["G"]
+    nets, cfg = build_from_checkpoint(ckpt, "image2image")
+    G = nets["G"]
     G.load_state_dict(ckpt["models"]["G"])
     sampling_mode(G)
     return G, cfg, ckpt

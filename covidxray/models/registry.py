@@ -126,3 +126,17 @@ def list_models(family: str | None = None) -> list[ModelSpec]:
     """All registered models (of one family when given), sorted by name."""
     _load_families()
     return [_REGISTRY[k] for k in sorted(_REGISTRY) if family is None or _REGISTRY[k].family == family]
+
+
+def build_from_checkpoint(ckpt: dict, family: str) -> tuple[dict[str, "nn.Module"], "Config"]:
+    """The networks of a loaded checkpoint, built (untrained) as its run built them, and its config.
+
+    The caller has checked ``ckpt["family"]`` and loads the weights it wants (``G`` or ``G_ema``, ``net``...).
+    Checkpoints of version 0.1.0 have no ``image_size``: their config's ``data.image_size`` is used.
+    """
+    from covidxray.config import config_from_dict
+
+    cfg = config_from_dict(ckpt["config"], family=family)
+    classes = tuple(ckpt.get("classes", ()))
+    size = int(ckpt.get("image_size") or cfg.data.image_size)
+    return get_model(cfg.model.name).build(cfg, DataSpec(len(classes), size, 1, classes)), cfg
