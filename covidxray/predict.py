@@ -15,6 +15,7 @@ from covidxray.config import Config
 from covidxray.data.datasets import to_float
 from covidxray.errors import CovidXrayError
 from covidxray.models.registry import build_from_checkpoint
+from covidxray.utils import cpu_has_native_bf16, resolve_device
 
 
 @torch.no_grad()
@@ -96,6 +97,25 @@ def load_classifier(checkpoint: str | os.PathLike, checkpoint_data: dict[str, An
 
 
 # ------------------------------------------------------------------------------------------ segmenters
+def inference_settings(device: str | torch.device = "auto",
+                       amp: str = "auto") -> tuple[torch.device, torch.dtype | None]:
+    """The device and autocast dtype of segmentation inference (``segment``, ``evaluate``).
+
+    ``amp="auto"``: bf16 on a CUDA GPU that supports it and on a CPU with native bf16 (AMX /
+    AVX512-BF16), else float32; ``"bf16"`` forces bf16, ``"off"`` float32.
+    """
+    dev = resolve_device(device) if isinstance(device, str) else torch.device(device)
+    if amp == "off":
+        return dev, None
+    if amp == "bf16":
+        return dev, torch.bfloat16
+    if amp != "auto":
+        raise ValueError(f"amp must be auto, bf16 or off, got {amp!r}")
+    if dev.type == "cuda":
+        return dev, torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    return dev, torch.bfloat16 if dev.type == "cpu" and cpu_has_native_bf16() else None
+
+
 def _mask_logits(net: nn.Module, x: torch.Tensor, tta: bool) -> torch.Tensor:
     logits = net(x).float()
     if tta:  # the mean of the logits of the image and of its mirror image (mirrored back)

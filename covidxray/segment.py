@@ -69,8 +69,8 @@ from covidxray.data.masks import postprocess as postprocess_mask
 from covidxray.data.overlays import overlay as draw_overlay
 from covidxray.data.overlays import save_rgb
 from covidxray.errors import CovidXrayError
-from covidxray.predict import LoadedSegmenter, iter_mask_probs, load_segmenter
-from covidxray.utils import atomic_write_text, cpu_has_native_bf16, resolve_device
+from covidxray.predict import LoadedSegmenter, inference_settings, iter_mask_probs, load_segmenter
+from covidxray.utils import atomic_write_text
 
 #: The columns of ``segment.csv``, in order.
 CSV_COLUMNS = ("file", "width", "height", "lung_area_px", "lung_fraction", "image_left_px", "image_right_px",
@@ -123,25 +123,6 @@ def _resize(p: torch.Tensor, height: int, width: int) -> torch.Tensor:
         return p[0, 0]
     shrink = height < p.shape[-2] or width < p.shape[-1]
     return F.interpolate(p, size=(height, width), mode="bilinear", align_corners=False, antialias=shrink)[0, 0]
-
-
-def inference_settings(device: str | torch.device = "auto",
-                       amp: str = "auto") -> tuple[torch.device, torch.dtype | None]:
-    """The device and autocast dtype of segmentation inference.
-
-    ``amp="auto"``: bf16 on a CUDA GPU that supports it and on a CPU with native bf16 (AMX /
-    AVX512-BF16), else float32; ``"bf16"`` forces bf16, ``"off"`` float32.
-    """
-    dev = resolve_device(device) if isinstance(device, str) else torch.device(device)
-    if amp == "off":
-        return dev, None
-    if amp == "bf16":
-        return dev, torch.bfloat16
-    if amp != "auto":
-        raise ValueError(f"amp must be auto, bf16 or off, got {amp!r}")
-    if dev.type == "cuda":
-        return dev, torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    return dev, torch.bfloat16 if dev.type == "cpu" and cpu_has_native_bf16() else None
 
 
 def _ready(loaded: LoadedSegmenter, device: torch.device) -> None:

@@ -54,7 +54,7 @@ LAYOUT_DESCRIPTIONS = {
 _IMAGES_DIR = "images"
 _MASKS_DIR = "masks"
 # Mask files are sometimes named after their image with a suffix (``x_mask.png``).
-_MASK_SUFFIX = re.compile(r"[_\-. ]?(mask|masks|lung_mask|lungs?)$", re.IGNORECASE)
+MASK_SUFFIX = re.compile(r"[_\-. ]?(mask|masks|lung_mask|lungs?)$", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -155,7 +155,7 @@ def _mask_keys(rel: PurePosixPath) -> list[tuple[str, str]]:
     parent = rel.parent.as_posix().lower()
     stem = rel.stem.lower()
     keys = [(parent, stem)]
-    bare = _MASK_SUFFIX.sub("", stem)
+    bare = MASK_SUFFIX.sub("", stem)
     if bare and bare != stem:
         keys.append((parent, bare))
     return keys

@@ -28,7 +28,6 @@ import csv
 import io
 import json
 import platform
-import re
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -40,21 +39,17 @@ import torch.nn.functional as F
 from covidxray import __version__
 from covidxray.checkpoint import load_checkpoint
 from covidxray.data.datasets import load_tensor_data, resize_u8
+from covidxray.data.layouts import MASK_SUFFIX
 from covidxray.data.masks import postprocess as postprocess_mask
 from covidxray.errors import CovidXrayError
 from covidxray.metrics.segmentation import segmentation_report, summarize
-from covidxray.predict import iter_mask_probs, load_segmenter
-from covidxray.utils import atomic_dir, cpu_has_native_bf16, resolve_device
+from covidxray.predict import inference_settings, iter_mask_probs, load_segmenter
+from covidxray.utils import atomic_dir, resolve_device
 
 #: Cases shown in worst.png.
 WORST = 8
 METRICS = ("dice", "iou", "hd95", "asd")
 LABELS = {"dice": "Dice", "iou": "IoU", "hd95": "HD95", "asd": "ASD"}
-_MASK_SUFFIX = re.compile(r"[_\-. ]?(mask|masks|lung_mask|lungs?)$", re.IGNORECASE)
-
-
-def _amp(dev: torch.device) -> torch.dtype | None:
-    return torch.bfloat16 if dev.type == "cuda" or cpu_has_native_bf16() else None
 
 
 def predict_prepared(loaded, images_u8: torch.Tensor, dev: torch.device, batch_size: int, threshold: float,
@@ -65,7 +60,7 @@ def predict_prepared(loaded, images_u8: torch.Tensor, dev: torch.device, batch_s
     x = images_u8 if side == size else resize_u8(images_u8, size)
     net = loaded.net.to(dev, memory_format=torch.channels_last)
     out = np.zeros((images_u8.shape[0], side, side), dtype=bool)
-    for i, probs in iter_mask_probs(net, x, dev, batch_size, _amp(dev), torch.channels_last, tta):
+    for i, probs in iter_mask_probs(net, x, dev, batch_size, inference_settings(dev)[1], torch.channels_last, tta):
         if side != size:
             probs = F.interpolate(probs, size=(side, side), mode="bilinear", align_corners=False)
         masks = (probs[:, 0] > threshold).cpu().numpy()
@@ -80,7 +75,7 @@ def pair_folders(images: Path, masks: Path) -> tuple[list[tuple[str, Path, Path]
     from covidxray.data.imaging import is_image_name
 
     def key(rel: Path, strip: bool) -> str:
-        stem = _MASK_SUFFIX.sub("", rel.stem) if strip else rel.stem
+        stem = MASK_SUFFIX.sub("", rel.stem) if strip else rel.stem
         return str(rel.parent / stem).lower()
 
     def walk(root: Path) -> list[Path]:
