@@ -91,10 +91,10 @@ def load_source(run_or_checkpoint: str | Path | None, fake: str | Path | None, d
         raise CovidXrayError("give either RUN_OR_CHECKPOINT or --fake FOLDER (not both)")
     if fake is not None:
         return FolderSource(fake, data_classes, skip_unreadable, log)
-    family = (checkpoint_data or load_checkpoint(run_or_checkpoint)).get("family")
-    if family == "image2image":
+    ckpt = checkpoint_data or load_checkpoint(run_or_checkpoint)  # read once: its family picks the source
+    if ckpt.get("family") == "image2image":
         return Pix2PixSource(run_or_checkpoint)
-    return GeneratorSource(run_or_checkpoint, checkpoint_data)
+    return GeneratorSource(run_or_checkpoint, ckpt)
 
 
 def evaluate_generator(run_or_checkpoint: str | Path | None, data: str | Path, *, fake: str | Path | None = None,
