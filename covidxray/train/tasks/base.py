@@ -59,6 +59,19 @@ class Task:
         self.scalers: dict[str, torch.amp.GradScaler] = {}
         self.compiled = False
 
+    def setup_pair(self, nets: dict[str, nn.Module]) -> None:
+        """The two-network tasks' (GANs, pix2pix) set-up: ``G`` and ``D`` on the device in the run's memory
+        format, with their Adam optimizers and loss scalers (:func:`~covidxray.train.optim.adam_pair`)."""
+        from covidxray.train.optim import adam_pair
+
+        t = self.trainer
+        self.G = nets["G"].to(self.device, memory_format=t.memory_format)
+        self.D = nets["D"].to(self.device, memory_format=t.memory_format)
+        self.models = {"G": self.G, "D": self.D}
+        self.opt_g, self.opt_d, self.scaler_g, self.scaler_d = adam_pair(self.G, self.D, self.cfg.optim, t)
+        self.optimizers = {"G": self.opt_g, "D": self.opt_d}
+        self.scalers = {"G": self.scaler_g, "D": self.scaler_d}
+
     @classmethod
     def check_config(cls, cfg, spec) -> None:
         """Checks that need the model's spec as well as the config (called before any data is read)."""

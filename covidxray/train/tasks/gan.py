@@ -28,7 +28,6 @@ from covidxray.train import gan_losses as losses
 from covidxray.train import unetgan_cutmix
 from covidxray.train.diffaugment import diff_augment, parse_policy
 from covidxray.train.ema import EMA, decay_for
-from covidxray.train.optim import adam_pair
 from covidxray.train.tasks.base import Task
 
 
@@ -51,15 +50,8 @@ class GANTask(Task):
         self.spec = spec
         self.conditional = spec.conditional
         self.n_classes = trainer.data_spec.n_classes if self.conditional else 0
-        fmt = trainer.memory_format
 
-        nets = spec.build(cfg, trainer.data_spec)
-        self.G = nets["G"].to(dev, memory_format=fmt)
-        self.D = nets["D"].to(dev, memory_format=fmt)
-        self.models = {"G": self.G, "D": self.D}
-        self.opt_g, self.opt_d, self.scaler_g, self.scaler_d = adam_pair(self.G, self.D, cfg.optim, trainer)
-        self.optimizers = {"G": self.opt_g, "D": self.opt_d}
-        self.scalers = {"G": self.scaler_g, "D": self.scaler_d}
+        self.setup_pair(spec.build(cfg, trainer.data_spec))
         self.ema = EMA(self.G) if cfg.train.ema_kimg > 0 else None
         self.policy = parse_policy(cfg.aug.diffaugment) if cfg.aug.diffaugment else ()
         # A D without BatchNorm judges each image on its own: reals and fakes can then share one

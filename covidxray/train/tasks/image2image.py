@@ -28,7 +28,6 @@ from torch import nn
 from covidxray.data.datasets import to_float, to_uint8
 from covidxray.train import gan_losses as losses
 from covidxray.train.augment import augment_pair
-from covidxray.train.optim import adam_pair
 from covidxray.train.tasks.base import Task
 
 
@@ -70,14 +69,7 @@ class Image2ImageTask(Task):
     def __init__(self, trainer):
         super().__init__(trainer)
         cfg, spec, dev = self.cfg, trainer.spec, self.device
-        fmt = trainer.memory_format
-        nets = spec.build(cfg, trainer.data_spec)
-        self.G = nets["G"].to(dev, memory_format=fmt)
-        self.D = nets["D"].to(dev, memory_format=fmt)
-        self.models = {"G": self.G, "D": self.D}
-        self.opt_g, self.opt_d, self.scaler_g, self.scaler_d = adam_pair(self.G, self.D, cfg.optim, trainer)
-        self.optimizers = {"G": self.opt_g, "D": self.opt_d}
-        self.scalers = {"G": self.scaler_g, "D": self.scaler_d}
+        self.setup_pair(spec.build(cfg, trainer.data_spec))
         self.colorize = cfg.model.task == "colorize"
         self.aug_gen = torch.Generator(device=dev).manual_seed(cfg.train.seed + 3)
         a = cfg.aug
