@@ -254,7 +254,9 @@ def nets_rows(size: int, batch: int, dev: torch.device) -> list[dict[str, Any]]:
                                                         act="relu", upsample="nontrainable")
     except Exception:
         pass
-    amp = torch.bfloat16 if dev.type == "cuda" or _native_bf16() else None
+    from covidxray.predict import inference_settings
+
+    amp = inference_settings(dev)[1]
     rows = []
     for name, build in builders.items():
         for dtype in ([None, amp] if amp is not None else [None]):
@@ -283,12 +285,6 @@ def nets_rows(size: int, batch: int, dev: torch.device) -> list[dict[str, Any]]:
                          "precision": "bf16" if dtype else "fp32",
                          "images_per_s": n * batch / (time.perf_counter() - t0)})
     return rows
-
-
-def _native_bf16() -> bool:
-    from covidxray.utils import cpu_has_native_bf16
-
-    return cpu_has_native_bf16()
 
 
 # ------------------------------------------------------------------------------------------ main
