@@ -158,7 +158,7 @@ def _generator(con, log, target, ckpt, fake, data, split, n, repeats, metrics, c
     feats = res["features"]
     title = (f"{res['model']} vs the {res['split']} split of {res['data']} (N = {res['reference_n']}): "
              f"N = {res['n']} generated x {res['repeats']} draws, floor = {res['floor_n']} real training images")
-    table = Table(title=title, title_justify="left")
+    table = Table()
     for col in ("metric", "generated", "real-vs-real floor"):
         table.add_column(col, justify="left" if col == "metric" else "right")
     from covidxray.evaluate.report import _metric_rows
@@ -185,6 +185,7 @@ def _generator(con, log, target, ckpt, fake, data, split, n, repeats, metrics, c
         table.add_row("  real only / + synthetic / TSTR",
                       " / ".join(fmt(down["arms"][a]["balanced_accuracy"], 3) for a in
                                  ("real", "real+synthetic", "synthetic")), "")
+    con.print(title, highlight=False, markup=False, soft_wrap=True)
     con.print(table)
     for name, rec in feats.items():
         log(f"features {name}: {rec['description']}; filter: {rec['filter']}")
@@ -206,7 +207,7 @@ def _classifier(con, checkpoint, data, split, out, device, batch_size, mc_sample
     title = (f"{res['model']} ({Path(res['checkpoint']).name}, epoch {res['checkpoint_epoch']}) on {res['split']} of "
              f"{res['data']}: N = {m['n']}, {res['image_size']} px"
              + (f", {res['mc_samples']} MC-dropout passes" if res["mc_samples"] > 1 else ""))
-    table = Table(title=title, title_justify="left")
+    table = Table()
     for col in ("class", "N", "precision", "recall", "F1", "AUC"):
         table.add_column(col, justify="left" if col == "class" else "right")
     for c in res["classes"]:
@@ -216,6 +217,7 @@ def _classifier(con, checkpoint, data, split, out, device, batch_size, mc_sample
     table.add_section()
     table.add_row("macro", str(m["n"]), "", f"{m['balanced_accuracy']:.3f}", f"{m['macro_f1']:.3f}",
                   "-" if m["auc"] is None else f"{m['auc']:.3f}")
+    con.print(title, highlight=False, markup=False, soft_wrap=True)
     con.print(table)
     con.print(f"accuracy {m['accuracy']:.3f}  balanced accuracy {m['balanced_accuracy']:.3f}  macro-F1 "
               f"{m['macro_f1']:.3f}  ROC-AUC (one-vs-rest, macro) {'-' if m['auc'] is None else format(m['auc'], '.3f')}"
@@ -238,15 +240,16 @@ def _segmenter(con, log, target, data, split, images, masks, out, device, batch_
     res = evaluate_segmenter(target, data, split, images, masks, out, device, batch_size, threshold, tta, postprocess,
                              log=log, checkpoint_data=ckpt)
     where = f"{res['split']} of {res['data']}" if "data" in res else f"{res['images']} vs {res['masks']}"
-    table = Table(title=f"{res['model']} (epoch {res['checkpoint_epoch']}) on {where}: N = {res['n']}, threshold "
-                        f"{res['threshold']:g}, post-processing {res['postprocess']}, TTA {res['tta']}",
-                  title_justify="left")
+    title = (f"{res['model']} (epoch {res['checkpoint_epoch']}) on {where}: N = {res['n']}, threshold "
+             f"{res['threshold']:g}, post-processing {res['postprocess']}, TTA {res['tta']}")
+    table = Table()
     for col in ("metric", "mean ± std", "median", "min", "max"):
         table.add_column(col, justify="left" if col == "metric" else "right")
     for m in METRICS:
         v = res["summary"][m]
         table.add_row(LABELS[m], f"{v['mean']:.4f} ± {v['std']:.4f}", f"{v['median']:.4f}",
                       f"{v['min']:.4f}", f"{v['max']:.4f}")
+    con.print(title, highlight=False, markup=False, soft_wrap=True)
     con.print(table)
     log(f"HD95/ASD in {res['distance_unit']} ({res['resolution']}); empty ground truths {res['n_empty_target']}, "
         f"empty predictions {res['n_empty_pred']}, one of the two empty {res['n_one_empty']} (scored, never dropped)")

@@ -22,7 +22,9 @@ def test_ssim_of_identical_and_of_constant_images():
     assert IM.ssim(x, x).tolist() == pytest.approx([1.0, 1.0], abs=1e-6)
     a, b = torch.full((1, 1, 32, 32), 0.5), torch.full((1, 1, 32, 32), 0.6)
     c1 = 0.01 ** 2  # no variance: only the luminance term is left, (2ab + C1) / (a^2 + b^2 + C1)
-    assert float(IM.ssim(a, b)) == pytest.approx((2 * 0.5 * 0.6 + c1) / (0.25 + 0.36 + c1), rel=1e-4)  # float32
+    # float32: sigma^2 = E[x^2] - mu^2 cancels to ~1e-7 against C2 = 9e-4, so the contrast term is 1 within ~2e-4
+    # (1.0002 on an AMD EPYC, 1.0000 on an Intel Xeon)
+    assert float(IM.ssim(a, b)) == pytest.approx((2 * 0.5 * 0.6 + c1) / (0.25 + 0.36 + c1), rel=5e-4)
     assert float(IM.ssim(x[:1], torch.rand(1, 1, 32, 32))) < 0.2  # unrelated noise
 
 

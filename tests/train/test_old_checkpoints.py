@@ -41,7 +41,9 @@ def test_the_asset_is_a_format_1_gan_checkpoint():
 
 def test_a_0_1_0_checkpoint_resumes_exactly(v1_data, tmp_path):
     # Resumed with this version, the 0.1.0 run must end where this version's uninterrupted run of the same
-    # configuration ends: the state 0.1.0 saved after 5 steps is the state this version reaches after 5.
+    # configuration ends: the state 0.1.0 saved after 5 steps is the state this version reaches after 5. The asset
+    # was written on another CPU (an Intel Xeon), whose float kernels round differently from, say, an AMD EPYC's, so
+    # the comparison allows float32 rounding (the bit-exact resume on one machine is tested per family elsewhere).
     run = _v1_run(tmp_path)
     resumed, finished = resume_run(run, data=str(v1_data))
     assert finished and resumed.step > 5
@@ -52,9 +54,9 @@ def test_a_0_1_0_checkpoint_resumes_exactly(v1_data, tmp_path):
     for name in ("G", "D"):
         a, b = ref.task.models[name].state_dict(), resumed.task.models[name].state_dict()
         for key in a:
-            assert torch.equal(a[key], b[key]), f"{name}.{key}"
+            torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6, msg=f"{name}.{key}")
     for key, value in ref.task.ema.state_dict().items():
-        assert torch.equal(value, resumed.task.ema.state_dict()[key]), f"G_ema.{key}"
+        torch.testing.assert_close(value, resumed.task.ema.state_dict()[key], rtol=1e-4, atol=1e-6, msg=f"G_ema.{key}")
     new = load_checkpoint(run)
     assert new["format_version"] == FORMAT_VERSION and new["family"] == "gan" and new["config"]["model"] == {"name": "cgan"}
 
