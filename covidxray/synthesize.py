@@ -9,13 +9,18 @@ in the prepared layout so that ``covidxray train --model unet --data OUT`` reads
   displacement std 2 % of the side on a 4 x 4 grid), post-processed to two components without holes, so that new
   anatomies appear; ``--copies K`` writes K pairs per mask (each with its own deformation and dropout noise);
 * G (in sampling mode: dropout on, the paper's noise; seeded by ``--seed``) draws the X-ray of each mask;
-* the pairs form ``OUT``'s **train** split (class = the class of the image the mask came from); ``OUT``'s val and
+* a class-conditional run (``model.class_maps``) draws each X-ray of a class: by default the class of the image
+  the mask came from; ``--class NAME`` draws every mask's X-ray as NAME (e.g. COVID-19 X-rays on the lungs of
+  normal patients), ``--class all`` one pair per mask per class;
+* the pairs form ``OUT``'s **train** split (class = the class G was asked for, else the class of the image the
+  mask came from); ``OUT``'s val and
   test splits are copies of ``PREPARED``'s real ones, so a segmenter trained on ``OUT`` is selected and tested on
   real X-rays; ``--mix`` also copies the real training images (real + synthetic pairs in one train split).
 
 ``covidxray sample PIX2PIX_RUN OUT --masks FOLDER`` takes any folder of mask images instead (binarised at half
 their range: a mask that was not binary is thresholded, and one of another size resized, both said so); those
-pairs, of class ``synthetic``, are the train split and there are no val/test splits (train with ``--set
+pairs are the train split (class ``synthetic`` from an unconditional run; from a conditional one, one pair per
+mask per class, or ``--class NAME``) and there are no val/test splits (train with ``--set
 eval.every=0``, or use ``--from-data``).
 
 ``manifest.csv`` marks every synthetic row ``synthetic=1`` with ``source`` = ``pix2pix:<checkpoint>#<mask source>``;
@@ -43,6 +48,7 @@ from covidxray.checkpoint import load_checkpoint
 from covidxray.data.datasets import load_tensor_data, read_prepared_info, resize_masks, to_uint8
 from covidxray.data.masks import postprocess
 from covidxray.errors import CovidXrayError
+from covidxray.models.pix2pix import condition
 from covidxray.models.registry import build_from_checkpoint
 from covidxray.utils import atomic_dir, resolve_device
 
@@ -50,6 +56,39 @@ MANIFEST_COLUMNS = ("split", "class", "file", "mask", "source", "source_sha256",
                     "orig_width", "orig_height", "orig_mode", "patient_id", "synthetic")
 #: The deformation of ``--deform`` (module docstring).
 DEFORM = {"rotate": 8.0, "scale": 0.08, "translate": 0.05, "elastic": 0.02}
+
+
+def conditioning_classes(cfg, ckpt: dict) -> list[str]:
+    """The classes a pix2pix run's G is conditioned on (its class maps, in label order); [] when unconditional."""
+    from covidxray.models.pix2pix import uses_class_maps
+
+    classes = list(ckpt.get("classes", ()))
+    return classes if uses_class_maps(cfg, len(classes)) else []
+
+
+def pair_jobs(conditioned: list[str], class_name: str | None, own: list[str] | None, n: int,
+              path: str) -> list[tuple[int, str | None]]:
+    """The (mask index, class asked of G) pairs of ``sample --from-data/--masks``, in writing order: each mask with
+    its own class (``own``, the classes of a prepared split's images; None for a mask folder), every mask as
+    ``class_name``, or with ``all`` (and by default for a mask folder) every mask once per class; the class is
+    None for an unconditional G."""
+    if not conditioned:
+        if class_name is not None:
+            raise CovidXrayError(f"--class {class_name}: {path} is not class-conditional (a mask2xray run without "
+                                 f"class maps)", "Drop --class")
+        return [(i, None) for i in range(n)]
+    if class_name not in (None, "all") and class_name not in conditioned:
+        raise CovidXrayError(f"--class {class_name}: not a class of {path} ({', '.join(conditioned)})",
+                             "Pass one of them, or all")
+    if class_name == "all" or (class_name is None and own is None):
+        return [(i, c) for c in conditioned for i in range(n)]
+    if class_name is not None:
+        return [(i, class_name) for i in range(n)]
+    missing = sorted(set(own) - set(conditioned))
+    if missing:
+        raise CovidXrayError(f"the masks' classes {', '.join(missing)} are not among those {path} was trained on "
+                             f"({', '.join(conditioned)})", "Pass --class NAME to draw them as one of those")
+    return [(i, c) for i, c in enumerate(own)]
 
 
 def load_pix2pix(checkpoint: str | os.PathLike):
@@ -116,7 +155,8 @@ def _read_mask_folder(folder: Path, size: int, log: Callable[[str], None]) -> tu
 def synthesize_pairs(checkpoint: str | os.PathLike, out: str | os.PathLike, *, from_data: str | os.PathLike | None = None,
                      split: str = "train", masks: str | os.PathLike | None = None, deform: bool = False,
                      copies: int = 1, mix: bool = False, seed: int = 0, batch_size: int = 64, device: str = "auto",
-                     overwrite: bool = False, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+                     class_name: str | None = None, overwrite: bool = False,
+                     log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Write paired synthetic (X-ray, mask) data in the prepared layout (module docstring); returns its summary."""
     from covidxray.data.imaging import save_png
 
@@ -136,8 +176,7 @@ def synthesize_pairs(checkpoint: str | os.PathLike, out: str | os.PathLike, *, f
         raise CovidXrayError(f"{ckpt['path']} is a pix2pix {cfg.model.task} run; --from-data/--masks need mask2xray",
                              "For colorize pass --images FOLDER")
     size = int(ckpt["image_size"])
-    dev = resolve_device(device)
-    G = G.to(dev)
+    conditioned = conditioning_classes(cfg, ckpt)
     if from_data is not None:
         src = Path(from_data)
         info = read_prepared_info(src)
@@ -146,15 +185,21 @@ def synthesize_pairs(checkpoint: str | os.PathLike, out: str | os.PathLike, *, f
         if m.shape[-1] != size:
             log(f"masks prepared at {m.shape[-1]} px are resized to the model's {size} px (bilinear, then > 0.5)")
             m = resize_masks(m, size)
-        classes = list(td.classes)
-        labels = [classes[int(k)] for k in td.labels]
+        own = [td.classes[int(k)] for k in td.labels]
         names = list(td.ids)
         source = f"{src.resolve()}:{split}"
     else:
-        info = None
+        info, own = None, None
         m, names = _read_mask_folder(Path(masks), size, log)
-        classes, labels = ["synthetic"], ["synthetic"] * len(names)
         source = str(Path(masks).resolve())
+    # (mask index, class asked of G or None, the pair's class folder), in writing order
+    pairs = [(i, c, c or (own[i] if own is not None else "synthetic"))
+             for i, c in pair_jobs(conditioned, class_name, own, len(names), ckpt["path"])]
+    if conditioned:
+        log(f"class-conditional G ({', '.join(conditioned)}): "
+            + ", ".join(f"{sum(1 for p in pairs if p[1] == c)} x {c}" for c in conditioned) + " per copy")
+    dev = resolve_device(device)
+    G = G.to(dev)
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # G's dropout noise
     ckpt_ref = f"pix2pix:{Path(ckpt['path']).resolve()}"
@@ -164,13 +209,16 @@ def synthesize_pairs(checkpoint: str | os.PathLike, out: str | os.PathLike, *, f
         n_pairs = 0
         for k in range(copies):
             mk = deform_masks(m, gen) if deform else m
-            for i in range(0, mk.shape[0], batch_size):
-                batch = mk[i:i + batch_size]
+            for i in range(0, len(pairs), batch_size):
+                chunk = pairs[i:i + batch_size]
+                batch = mk[torch.tensor([p[0] for p in chunk])]
+                labels = (torch.tensor([conditioned.index(p[1]) for p in chunk]) if conditioned else None)
                 with torch.no_grad():
-                    fake = to_uint8(G(batch.to(dev).float() * 2 - 1)).cpu()
-                for j in range(batch.shape[0]):
-                    idx = i + j
-                    cls, stem = labels[idx], f"syn_{names[idx]}_{k:02d}"
+                    c = condition(batch.to(dev), None if labels is None else labels.to(dev), len(conditioned))
+                    fake = to_uint8(G(c)).cpu()
+                for j, (idx, asked, cls) in enumerate(chunk):
+                    tag = f"_{asked}" if asked is not None and (own is None or asked != own[idx]) else ""
+                    stem = f"syn_{names[idx]}{tag}_{k:02d}"
                     rel = f"train/{cls}/{stem}.png"
                     rel_mask = f"train/{cls}/masks/{stem}.png"
                     (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -199,7 +247,7 @@ def synthesize_pairs(checkpoint: str | os.PathLike, out: str | os.PathLike, *, f
         w.writerows(rows)
         (tmp / "manifest.csv").write_text(buf.getvalue(), encoding="utf-8")
         (tmp / "rejected.csv").write_text("path,reason\n", encoding="utf-8")
-        all_classes = sorted(set(classes) | ({c for c in info.get("classes", [])} if info else set()))
+        all_classes = sorted({p[2] for p in pairs} | ({c for c in info.get("classes", [])} if info else set()))
         counts: dict[str, dict[str, int]] = {}
         for r in rows:
             counts.setdefault(r[0], {}).setdefault(r[1], 0)
@@ -212,7 +260,8 @@ def synthesize_pairs(checkpoint: str | os.PathLike, out: str | os.PathLike, *, f
             "generator": {"checkpoint": str(Path(ckpt["path"]).resolve()), "model": cfg.model.name,
                           "step": int(ckpt.get("step", 0)), "epoch": int(ckpt.get("epoch", 0))},
             "settings": {"split": split if info else None, "deform": dict(DEFORM) if deform else None,
-                         "copies": copies, "mix": mix, "seed": seed},
+                         "copies": copies, "mix": mix, "seed": seed, "class": class_name,
+                         "conditioned_on": conditioned},
             "pairs": n_pairs, "real_copied": copied,
         }
         (tmp / "prepare.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")

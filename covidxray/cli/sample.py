@@ -19,7 +19,8 @@ def sample_cmd(
     seed: int = typer.Option(0, "--seed", help="Latent seed: the same seed gives the same images."),
     grid: bool = typer.Option(False, "--grid", help="Also write grid.png with all images."),
     class_: Optional[str] = typer.Option(None, "--class", help="Conditional models: a class name or 'all' "
-                                         "(N images per class, one folder each) [default: all]."),
+                                         "(N images per class, one folder each) [default: all; pix2pix --from-data: "
+                                         "each mask's own class]."),
     batch_size: int = typer.Option(256, "--batch-size", help="Images generated per forward pass."),
     temperature: float = typer.Option(1.0, "--temperature", help="Scale of the latent draws (1 = the prior; "
                                       "< 1: more typical, less diverse images)."),
@@ -59,7 +60,7 @@ def sample_cmd(
 
         res = synthesize_pairs(checkpoint, out, from_data=from_data, split=split, masks=masks, deform=deform,
                                copies=copies, mix=mix, seed=seed, batch_size=min(batch_size, 64), device=device,
-                               overwrite=overwrite, log=lambda msg: console().print(msg, highlight=False, markup=False))
+                               class_name=class_, overwrite=overwrite, log=lambda msg: console().print(msg, highlight=False, markup=False))
         real = res["real_copied"]
         console().print(f"wrote {res['pairs']} synthetic (X-ray, mask) pairs into the train split of {res['out']}"
                         f"{' with deformed masks' if deform else ''}; real images copied: {real['train']} train, "

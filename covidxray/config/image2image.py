@@ -34,6 +34,8 @@ class Image2ImageModelConfig(ModelConfig):
     task: str = "mask2xray"             # mask2xray: lung mask -> X-ray | colorize: X-ray -> pseudo-colour anatomy
                                         # (lungs / rest of the body / background, built from the masks); both train
                                         # on the images with a mask only
+    class_maps: bool = True             # mask2xray on data of 2+ classes: the class joins the mask as one map per
+                                        # class (G draws an X-ray of a chosen class); false: one model for all
 
 
 @dataclass

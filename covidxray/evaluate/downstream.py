@@ -114,10 +114,12 @@ def run_downstream(source, data: str | Path, out: Path, *, classifier: str = "re
     train_labels = load_tensor_data(data, "train", classes, None, True, log).labels
     root = out / "downstream"
     root.mkdir(parents=True, exist_ok=True)
-    arms = list(ARMS) if source.conditional else ["real"]
     refused = None if source.conditional else (
         f"{source.name} is unconditional: its images carry no class, so arms (b) real + synthetic and (c) TSTR "
         f"cannot run; only the class mix of its samples is reported")
+    if source.conditional and getattr(source, "not_on_the_fly", ""):
+        refused = source.not_on_the_fly
+    arms = ["real"] if refused else list(ARMS)
     if refused:
         log(f"downstream: {refused}")
     seed_list = [seed + i for i in range(seeds)]

@@ -166,12 +166,14 @@ class FolderSource(Source):
 class Pix2PixSource(Source):
     """X-rays of a pix2pix ``mask2xray`` run, drawn from the lung masks of its training split: each draw picks
     masks at random (``seed``), deforms each smoothly (as ``sample --deform``) so that a draw of any size has new
-    anatomies, and translates them with G's dropout noise seeded too. Unlabelled (pix2pix is not
-    class-conditional); ``last_masks`` keeps the masks of the latest draw (for the mask-consistency score)."""
+    anatomies, and translates them with G's dropout noise seeded too. A class-conditional run (class maps) is a
+    conditional source: the images of class k come from masks of class-k training images (all masks when that
+    class has none), with class k's maps. ``last_masks`` keeps the masks of the latest draw (for the
+    mask-consistency score)."""
 
     def __init__(self, checkpoint: str | os.PathLike):
         from covidxray.data.datasets import load_tensor_data, resize_masks
-        from covidxray.synthesize import load_pix2pix
+        from covidxray.synthesize import conditioning_classes, load_pix2pix
 
         G, cfg, ck = load_pix2pix(checkpoint)
         if cfg.model.task != "mask2xray":
@@ -185,29 +187,51 @@ class Pix2PixSource(Source):
             raise CovidXrayError(f"the masks pix2pix draws from are unavailable: {exc.message}",
                                  "Evaluate where the run's training data (data.path in its config.yaml) are") from None
         masks = td.masks if td.masks.shape[-1] == size else resize_masks(td.masks, size)
+        conditioned = conditioning_classes(cfg, ck)
         info = {"checkpoint": str(Path(ck["path"]).resolve()), "epoch": int(ck.get("epoch", 0)),
                 "step": int(ck.get("step", 0)), "weights": "G (dropout on)", "training_data": cfg.data.path,
-                "masks": f"{len(masks)} masks of the {cfg.data.split} split, deformed per draw"}
-        super().__init__("checkpoint", cfg.model.name, info["checkpoint"], size, list(td.classes), False, info)
+                "masks": f"{len(masks)} masks of the {cfg.data.split} split, deformed per draw"
+                         + (", of the class drawn" if conditioned else "")}
+        super().__init__("checkpoint", cfg.model.name, info["checkpoint"], size,
+                         conditioned or list(td.classes), bool(conditioned), info)
         self.G, self.masks = G, masks
+        #: Why the downstream arms (b) and (c) cannot take this source (run_downstream reports it).
+        self.not_on_the_fly = (
+            f"{cfg.model.name} draws X-rays from masks, and the classifier's data.synthetic generates on the fly "
+            f"from a latent generator only, so arms (b) and (c) do not run here (GAN-test and the class mix do); "
+            f"train on real + pix2pix images with `covidxray sample RUN OUT --from-data DATA --deform --mix` and "
+            f"`covidxray train --model smallcnn --data OUT`")
+        # Each conditioned class's pool of masks (indices into self.masks), by class name of the training data.
+        own = [td.classes[int(k)] for k in td.labels]
+        self.pools = [torch.tensor([i for i, c in enumerate(own) if c == name] or list(range(len(own))))
+                      for name in conditioned]
         self.last_masks: torch.Tensor | None = None
 
     def draw(self, counts, seed, device, batch_size=256):
         from covidxray.data.datasets import to_uint8
+        from covidxray.models.pix2pix import condition
         from covidxray.synthesize import deform_masks
 
-        n = counts if isinstance(counts, int) else int(sum(counts))
         gen = torch.Generator().manual_seed(seed)
-        idx = torch.randint(len(self.masks), (n,), generator=gen)
+        if isinstance(counts, int):
+            if self.conditional:
+                raise ValueError("a conditional generator needs per-class counts")
+            idx, labels = torch.randint(len(self.masks), (counts,), generator=gen), None
+        else:
+            idx = torch.cat([pool[torch.randint(len(pool), (n,), generator=gen)]
+                             for pool, n in zip(self.pools, counts)])
+            labels = torch.cat([torch.full((n,), k, dtype=torch.long) for k, n in enumerate(counts)])
         masks = deform_masks(self.masks[idx], gen)
         G = self.G.to(device)
         out = []
         with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []), torch.no_grad():
             torch.manual_seed(seed)
-            for i in range(0, n, batch_size):
-                out.append(to_uint8(G(masks[i:i + batch_size].to(device).float() * 2 - 1)).cpu())
+            for i in range(0, len(idx), batch_size):
+                y = None if labels is None else labels[i:i + batch_size].to(device)
+                c = condition(masks[i:i + batch_size].to(device), y, len(self.pools))
+                out.append(to_uint8(G(c)).cpu())
         self.last_masks = masks
-        return torch.cat(out), None
+        return torch.cat(out), labels
 
 
 def mask_consistency(images_u8: torch.Tensor, masks: torch.Tensor, segmenter: str | os.PathLike,

@@ -13,7 +13,11 @@ condition and the image, concatenated. At 128 px and below, ``arch.d_layers`` = 
 in proportion to the image.
 
 The condition is an image of ``in_channels`` channels in [-1, 1] (``mask2xray``: the lung mask, 1 channel, to a
-1-channel X-ray; ``colorize``: the X-ray, 1 channel, to a 3-channel pseudo-colour rendering).
+1-channel X-ray; ``colorize``: the X-ray, 1 channel, to a 3-channel pseudo-colour rendering). A class-conditional
+``mask2xray`` run (``model.class_maps``, data of two or more classes) adds one constant map per class, +1 on the
+image's class and -1 elsewhere (:func:`condition`), so G draws an X-ray of a chosen class for a mask, and D judges
+the pair given the class - the spatial form of the conditioning of Mirza & Osindero's cGAN that pix2pix's
+concatenated input takes naturally.
 """
 
 from __future__ import annotations
@@ -26,6 +30,29 @@ from torch import nn
 from covidxray.models.registry import register_model
 
 PAPER_PIX2PIX = "Isola, Zhu, Zhou & Efros, Image-to-Image Translation with Conditional Adversarial Networks, CVPR 2017"
+
+
+def uses_class_maps(cfg, n_classes: int) -> bool:
+    """Whether a pix2pix run of ``cfg`` on ``n_classes`` classes conditions on class maps (mask2xray only)."""
+    return cfg.model.task == "mask2xray" and bool(cfg.model.class_maps) and n_classes >= 2
+
+
+def condition(masks: torch.Tensor, labels: torch.Tensor | None = None, n_classes: int = 0) -> torch.Tensor:
+    """The mask2xray condition (N x (1 + n_classes) x S x S in [-1, 1]): the 0/1 mask, then with ``n_classes`` > 0
+    one map per class, +1 everywhere on the class of each ``labels`` entry and -1 on the others.
+
+    Example:
+        >>> c = condition(torch.ones(2, 1, 4, 4, dtype=torch.uint8), torch.tensor([0, 2]), 3)
+        >>> c.shape, c[1, 1:, 0, 0].tolist()
+        (torch.Size([2, 4, 4, 4]), [-1.0, -1.0, 1.0])
+    """
+    m = masks.float() * 2 - 1
+    if not n_classes:
+        return m
+    if labels is None:
+        raise ValueError(f"a class-conditional pix2pix (class maps of {n_classes} classes) needs the masks' labels")
+    hot = torch.nn.functional.one_hot(labels.long(), n_classes).to(m.dtype) * 2 - 1
+    return torch.cat([m, hot[:, :, None, None].expand(-1, -1, *m.shape[-2:])], 1)
 
 
 class UNetGenerator(nn.Module):
@@ -117,8 +144,9 @@ def build_pix2pix(cfg, data):
     + adversarial loss, Adam 2e-4 (0.5, 0.999) (``configs/pix2pix.yaml``, ``docs/image2image.md``)."""
     a = cfg.arch
     out = 3 if cfg.model.task == "colorize" else 1  # colorize: a 3-channel rendering of a 1-channel X-ray
-    G = UNetGenerator(data.image_size, 1, out, a.g_channels, a.dropout)
-    D = PatchDiscriminator(1 + out, a.d_channels, a.d_layers)
+    c_in = 1 + (data.n_classes if uses_class_maps(cfg, data.n_classes) else 0)  # the mask (+ class maps)
+    G = UNetGenerator(data.image_size, c_in, out, a.g_channels, a.dropout)
+    D = PatchDiscriminator(c_in + out, a.d_channels, a.d_layers)
     init_weights(G)
     init_weights(D)
     return {"G": G, "D": D}

@@ -379,31 +379,31 @@ class Trainer:
         return save_checkpoint(self.run_dir / "checkpoints" / name, self.state_dict())
 
     # ------------------------------------------------------------------- step
-    def train_step(self, images_u8: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    def train_step(self, images_u8: torch.Tensor, *targets: torch.Tensor) -> dict[str, torch.Tensor]:
         """One optimisation step of the task on a batch; returns detached scalars for the logs.
 
-        What varies from step to step is decided by the task on the host first (its graph key);
-        with CUDA graphs the scalars are the graph's output buffers: read them (as the loop's
-        meters do) before the next step overwrites them.
+        ``targets`` are the batch's rows of the task's ``batch_fields`` (class labels, masks). What varies from
+        step to step is decided by the task on the host first (its graph key); with CUDA graphs the scalars are
+        the graph's output buffers: read them (as the loop's meters do) before the next step overwrites them.
         """
         variant = self.task.step_variant()
         if self.graphs is not None:
-            stats = self.graphs.step((images_u8, labels), variant)
+            stats = self.graphs.step((images_u8, *targets), variant)
         else:
-            stats = self.task.device_step(images_u8, labels, *variant)
+            stats = self.task.device_step(images_u8, *targets, *variant)
         self.task.after_step(images_u8.shape[0])
         return stats
 
-    def _step_with_fallback(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _step_with_fallback(self, images: torch.Tensor, *targets: torch.Tensor) -> dict[str, torch.Tensor]:
         if not self.task.compiled or self._compiled_ok:
-            return self.train_step(images, labels)
+            return self.train_step(images, *targets)
         try:  # the first compiled step is where torch.compile really compiles (and may fail)
-            out = self.train_step(images, labels)
+            out = self.train_step(images, *targets)
             self._compiled_ok = True
             return out
         except Exception as exc:
             self._compile_failed(exc)
-            return self.train_step(images, labels)
+            return self.train_step(images, *targets)
 
     # ------------------------------------------------------------------- loop
     def request_stop(self) -> None:
@@ -470,13 +470,13 @@ class Trainer:
                 if s.perm is None:
                     s.perm = torch.randperm(len(self.data), generator=self.shuffle_gen)
                 perm = s.perm.to(self.data.images.device)
-                # What a step learns from beside the images: class labels, or the lung masks (segmenters).
-                targets = self.data.masks if self.task.needs_masks else self.data.labels
+                # What a step learns from beside the images: class labels, lung masks (segmenters) or both (pix2pix).
+                fields = [getattr(self.data, f) for f in self.task.batch_fields]
                 for b in range(s.batch_in_epoch, self.batches_per_epoch):
                     idx = perm[b * self.batch_size:(b + 1) * self.batch_size]
                     images = self.data.images[idx].to(self.device, non_blocking=True)
-                    labels = targets[idx].to(self.device, non_blocking=True)
-                    out = self._step_with_fallback(images, labels)
+                    targets = [f[idx].to(self.device, non_blocking=True) for f in fields]
+                    out = self._step_with_fallback(images, *targets)
                     meter.add(**out)
                     epoch_meter.add(**out)
                     s.step += 1

@@ -97,10 +97,13 @@ def _check_autoencoder(spec, nets, cfg, size):
 
 
 def _check_image2image(spec, nets, cfg, size):
+    from covidxray.models.pix2pix import condition
+
     G, D = nets["G"], nets["D"]
-    c = (torch.rand(2, 1, size, size) > 0.5).float() * 2 - 1
+    masks = (torch.rand(2, 1, size, size) > 0.5).to(torch.uint8)
+    c = condition(masks, torch.tensor([0, 2]), 3)  # the mask + 3 class maps (DataSpec.example: 3 classes)
     x = G(c)
-    assert x.shape == c.shape and x.min() >= -1 and x.max() <= 1
+    assert c.shape == (2, 4, size, size) and x.shape == (2, 1, size, size) and x.min() >= -1 and x.max() <= 1
     logits = D(c, x)
     assert logits.ndim == 4 and logits.shape[:2] == (2, 1) and logits.shape[-1] > 1  # one logit per patch
     logits.mean().backward()

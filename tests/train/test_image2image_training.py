@@ -41,10 +41,49 @@ def test_pix2pix_learns_xrays_from_masks(p2p_cfg):
     ckpt = load_checkpoint(trainer.run_dir, prefer_best=True)
     assert ckpt["family"] == "image2image" and ckpt["eval_metric"] == "l1" and set(ckpt["models"]) == {"G", "D"}
     assert (trainer.run_dir / "samples" / "epoch_0006.png").is_file()
+    # the phantoms' three classes join the mask as class maps (G's and D's condition: 1 + 3 channels)
+    assert trainer.task.n_class_maps == 3 and trainer.task.G.in_channels == 4
     # sampling keeps the paper's dropout noise on: two translations of the same masks differ
-    masks = trainer.data.masks[:2]
-    a, b = trainer.task.translate(masks), trainer.task.translate(masks)
+    masks, labels = trainer.data.masks[:2], trainer.data.labels[:2]
+    a, b = trainer.task.translate(masks, labels), trainer.task.translate(masks, labels)
     assert a.shape == (2, 1, 64, 64) and a.dtype == torch.uint8 and not torch.equal(a, b)
+    with pytest.raises(ValueError, match="labels"):
+        trainer.task.translate(masks)
+
+
+def test_class_maps_are_the_condition_the_loop_feeds(p2p_cfg, monkeypatch):
+    """The loop hands pix2pix the batch's masks and labels; G sees the mask plus one +-1 map per class."""
+    from covidxray.models import pix2pix
+
+    trainer, _ = start_run(p2p_cfg(epochs=1))
+    seen = []
+    real = pix2pix.condition
+
+    def spy(masks, labels=None, n_classes=0):
+        c = real(masks, labels, n_classes)
+        seen.append((masks.clone(), None if labels is None else labels.clone(), c))
+        return c
+
+    monkeypatch.setattr("covidxray.train.tasks.image2image.condition", spy)
+    x, m, y = trainer.data.images[:8], trainer.data.masks[:8], trainer.data.labels[:8]
+    trainer.train_step(x, m, y)
+    masks, labels, c = seen[0]
+    assert torch.equal(labels, y) and c.shape == (8, 4, 64, 64)
+    assert torch.equal(c[:, 1:].amax((2, 3)).argmax(1), y)          # the +1 map is the image's class
+    assert torch.equal(c[:, 1:].amin((2, 3)), c[:, 1:].amax((2, 3)))  # constant maps
+    assert set(c[:, 0].unique().tolist()) <= {-1.0, 1.0}              # the (warped) 0/1 mask in [-1, 1]
+    # the class changes what G draws from the same mask (and the same dropout noise)
+    G = trainer.task.G.eval()
+    with torch.no_grad():
+        outs = [G(real(m[:1], torch.tensor([k]), 3)) for k in range(3)]
+    assert not torch.allclose(outs[0], outs[1]) and not torch.allclose(outs[1], outs[2])
+
+
+def test_without_class_maps_the_condition_is_the_mask_alone(p2p_cfg):
+    trainer, _ = start_run(p2p_cfg(epochs=1, extra=["model.class_maps=false"]))
+    assert trainer.task.n_class_maps == 0 and trainer.task.G.in_channels == 1
+    out = trainer.task.translate(trainer.data.masks[:2])
+    assert out.shape == (2, 1, 64, 64)
 
 
 @pytest.mark.parametrize("stop_at", [3, 7])
@@ -105,6 +144,16 @@ def test_sample_from_data_writes_paired_synthetic_data_that_a_unet_trains_on(p2p
                                  "--mix"])
     assert r.exit_code == 0, r.output
     assert len(load_tensor_data(tmp_path / "mixed", "train", masks=True)) == 2 * len(real)
+    # --class draws every mask's X-ray as that class (here: all of them as the first class)
+    first = real.classes[0]
+    r = CliRunner().invoke(app, ["sample", str(run.run_dir), str(tmp_path / "as1"), "--from-data", str(demo_prepared),
+                                 "--class", first])
+    assert r.exit_code == 0, r.output
+    as1 = load_tensor_data(tmp_path / "as1", "train", masks=True)
+    assert len(as1) == len(real) and {as1.classes[int(k)] for k in as1.labels} == {first}
+    r = CliRunner().invoke(app, ["sample", str(run.run_dir), str(tmp_path / "bad"), "--from-data", str(demo_prepared),
+                                 "--class", "martian"])
+    assert r.exit_code == 2 and "not a class" in r.output and not (tmp_path / "bad").exists()
     # pix2pix has no latent to sample; an existing OUT is kept unless --overwrite
     r = CliRunner().invoke(app, ["sample", str(run.run_dir), str(tmp_path / "x"), "-n", "2"])
     assert r.exit_code == 2 and "--from-data" in r.output
@@ -145,8 +194,24 @@ def test_sample_from_a_mask_folder_says_what_it_changed(p2p_cfg, demo_prepared, 
     r = CliRunner().invoke(app, ["sample", str(run.run_dir), str(out), "--masks", str(folder)])
     assert r.exit_code == 0, r.output
     assert "thresholded" in r.output and "resized" in r.output and "c.png" in r.output
+    # a class-conditional G draws every mask once per class by default ...
     syn = load_tensor_data(out, "train", masks=True)
-    assert len(syn) == 2 and syn.classes == ["synthetic"]
+    assert len(syn) == 6 and syn.classes == run.data.classes
+    assert torch.bincount(syn.labels).tolist() == [2, 2, 2]
+    # ... or as one chosen class
+    r = CliRunner().invoke(app, ["sample", str(run.run_dir), str(tmp_path / "one"), "--masks", str(folder),
+                                 "--class", run.data.classes[1]])
+    assert r.exit_code == 0, r.output
+    one = load_tensor_data(tmp_path / "one", "train", masks=True)
+    assert one.classes == [run.data.classes[1]] and len(one) == 2
+    # an unconditional run writes them as class "synthetic", and refuses --class
+    plain, _ = start_run(p2p_cfg(epochs=1, extra=["model.class_maps=false"]))
+    r = CliRunner().invoke(app, ["sample", str(plain.run_dir), str(tmp_path / "plain"), "--masks", str(folder)])
+    assert r.exit_code == 0, r.output
+    assert load_tensor_data(tmp_path / "plain", "train", masks=True).classes == ["synthetic"]
+    r = CliRunner().invoke(app, ["sample", str(plain.run_dir), str(tmp_path / "p2"), "--masks", str(folder),
+                                 "--class", "covid"])
+    assert r.exit_code == 2 and "not class-conditional" in r.output
 
 
 def test_evaluate_a_pix2pix_run_with_its_mask_consistency(p2p_cfg, demo_prepared, tmp_path, unverified):
@@ -169,10 +234,15 @@ def test_evaluate_a_pix2pix_run_with_its_mask_consistency(p2p_cfg, demo_prepared
     # two draws with other seeds differ (new masks and new dropout noise)
     from covidxray.evaluate.sources import Pix2PixSource
     src = Pix2PixSource(run.run_dir)
-    a, _ = src.draw(4, 0, torch.device("cpu"))
-    b, _ = src.draw(4, 0, torch.device("cpu"))
-    c, _ = src.draw(4, 1, torch.device("cpu"))
-    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert src.conditional and src.classes == run.data.classes  # class maps: a labelled source
+    cpu = torch.device("cpu")
+    a, ya = src.draw([2, 1, 1], 0, cpu)
+    b, _ = src.draw([2, 1, 1], 0, cpu)
+    c, _ = src.draw([2, 1, 1], 1, cpu)
+    assert torch.equal(a, b) and not torch.equal(a, c) and ya.tolist() == [0, 0, 1, 2]
+    # the masks of class k come from class-k training images
+    own = [set(torch.nonzero(run.data.labels == k).flatten().tolist()) for k in range(3)]
+    assert all(set(pool.tolist()) <= own[k] for k, pool in enumerate(src.pools))
 
 
 def test_colorize_target_known_answer():

@@ -8,8 +8,9 @@ resume, signals, progress, evaluation schedule, ``best.pt``, early stopping).
 A step is split in three so that it can be replayed as a CUDA graph:
 
 1. :meth:`Task.step_variant` - host decisions for this step (a tuple; each value gets its own graph);
-2. :meth:`Task.device_step` ``(images_u8, labels, *variant)`` - device work only, no host syncs;
-   returns a dict of scalar tensors for the logs;
+2. :meth:`Task.device_step` ``(images_u8, *targets, *variant)`` - device work only, no host syncs;
+   returns a dict of scalar tensors for the logs; ``targets`` are the batch's rows of the data fields
+   named by :attr:`Task.batch_fields` (by default the class labels);
 3. :meth:`Task.after_step` ``(n_images)`` - host-driven work after it (e.g. the EMA update).
 """
 
@@ -32,8 +33,10 @@ class Task:
         resizes_data: the data may be resized to ``data.image_size`` on the device (classifiers);
             otherwise the prepared size must be the asked one (GANs).
         evaluates: the task implements :meth:`evaluate` (the loop then loads ``eval.split``).
-        needs_masks: train on the images that have a lung mask only; the step's second argument is then
-            the batch's masks (uint8 N x 1 x H x W of 0/1) instead of the class labels (segmenters).
+        needs_masks: train on the images that have a lung mask only (the loop loads the masks beside them).
+        batch_fields: the data fields (``labels``, ``masks``) whose batch rows follow the images into
+            :meth:`device_step`, in this order: ``("labels",)`` by default, ``("masks",)`` for the
+            segmenters (uint8 N x 1 x H x W of 0/1), ``("masks", "labels")`` for pix2pix.
         progress_keys: the step scalars the progress bar and log lines show.
         bf16_on_native_cpu: ``train.amp=auto`` means bf16 on a CPU with native bf16 too (AMX /
             AVX512-BF16), not only on CUDA.
@@ -47,6 +50,7 @@ class Task:
     resizes_data: ClassVar[bool] = False
     evaluates: ClassVar[bool] = False
     needs_masks: ClassVar[bool] = False
+    batch_fields: ClassVar[tuple[str, ...]] = ("labels",)
     progress_keys: ClassVar[tuple[str, ...]] = ()
     bf16_on_native_cpu: ClassVar[bool] = False
 
@@ -81,7 +85,7 @@ class Task:
         """Host decisions of the next step (the CUDA graph key); default: none."""
         return ()
 
-    def device_step(self, images_u8: torch.Tensor, labels: torch.Tensor, *variant) -> dict[str, torch.Tensor]:
+    def device_step(self, images_u8: torch.Tensor, *targets_and_variant) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
     def after_step(self, n_images: int) -> None:

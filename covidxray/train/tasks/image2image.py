@@ -14,7 +14,9 @@ run is exact.
 
 Validation (every ``eval.every`` epochs): the mean absolute error of G(c) against the real X-ray over the
 split's masked images (images in [0, 1], G in eval mode except its dropout, as at sampling), which picks
-``best.pt``. Snapshots (``samples/epoch_XXXX.png``, for ``covidxray gif``): ``train.grid_size`` fixed validation
+``best.pt``. A class-conditional run (``model.class_maps`` on data of two or more classes) gives G and D the
+class of each image as constant maps beside the mask (:func:`covidxray.models.pix2pix.condition`); the loop hands
+the step the batch's masks and labels. Snapshots (``samples/epoch_XXXX.png``, for ``covidxray gif``): ``train.grid_size`` fixed validation
 masks in the first row, G's X-rays from them in the second, the real X-rays in the third.
 
 Checkpoint entries it adds: ``models`` ``G``, ``D``; ``optimizers``/``scalers`` ``G``, ``D``; ``rng`` ``aug``.
@@ -26,6 +28,7 @@ import torch
 from torch import nn
 
 from covidxray.data.datasets import to_float, to_uint8
+from covidxray.models.pix2pix import condition, uses_class_maps
 from covidxray.train import gan_losses as losses
 from covidxray.train.augment import augment_pair
 from covidxray.train.tasks.base import Task
@@ -64,6 +67,7 @@ class Image2ImageTask(Task):
     resizes_data = True
     evaluates = True
     needs_masks = True
+    batch_fields = ("masks", "labels")
     progress_keys = ("loss_d", "loss_g", "l1")
 
     def __init__(self, trainer):
@@ -71,6 +75,8 @@ class Image2ImageTask(Task):
         cfg, spec, dev = self.cfg, trainer.spec, self.device
         self.setup_pair(spec.build(cfg, trainer.data_spec))
         self.colorize = cfg.model.task == "colorize"
+        n = trainer.data_spec.n_classes
+        self.n_class_maps = n if uses_class_maps(cfg, n) else 0  # 0: unconditional
         self.aug_gen = torch.Generator(device=dev).manual_seed(cfg.train.seed + 3)
         a = cfg.aug
         self.aug_kw = dict(rotate=a.rotate, scale=a.scale, translate=a.translate)
@@ -82,19 +88,19 @@ class Image2ImageTask(Task):
         amp = "--set train.amp=off (full precision), " if self.trainer.amp_dtype is not None else ""
         return f"Try {amp}lower learning rates (optim.lr_g, optim.lr_d), or resume from the last checkpoint"
 
-    @staticmethod
-    def condition(masks: torch.Tensor) -> torch.Tensor:
-        """The mask2xray condition: the 0/1 mask as an image in [-1, 1]."""
-        return masks.float() * 2 - 1
+    def condition(self, masks: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        """The mask2xray condition: the 0/1 mask as an image in [-1, 1] (+ the class maps of a conditional run)."""
+        return condition(masks, labels, self.n_class_maps)
 
-    def device_step(self, images_u8: torch.Tensor, masks_u8: torch.Tensor) -> dict[str, torch.Tensor]:
+    def device_step(self, images_u8: torch.Tensor, masks_u8: torch.Tensor,
+                    labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """The device work of one step (no host syncs)."""
         kind, fmt = self.cfg.loss.gan, self.trainer.memory_format
         x, m = augment_pair(to_float(images_u8), masks_u8, self.aug_gen, **self.aug_kw)
         if self.colorize:  # X-ray -> its pseudo-colour rendering
             c, x = x, colorize_target(x, m)
-        else:  # mask -> X-ray
-            c = self.condition(m)
+        else:  # mask (+ class) -> X-ray
+            c = self.condition(m, labels)
         x = x.contiguous(memory_format=fmt)
         c = c.contiguous(memory_format=fmt)
         with self.autocast():
@@ -117,9 +123,10 @@ class Image2ImageTask(Task):
 
     # ------------------------------------------------------------ evaluation
     @torch.no_grad()
-    def translate(self, inputs_u8: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
+    def translate(self, inputs_u8: torch.Tensor, labels: torch.Tensor | None = None,
+                  batch_size: int | None = None) -> torch.Tensor:
         """G's outputs (uint8 N x C x S x S, on the CPU), G in sampling mode (dropout on): X-rays from 0/1 masks
-        (mask2xray), or renderings from uint8 X-rays (colorize)."""
+        (mask2xray; of the classes ``labels`` in a conditional run), or renderings from uint8 X-rays (colorize)."""
         was = self.G.training
         sampling_mode(self.G)
         bs = batch_size or self.cfg.eval.batch_size
@@ -127,7 +134,8 @@ class Image2ImageTask(Task):
         try:
             for i in range(0, inputs_u8.shape[0], bs):
                 chunk = inputs_u8[i:i + bs].to(self.device)
-                c = to_float(chunk) if self.colorize else self.condition(chunk)
+                y = None if labels is None else labels[i:i + bs].to(self.device)
+                c = to_float(chunk) if self.colorize else self.condition(chunk, y)
                 with self.autocast():
                     out.append(to_uint8(self.G(c)).cpu())
         finally:
@@ -141,7 +149,7 @@ class Image2ImageTask(Task):
             real = (colorize_target(to_float(data.images.cpu()), data.masks.cpu()) + 1) / 2
             real = (real * 255).round() / 255  # as uint8, like G's output
         else:
-            fake = self.translate(data.masks).float() / 255
+            fake = self.translate(data.masks, data.labels).float() / 255
             real = data.images.cpu().float() / 255
         return {"l1": float((fake - real).abs().mean())}
 
@@ -152,7 +160,7 @@ class Image2ImageTask(Task):
         t = self.trainer
         data = t.eval_data if t.eval_data is not None else t.data
         n = min(self.cfg.train.grid_size, len(data))
-        masks, images = data.masks[:n].cpu(), data.images[:n].cpu()
+        masks, images, labels = data.masks[:n].cpu(), data.images[:n].cpu(), data.labels[:n].cpu()
         path = t.run_dir / "samples" / f"epoch_{t.epoch:04d}.png"
         if self.colorize:  # rows: X-ray, G's rendering, the target
             from torchvision.utils import make_grid
@@ -163,5 +171,5 @@ class Image2ImageTask(Task):
             grid = torch.cat([images.expand(-1, 3, -1, -1), self.translate(images), target])
             save_rgb(make_grid(grid, nrow=n, padding=2).permute(1, 2, 0).numpy(), path)
             return
-        grid = torch.cat([masks * 255, self.translate(masks), images])
+        grid = torch.cat([masks * 255, self.translate(masks, labels), images])
         save_grid(grid, path, nrow=n)

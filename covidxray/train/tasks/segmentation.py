@@ -66,6 +66,7 @@ class SegmentationTask(SupervisedTask):
     resizes_data = True
     evaluates = True
     needs_masks = True
+    batch_fields = ("masks",)
     progress_keys = ("loss", "dice", "lr")
     bf16_on_native_cpu = True
 
