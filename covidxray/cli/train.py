@@ -77,4 +77,5 @@ def train_cmd(
     trainer, finished = start_run(cfg, console=con)
     if not finished:
         raise typer.Exit(130)
-    con.print(f"run folder: {trainer.run_dir}", highlight=False)
+    if trainer.dist.is_main:  # torchrun: one line, not one per rank
+        con.print(f"run folder: {trainer.run_dir}", highlight=False)

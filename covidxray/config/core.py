@@ -68,6 +68,9 @@ class TrainConfig:
     compile: bool = False               # torch.compile the trained networks (falls back to eager with a warning)
     compile_mode: str = "default"       # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune
     cuda_graphs: str = "auto"           # replay each training step as one CUDA graph: auto (on CUDA, unless compiled or fp16) | yes | no
+    sync_batchnorm: str = "auto"        # torchrun runs: SyncBatchNorm over the ranks: auto (on for multi-GPU runs of models
+                                        # with BatchNorm) | yes (CUDA only) | no; docs/distributed.md
+    dist_timeout: float = 600.0         # torchrun runs: seconds a collective waits for the other ranks before the run stops
 
 
 @dataclass
@@ -119,6 +122,7 @@ GENERIC_CHOICES: dict[str, tuple[str, ...]] = {
     "train.amp": ("auto", "bf16", "fp16", "off"),
     "train.compile_mode": ("default", "reduce-overhead", "max-autotune"),
     "train.cuda_graphs": ("auto", "yes", "no"),
+    "train.sync_batchnorm": ("auto", "yes", "no"),
     "eval.split": ("val", "test"),
     "eval.mode": ("auto", "min", "max"),
 }
@@ -344,6 +348,8 @@ def validate(cfg: Config) -> Config:
                          "train.checkpoint_every", "eval.batch_size"])
     check_positive(cfg, ["train.keep_every", "train.num_threads", "eval.every", "eval.patience",
                          "data.image_size"], minimum=0)
+    if not cfg.train.dist_timeout > 0:
+        raise CovidXrayError(f"config key 'train.dist_timeout' must be > 0 seconds; got {cfg.train.dist_timeout:g}")
     if not (cfg.train.device in ("auto", "cpu", "cuda") or cfg.train.device.startswith("cuda:")):
         raise CovidXrayError(f"config key 'train.device' must be auto, cpu, cuda or cuda:N; got '{cfg.train.device}'")
     if cfg.eval.min_delta < 0:

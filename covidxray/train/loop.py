@@ -46,6 +46,7 @@ from covidxray.config import Config, config_from_dict, eval_metric
 from covidxray.data.datasets import TensorData, load_tensor_data, resize_masks, resize_u8
 from covidxray.errors import CovidXrayError
 from covidxray.models.registry import DataSpec, get_model
+from covidxray.train import distributed
 from covidxray.train.graphs import StepGraphs
 from covidxray.train.optim import load_optimizer
 from covidxray.train.tasks import get_task
@@ -136,14 +137,25 @@ class Trainer:
                                  f"of the {cfg.family} family")
         task_cls = get_task(self.spec.family)
         task_cls.check_config(cfg, self.spec)
-        self.device = resolve_device(cfg.train.device)
+        # torchrun: this process's rank (covidxray/train/distributed.py); rank 0 of 1 otherwise.
+        self.dist = dist = distributed.current()
+        self.device = distributed.device_for(dist, resolve_device(cfg.train.device))
         if cfg.train.num_threads > 0:
             torch.set_num_threads(cfg.train.num_threads)
         seed_everything(cfg.train.seed, cfg.train.deterministic)
         self._stop = False
 
+        if dist.enabled and not dist.is_main:
+            dist.barrier()  # rank 0 decodes (and caches) the data first; the others then read its cache
         self.data, self.eval_data = self._load_data(task_cls)
-        self.batch_size = min(cfg.train.batch_size, len(self.data))
+        if dist.enabled and dist.is_main:
+            dist.barrier()
+        self.batch_size = min(cfg.train.batch_size, len(self.data))  # the global batch (all ranks together)
+        if self.batch_size % dist.world_size:
+            raise CovidXrayError(f"train.batch_size={self.batch_size} does not split over {dist.world_size} ranks",
+                                 f"Pass a batch size divisible by {dist.world_size} (it is the global batch)")
+        #: This rank's share of each global batch.
+        self.rank_batch_size = self.batch_size // dist.world_size
         # Drop the last incomplete batch: every step then sees the same batch size
         # (a shuffled order means every image still gets seen).
         self.batches_per_epoch = len(self.data) // self.batch_size
@@ -175,6 +187,9 @@ class Trainer:
         self.use_graphs = (cfg.train.cuda_graphs != "no" and self.device.type == "cuda" and not fp16
                            and not cfg.train.compile)
         unsupported = task_cls.graphs_unsupported(cfg) if self.use_graphs else ""
+        if self.use_graphs and dist.enabled and not unsupported:
+            unsupported = ("DistributedDataParallel's gradient all-reduce is not captured in this project's step "
+                           "graphs, so torchrun runs train eagerly")
         if unsupported:
             if cfg.train.cuda_graphs == "yes":
                 raise CovidXrayError(f"train.cuda_graphs=yes: {unsupported}", "Use --set train.cuda_graphs=auto or no")
@@ -185,6 +200,8 @@ class Trainer:
         self.data_spec = DataSpec(len(classes), int(self.data.images.shape[-1]), 1, classes)
         self.resuming = checkpoint is not None
         self.task = task_cls(self)
+        if dist.enabled:
+            self._distribute()
         self._compiled_ok = False
         if cfg.train.compile:
             try:
@@ -192,8 +209,11 @@ class Trainer:
             except Exception as exc:  # e.g. no compiler toolchain: train eagerly
                 self._compile_failed(exc)
 
-        # The data order has its own generator, so that its state can be saved and restored exactly.
+        # The data order has its own generator, so that its state can be saved and restored exactly; under
+        # torchrun every rank draws the same order and takes its slice of each batch.
         self.shuffle_gen = torch.Generator().manual_seed(cfg.train.seed)
+        if dist.rank > 0:  # rank r's own noise, augmentation and dropout (rank 0 keeps the single-process ones)
+            self._reseed_rank_streams(cfg.train.seed + distributed.RANK_SEED_STRIDE * dist.rank)
         if self.use_graphs:
             self.graphs = StepGraphs(self.task.device_step, self.task.graph_generators(), self._graphs_failed)
         self.state = RunState()
@@ -202,6 +222,33 @@ class Trainer:
         self.metric_name, self.metric_mode = eval_metric(cfg) if self.eval_data is not None else ("", "min")
         if checkpoint is not None:
             self._restore(checkpoint)
+
+    # ------------------------------------------------------------ distributed
+    def _distribute(self) -> None:
+        """Wrap the task's trained networks in DDP (SyncBatchNorm first where train.sync_batchnorm says so)."""
+        cfg, dist = self.cfg, self.dist
+        with_bn = [k for k, m in self.task.models.items() if distributed.has_batchnorm(m)]
+        mode = cfg.train.sync_batchnorm
+        if mode == "yes" and self.device.type != "cuda":
+            raise CovidXrayError("train.sync_batchnorm=yes needs CUDA devices (PyTorch's SyncBatchNorm runs on GPUs "
+                                 "only)", "Use --set train.sync_batchnorm=auto or no on the CPU")
+        sync = mode == "yes" or (mode == "auto" and self.device.type == "cuda" and bool(with_bn))
+        wrappers = {k: distributed.wrap(m, dist, self.device, sync and k in with_bn)
+                    for k, m in self.task.models.items()}
+        self.task.distribute(wrappers)
+        bn = ("no BatchNorm" if not with_bn else
+              f"SyncBatchNorm in {', '.join(with_bn)}" if sync else
+              f"BatchNorm per rank in {', '.join(with_bn)} (" + (
+                  "SyncBatchNorm runs on CUDA only" if self.device.type != "cuda" else "train.sync_batchnorm=no")
+              + "; rank 0's running statistics are broadcast)")
+        self.log(f"distributed: {dist.world_size} ranks ({dist.backend}), DDP around {', '.join(wrappers)}; "
+                 f"global batch {self.batch_size} = {dist.world_size} x {self.rank_batch_size} per rank; {bn}")
+
+    def _reseed_rank_streams(self, seed: int) -> None:
+        torch.manual_seed(seed)
+        for name, (gen, offset) in self.task.generators().items():
+            if name not in self.task.shared_generators:
+                gen.manual_seed(seed + offset)
 
     # ------------------------------------------------------------------- data
     def _load_data(self, task_cls) -> tuple[TensorData, TensorData | None]:
@@ -274,6 +321,8 @@ class Trainer:
 
     # ---------------------------------------------------------------- logging
     def log(self, message: str) -> None:
+        if not self.dist.is_main:  # rank 0 writes the run folder and talks to the user
+            return
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
         if self.run_dir.exists():
             with (self.run_dir / "log.txt").open("a", encoding="utf-8") as fh:
@@ -282,6 +331,8 @@ class Trainer:
             self.console.print(message, highlight=False)
 
     def _write_stats(self, record: dict[str, Any]) -> None:
+        if not self.dist.is_main:
+            return
         with (self.run_dir / "stats.jsonl").open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(record) + "\n")
 
@@ -299,14 +350,24 @@ class Trainer:
         self.task.uncompile()
 
     # -------------------------------------------------------------- state I/O
-    def state_dict(self) -> dict[str, Any]:
-        """The whole run state: what ``checkpoints/*.pt`` hold (format: :mod:`covidxray.checkpoint`)."""
-        task = self.task
+    def _rng_state(self) -> dict[str, torch.Tensor]:
         rng = {"shuffle": self.shuffle_gen.get_state(),
-               **{name: gen.get_state() for name, (gen, _) in task.generators().items()},
+               **{name: gen.get_state() for name, (gen, _) in self.task.generators().items()},
                "torch_cpu": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["torch_cuda"] = torch.cuda.get_rng_state(self.device)
+        return rng
+
+    def state_dict(self) -> dict[str, Any]:
+        """The whole run state: what ``checkpoints/*.pt`` hold (format: :mod:`covidxray.checkpoint`).
+
+        Under torchrun every rank must call it (it gathers each rank's random-generator states and partial means, ``rank_state``;
+        the rest is the same on every rank); only rank 0's return value is complete.
+        """
+        task = self.task
+        rng = self._rng_state()
+        ranks = self.dist.gather({"rng": rng, "epoch_meter": self.epoch_meter.state(),
+                                  "interval_meter": self.interval_meter.state()}) if self.dist.enabled else None
         s = self.state
         return {
             "model": self.cfg.model.name, "family": self.spec.family, "config": self.cfg.to_dict(),
@@ -320,6 +381,8 @@ class Trainer:
             "scalers": {k: sc.state_dict() for k, sc in task.scalers.items()},
             "rng": rng,
             "epoch_meter": self.epoch_meter.state(), "interval_meter": self.interval_meter.state(),
+            "world_size": self.dist.world_size, "rank_batch_size": self.rank_batch_size,
+            **({"rank_state": ranks} if ranks is not None else {}),
             **task.extra_state(),
         }
 
@@ -331,6 +394,19 @@ class Trainer:
                 "Resume with the same prepared data (--data), or start a new run",
             )
         task = self.task
+        saved_world = int(ckpt.get("world_size", 1))
+        rng, meters = ckpt["rng"], (ckpt["epoch_meter"], ckpt["interval_meter"])
+        if self.dist.rank > 0:  # this rank's own part of the checkpoint, when the saving run had this rank
+            ranks = ckpt.get("rank_state") or []
+            own = ranks[self.dist.rank] if saved_world == self.dist.world_size and len(ranks) > self.dist.rank else None
+            rng = own["rng"] if own else None
+            if own:  # (else rank 0's partial means stand in: the logged means of this interval are approximate)
+                meters = (own["epoch_meter"], own["interval_meter"])
+        if saved_world != self.dist.world_size:
+            self.log(f"note: {ckpt['path']} was written by a run of {saved_world} rank(s), this one has "
+                     f"{self.dist.world_size}: the epoch order and the global batch of {self.batch_size} are the same, "
+                     f"but the ranks' random streams (noise, augmentation, dropout) and the per-rank batches differ "
+                     f"from here on, so the run does not continue bit-exactly")
         try:
             task.load_models_state(ckpt["models"])
             for k, opt in task.optimizers.items():
@@ -338,8 +414,7 @@ class Trainer:
             for k, sc in task.scalers.items():
                 sc.load_state_dict(ckpt["scalers"][k])
             task.load_extra_state(ckpt)
-            rng = ckpt["rng"]
-            self.shuffle_gen.set_state(rng["shuffle"])
+            self.shuffle_gen.set_state(ckpt["rng"]["shuffle"])  # the same epoch order on every rank
         except (KeyError, RuntimeError, ValueError) as exc:
             raise CovidXrayError(
                 f"{ckpt['path']} was written by covidxray {ckpt.get('covidxray_version', '?')} (checkpoint format "
@@ -350,7 +425,12 @@ class Trainer:
         # Each generator of the task: restored, or (a run saved on another device type, or by a version
         # that did not have it) re-seeded from the step, which is then not bit-exact.
         reseeded = []
-        for name, (gen, offset) in task.generators().items():
+        if rng is None:  # a rank the saving run did not have: streams of its own, from the step
+            self._reseed_rank_streams(self.cfg.train.seed + distributed.RANK_SEED_STRIDE * self.dist.rank
+                                      + ckpt["step"])
+            for name in task.shared_generators:  # the host decisions stay rank 0's
+                task.generators()[name][0].set_state(ckpt["rng"][name])
+        for name, (gen, offset) in (task.generators().items() if rng is not None else ()):
             try:
                 gen.set_state(rng[name])
             except (KeyError, RuntimeError):  # CPU and CUDA generator states differ in format
@@ -360,11 +440,12 @@ class Trainer:
             self.log(f"note: the {', '.join(reseeded)} RNG(s) could not be restored (saved on another device type, "
                      f"or by an older version); they continue from seeds derived from step {ckpt['step']} "
                      f"(not bit-exact)")
-        torch.set_rng_state(rng["torch_cpu"])
-        if self.device.type == "cuda" and "torch_cuda" in rng:
-            torch.cuda.set_rng_state(rng["torch_cuda"], self.device)
-        self.epoch_meter.load(ckpt["epoch_meter"], self.device)
-        self.interval_meter.load(ckpt["interval_meter"], self.device)
+        if rng is not None:
+            torch.set_rng_state(rng["torch_cpu"])
+            if self.device.type == "cuda" and "torch_cuda" in rng:
+                torch.cuda.set_rng_state(rng["torch_cuda"], self.device)
+        self.epoch_meter.load(meters[0], self.device)
+        self.interval_meter.load(meters[1], self.device)
         self.state = RunState(ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["perm"], ckpt["step"],
                               ckpt["images_seen"], ckpt.get("best_metric"), ckpt.get("best_epoch", 0),
                               ckpt.get("evals_since_best", 0), ckpt.get("stopped_early", False))
@@ -376,7 +457,12 @@ class Trainer:
             atomic_write_text(stats, "".join(ln + "\n" for ln in keep))
 
     def save(self, name: str = "last.pt") -> Path:
-        return save_checkpoint(self.run_dir / "checkpoints" / name, self.state_dict())
+        """Write a checkpoint (under torchrun: every rank calls it, rank 0 writes it)."""
+        path = self.run_dir / "checkpoints" / name
+        state = self.state_dict()
+        if self.dist.is_main:
+            save_checkpoint(path, state)
+        return path
 
     # ------------------------------------------------------------------- step
     def train_step(self, images_u8: torch.Tensor, *targets: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -391,7 +477,7 @@ class Trainer:
             stats = self.graphs.step((images_u8, *targets), variant)
         else:
             stats = self.task.device_step(images_u8, *targets, *variant)
-        self.task.after_step(images_u8.shape[0])
+        self.task.after_step(images_u8.shape[0] * self.dist.world_size)  # all ranks' images (EMA half-life)
         return stats
 
     def _step_with_fallback(self, images: torch.Tensor, *targets: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -449,9 +535,11 @@ class Trainer:
                 f"Pass --epochs larger than {s.epoch} to continue it",
             )
         fresh = s.step == 0 and s.batch_in_epoch == 0
+        main = self.dist.is_main
         if fresh:
-            atomic_write_text(self.run_dir / "config.yaml", cfg.to_yaml())
-            self.task.on_start()
+            if main:
+                atomic_write_text(self.run_dir / "config.yaml", cfg.to_yaml())
+                self.task.on_start()
             self.log(f"run {self.run_dir}: {self.spec.name} on {len(self.data)} images "
                      f"({', '.join(self.data.classes)}) at {self.data_spec.image_size} px, device {self.device}, "
                      f"seed {cfg.train.seed}")
@@ -461,7 +549,8 @@ class Trainer:
         meter, epoch_meter = self.interval_meter, self.epoch_meter
         t_log = time.perf_counter()
         imgs_since_log = 0
-        progress = _progress(self.console)
+        progress = _progress(self.console if main else None)
+        lo, hi = self.dist.rank * self.rank_batch_size, (self.dist.rank + 1) * self.rank_batch_size
         with self._signals(), progress:
             task = progress.add_task("train", total=total * self.batches_per_epoch,
                                      completed=s.epoch * self.batches_per_epoch + s.batch_in_epoch, info="")
@@ -473,7 +562,7 @@ class Trainer:
                 # What a step learns from beside the images: class labels, lung masks (segmenters) or both (pix2pix).
                 fields = [getattr(self.data, f) for f in self.task.batch_fields]
                 for b in range(s.batch_in_epoch, self.batches_per_epoch):
-                    idx = perm[b * self.batch_size:(b + 1) * self.batch_size]
+                    idx = perm[b * self.batch_size:(b + 1) * self.batch_size][lo:hi]  # this rank's slice
                     images = self.data.images[idx].to(self.device, non_blocking=True)
                     targets = [f[idx].to(self.device, non_blocking=True) for f in fields]
                     out = self._step_with_fallback(images, *targets)
@@ -481,17 +570,20 @@ class Trainer:
                     epoch_meter.add(**out)
                     s.step += 1
                     s.batch_in_epoch = b + 1
-                    s.images_seen += images.shape[0]
-                    imgs_since_log += images.shape[0]
+                    s.images_seen += self.batch_size  # all ranks' images
+                    imgs_since_log += self.batch_size
                     progress.advance(task)
                     if s.step % cfg.train.log_every == 0:
                         now = time.perf_counter()
-                        rec = self._stats_record(self._check_finite(meter.pop()), imgs_since_log / max(now - t_log, 1e-9))
+                        rec = self._stats_record(self._check_finite(self.dist.mean(meter.pop())),
+                                                 imgs_since_log / max(now - t_log, 1e-9))
                         t_log, imgs_since_log = now, 0
                         self._write_stats(rec)
                         progress.update(task, info=self._fmt_info(rec))
                     if self.on_step is not None:
                         self.on_step(self)
+                    if self.dist.enabled:  # a stop asked on any rank stops every rank after this same step
+                        self._stop = self.dist.any(self._stop)
                     if self._stop:
                         path = self.save()
                         self.log(f"stopped at epoch {s.epoch} batch {s.batch_in_epoch} (step {s.step}); "
@@ -500,12 +592,12 @@ class Trainer:
                 # epoch finished
                 s.epoch += 1
                 s.batch_in_epoch, s.perm = 0, None
-                rec = self._stats_record(self._check_finite(epoch_meter.pop()), None, kind="epoch")
+                rec = self._stats_record(self._check_finite(self.dist.mean(epoch_meter.pop())), None, kind="epoch")
                 self._write_stats(rec)
                 if self.eval_data is not None and s.epoch % cfg.eval.every == 0:
                     rec = {**rec, **self._evaluate()}
                 last = s.epoch == total or s.stopped_early
-                if s.epoch % cfg.train.snapshot_every == 0 or last:
+                if (s.epoch % cfg.train.snapshot_every == 0 or last) and main:
                     self.task.snapshot()
                 if s.epoch % cfg.train.checkpoint_every == 0 or last:
                     self.save()
@@ -517,6 +609,7 @@ class Trainer:
                              f"{s.evals_since_best} evaluations; best {self.metric_name} {s.best_metric:.4f} at epoch "
                              f"{s.best_epoch}: {self.run_dir / 'checkpoints' / 'best.pt'}")
                     break
+        distributed.sync_buffers(self.task.models.values(), self.dist)  # identical networks on every rank
         self.log(f"done: {s.epoch} epochs, {s.step} steps, {s.images_seen / 1000:.1f} kimg; "
                  f"checkpoint {self.run_dir / 'checkpoints' / 'last.pt'}")
         return True
@@ -527,10 +620,15 @@ class Trainer:
         cfg, s = self.cfg, self.state
         # A forked RNG: the evaluation (Monte-Carlo dropout, say) neither disturbs nor depends on the
         # training's random streams, so a run trains the same weights whatever eval.* says.
-        devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(cfg.train.seed + 7919 * s.epoch)
-            values = self.task.evaluate(self.eval_data)
+        # Under torchrun rank 0 evaluates (its weights are every rank's) and tells the others the values, so that
+        # all ranks take the same best.pt and early-stopping decisions.
+        values = None
+        if self.dist.is_main:
+            devices = [self.device] if self.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(cfg.train.seed + 7919 * s.epoch)
+                values = self.task.evaluate(self.eval_data)
+        values = self.dist.broadcast(values)
         values = {f"{cfg.eval.split}_{k}": v for k, v in values.items()}
         key = f"{cfg.eval.split}_{self.metric_name}"
         value = values[key]
@@ -618,18 +716,31 @@ def _progress(console):
                     TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=console, transient=False)
 
 
-def start_run(cfg: Config, console=None, on_step=None) -> tuple[Trainer, bool]:
-    """Create a run folder for ``cfg`` and train it."""
-    run_dir = new_run_dir(cfg.out, cfg.model.name)
+@contextmanager
+def _distributed(cfg: Config):
+    """Join torchrun's process group for one run (nothing without torchrun) and leave it afterwards."""
+    joined = distributed.env_world_size() > 1 and not distributed.current().enabled
+    d = distributed.setup(cfg.train.device, cfg.train.dist_timeout) if joined else distributed.current()
     try:
-        trainer = Trainer(cfg, run_dir, console=console, on_step=on_step)
-    except BaseException:
-        # Nothing was trained: do not leave a run folder behind (at most the data-loading lines of
-        # log.txt were written; the error itself is shown to the user).
-        if {p.name for p in run_dir.iterdir()} <= {"log.txt"}:
-            shutil.rmtree(run_dir, ignore_errors=True)
-        raise
-    return trainer, trainer.fit()
+        yield d
+    finally:
+        if joined:
+            distributed.teardown()
+
+
+def start_run(cfg: Config, console=None, on_step=None) -> tuple[Trainer, bool]:
+    """Create a run folder for ``cfg`` and train it (under torchrun: rank 0 creates it, every rank trains)."""
+    with _distributed(cfg) as d:
+        run_dir = Path(d.broadcast(str(new_run_dir(cfg.out, cfg.model.name)) if d.is_main else None))
+        try:
+            trainer = Trainer(cfg, run_dir, console=console if d.is_main else None, on_step=on_step)
+        except BaseException:
+            # Nothing was trained: do not leave a run folder behind (at most the data-loading lines of
+            # log.txt were written; the error itself is shown to the user).
+            if d.is_main and {p.name for p in run_dir.iterdir()} <= {"log.txt"}:
+                shutil.rmtree(run_dir, ignore_errors=True)
+            raise
+        return trainer, trainer.fit()
 
 
 def resume_run(run_dir: str | Path, epochs: int | None = None, data: str | None = None,
@@ -646,7 +757,8 @@ def resume_run(run_dir: str | Path, epochs: int | None = None, data: str | None 
         cfg.data.path = str(Path(data).resolve())
     if device is not None:
         cfg.train.device = device
-    trainer = Trainer(cfg, run_dir, checkpoint=ckpt, console=console, on_step=on_step)
-    if epochs is not None:
-        atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
-    return trainer, trainer.fit()
+    with _distributed(cfg) as d:
+        trainer = Trainer(cfg, run_dir, checkpoint=ckpt, console=console if d.is_main else None, on_step=on_step)
+        if epochs is not None and d.is_main:
+            atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
+        return trainer, trainer.fit()

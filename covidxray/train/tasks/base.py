@@ -51,6 +51,14 @@ class Task:
     evaluates: ClassVar[bool] = False
     needs_masks: ClassVar[bool] = False
     batch_fields: ClassVar[tuple[str, ...]] = ("labels",)
+    #: (attribute, ``models`` key) of the forwards a training step calls (``G_train`` -> ``G``): under torchrun
+    #: the loop points them at the networks' DistributedDataParallel wrappers (:meth:`distribute`), and
+    #: ``torch.compile`` compiles what they point at; ``self.G`` etc. stay the plain networks (checkpoints, EMA,
+    #: evaluation, snapshots).
+    train_forwards: ClassVar[tuple[tuple[str, str], ...]] = ()
+    #: Generators of host-side step decisions (:meth:`step_variant`): the same stream on every rank under
+    #: torchrun, so that all ranks take the same kind of step; the others get a stream per rank.
+    shared_generators: ClassVar[tuple[str, ...]] = ()
     progress_keys: ClassVar[tuple[str, ...]] = ()
     bf16_on_native_cpu: ClassVar[bool] = False
 
@@ -62,6 +70,17 @@ class Task:
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.scalers: dict[str, torch.amp.GradScaler] = {}
         self.compiled = False
+        self.ddp: dict[str, nn.Module] = {}
+
+    def distribute(self, wrappers: dict[str, nn.Module]) -> None:
+        """Train through these DistributedDataParallel wrappers (by ``models`` key; the loop calls it)."""
+        self.ddp = dict(wrappers)
+        for attr, name in self.train_forwards:
+            setattr(self, attr, self.ddp[name])
+
+    def train_module(self, name: str) -> nn.Module:
+        """What a training step's forward of ``models[name]`` runs: its DDP wrapper under torchrun, else it."""
+        return self.ddp.get(name, self.models[name])
 
     def setup_pair(self, nets: dict[str, nn.Module]) -> None:
         """The two-network tasks' (GANs, pix2pix) set-up: ``G`` and ``D`` on the device in the run's memory
@@ -72,6 +91,7 @@ class Task:
         self.G = nets["G"].to(self.device, memory_format=t.memory_format)
         self.D = nets["D"].to(self.device, memory_format=t.memory_format)
         self.models = {"G": self.G, "D": self.D}
+        self.G_train, self.D_train = self.G, self.D  # the training forwards (train_forwards)
         self.opt_g, self.opt_d, self.scaler_g, self.scaler_d = adam_pair(self.G, self.D, self.cfg.optim, t)
         self.optimizers = {"G": self.opt_g, "D": self.opt_d}
         self.scalers = {"G": self.scaler_g, "D": self.scaler_d}

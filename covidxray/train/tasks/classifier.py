@@ -158,10 +158,10 @@ class ClassifierTask(SupervisedTask):
                                  "Train the classifier on the generator's classes (data.classes), or pass a "
                                  "conditional GAN trained on these")
         r = cfg.data.synthetic_ratio
-        n = synthetic_count(t.batch_size, r)
+        n = synthetic_count(t.rank_batch_size, r)  # per rank under torchrun (the real images are per rank too)
         if n < 1:
-            raise CovidXrayError(f"data.synthetic_ratio={r:g} with {t.batch_size} real images a step adds "
-                                 f"round({t.batch_size} * {r:g} / {1 - r:g}) = 0 generated images",
+            raise CovidXrayError(f"data.synthetic_ratio={r:g} with {t.rank_batch_size} real images a step adds "
+                                 f"round({t.rank_batch_size} * {r:g} / {1 - r:g}) = 0 generated images",
                                  "Raise data.synthetic_ratio or train.batch_size")
         self.G = loaded.G.to(dev, memory_format=t.memory_format).eval().requires_grad_(False)
         self.n_synthetic, self.synthetic_only = n, r >= 1
@@ -173,7 +173,7 @@ class ClassifierTask(SupervisedTask):
                                  "step": int(ckpt.get("step", 0)), "epoch": int(ckpt.get("epoch", 0))}
         g_size = int(ckpt.get("image_size") or loaded.cfg.data.image_size)
         resized = f", resized {g_size} -> {self.synthetic_size} px" if g_size != self.synthetic_size else ""
-        mix = "no real images" if self.synthetic_only else f"beside {t.batch_size} real ones"
+        mix = "no real images" if self.synthetic_only else f"beside {t.rank_batch_size} real ones"
         t.log(f"synthetic: {n} generated images per step (ratio {r:g}) from {path} ({model}, {loaded.weights}); "
               f"{mix}{resized}; the generator was trained {self.synthetic_source['step']} steps "
               f"({self.synthetic_source['epoch']} epochs)")

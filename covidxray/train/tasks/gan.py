@@ -35,6 +35,8 @@ class GANTask(Task):
     """Trains a registered GAN (``family == "gan"``); see the module docstring."""
 
     family = "gan"
+    train_forwards = (("G_train", "G"), ("D_train", "D"))
+    shared_generators = ("coin",)  # the CutMix coin of step_variant
     progress_keys = ("loss_d", "loss_g", "d_real", "d_fake")
 
     @classmethod
@@ -73,11 +75,12 @@ class GANTask(Task):
 
     # ------------------------------------------------------------ compile
     def compile(self, mode: str) -> None:
-        self.G_train, self.D_train = torch.compile(self.G, mode=mode), torch.compile(self.D, mode=mode)
+        self.G_train = torch.compile(self.train_module("G"), mode=mode)
+        self.D_train = torch.compile(self.train_module("D"), mode=mode)
         self.compiled = True
 
     def uncompile(self) -> None:
-        self.G_train, self.D_train = self.G, self.D
+        self.G_train, self.D_train = self.train_module("G"), self.train_module("D")
         self.compiled = False
 
     # ------------------------------------------------------------ state

@@ -64,6 +64,7 @@ class Image2ImageTask(Task):
     """Trains a registered image-to-image model (``family == "image2image"``); see the module docstring."""
 
     family = "image2image"
+    train_forwards = (("G_train", "G"), ("D_train", "D"))
     resizes_data = True
     evaluates = True
     needs_masks = True
@@ -104,15 +105,15 @@ class Image2ImageTask(Task):
         x = x.contiguous(memory_format=fmt)
         c = c.contiguous(memory_format=fmt)
         with self.autocast():
-            fake = self.G(c)
-            d_real, d_fake = self.D(c, x), self.D(c, fake.detach())
+            fake = self.G_train(c)
+            d_real, d_fake = self.D_train(c, x), self.D_train(c, fake.detach())
         loss_d = 0.5 * losses.d_loss(kind, d_real.float(), d_fake.float())
         self.opt_d.zero_grad(set_to_none=True)
         self.scaler_d.scale(loss_d).backward()
         self.scaler_d.step(self.opt_d)
         self.scaler_d.update()
         with self.autocast():
-            g_logits = self.D(c, fake)
+            g_logits = self.D_train(c, fake)
         l1 = (fake.float() - x).abs().mean()
         loss_g = losses.g_loss(kind, g_logits.float()) + self.cfg.loss.l1_weight * l1
         self.opt_g.zero_grad(set_to_none=True)

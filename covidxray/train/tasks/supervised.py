@@ -16,6 +16,8 @@ from covidxray.train.tasks.base import Task
 class SupervisedTask(Task):
     """Base of the one-network tasks: call :meth:`setup_net` in ``__init__`` after ``super().__init__``."""
 
+    train_forwards = (("net_train", "net"),)
+
     def setup_net(self, net: torch.nn.Module) -> None:
         """Put ``net`` on the device, build its optimizer and scaler (checkpoint names ``net``)."""
         t, cfg = self.trainer, self.cfg
@@ -37,11 +39,11 @@ class SupervisedTask(Task):
 
     # ------------------------------------------------------------ compile
     def compile(self, mode: str) -> None:
-        self.net_train = torch.compile(self.net, mode=mode)
+        self.net_train = torch.compile(self.train_module("net"), mode=mode)
         self.compiled = True
 
     def uncompile(self) -> None:
-        self.net_train = self.net
+        self.net_train = self.train_module("net")
         self.compiled = False
 
     # ------------------------------------------------------------ learning rate
