@@ -620,11 +620,25 @@ class Trainer:
         cfg, s = self.cfg, self.state
         # A forked RNG: the evaluation (Monte-Carlo dropout, say) neither disturbs nor depends on the
         # training's random streams, so a run trains the same weights whatever eval.* says.
-        # Under torchrun rank 0 evaluates (its weights are every rank's) and tells the others the values, so that
-        # all ranks take the same best.pt and early-stopping decisions.
+        # Under torchrun rank 0 evaluates (its weights are every rank's) or reduces the ranks' shards, and tells the
+        # others the values, so that all ranks take the same best.pt and early-stopping decisions.
+        # Tasks whose validation splits into per-image rows and metrics (classifiers, segmenters) score a shard of
+        # the split on each rank; rank 0 reduces the gathered rows.
         values = None
-        if self.dist.is_main:
-            devices = [self.device] if self.device.type == "cuda" else []
+        devices = [self.device] if self.device.type == "cuda" else []
+        sharded = self.dist.enabled and self.task.shards_evaluation and len(self.eval_data) >= self.dist.world_size
+        if sharded:
+            d, n = self.dist, len(self.eval_data)
+            lo, hi = d.rank * n // d.world_size, (d.rank + 1) * n // d.world_size
+            e = self.eval_data
+            shard = TensorData(e.images[lo:hi], e.labels[lo:hi], e.classes, e.ids[lo:hi],
+                               None if e.masks is None else e.masks[lo:hi])
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(cfg.train.seed + 7919 * s.epoch + d.rank)
+                parts = d.gather(self.task.evaluate_outputs(shard))
+            if d.is_main:
+                values = self.task.evaluate_metrics({k: torch.cat([p[k] for p in parts]) for k in parts[0]})
+        elif self.dist.is_main:
             with torch.random.fork_rng(devices=devices):
                 torch.manual_seed(cfg.train.seed + 7919 * s.epoch)
                 values = self.task.evaluate(self.eval_data)
@@ -723,9 +737,24 @@ def _distributed(cfg: Config):
     d = distributed.setup(cfg.train.device, cfg.train.dist_timeout) if joined else distributed.current()
     try:
         yield d
+        if joined:
+            d.barrier()  # leave together: a rank that closes its connections early can make gloo abort a peer
     finally:
         if joined:
             distributed.teardown()
+
+
+def _fit(trainer: Trainer, d) -> bool:
+    """``trainer.fit()``; under torchrun the DDP wrappers are dropped afterwards, before the process group goes
+    (a DDP reducer that outlives its group can abort the process at exit)."""
+    try:
+        return trainer.fit()
+    finally:
+        if d.enabled:
+            import gc
+
+            trainer.task.undistribute()
+            gc.collect()
 
 
 def start_run(cfg: Config, console=None, on_step=None) -> tuple[Trainer, bool]:
@@ -740,7 +769,7 @@ def start_run(cfg: Config, console=None, on_step=None) -> tuple[Trainer, bool]:
             if d.is_main and {p.name for p in run_dir.iterdir()} <= {"log.txt"}:
                 shutil.rmtree(run_dir, ignore_errors=True)
             raise
-        return trainer, trainer.fit()
+        return trainer, _fit(trainer, d)
 
 
 def resume_run(run_dir: str | Path, epochs: int | None = None, data: str | None = None,
@@ -761,4 +790,4 @@ def resume_run(run_dir: str | Path, epochs: int | None = None, data: str | None 
         trainer = Trainer(cfg, run_dir, checkpoint=ckpt, console=console if d.is_main else None, on_step=on_step)
         if epochs is not None and d.is_main:
             atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
-        return trainer, trainer.fit()
+        return trainer, _fit(trainer, d)

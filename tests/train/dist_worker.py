@@ -38,7 +38,7 @@ def run_rank(rank: int, world: int, port: int, job: dict, out: str) -> None:
     try:
         if job["kind"] == "start":
             cfg = resolve_config(job["model"], flags={"data": {"path": job["data"]},
-                                                      "train": {"epochs": job["epochs"], "device": "cpu"}},
+                                                      "train": {"epochs": job["epochs"], "device": job.get("device", "cpu")}},
                                  sets=job["sets"])
             cfg.out = job["out"]
             trainer, finished = start_run(cfg, on_step=on_step)

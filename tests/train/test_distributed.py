@@ -97,6 +97,13 @@ def test_two_ranks_of_half_the_batch_equal_one_of_the_whole(demo_prepared, tmp_p
     # SGD: float sums in another order stay differences of float rounding (Adam's normalised steps would blow
     # them up on near-zero gradients).
     _same_weights(single, r0["weights"], exact=False, rtol=1e-4, atol=1e-6)
+    # the validation, scored half of the split per rank and reduced on rank 0, is the single process's
+    from pathlib import Path
+    evals = [[r for r in _records(Path(run)) if r["kind"] == "eval"] for run in (r0["run_dir"], one.run_dir)]
+    assert len(evals[0]) == len(evals[1]) == 2
+    for a, b in zip(*evals):
+        for key in ("val_dice", "val_iou", "val_loss"):
+            assert a[key] == pytest.approx(b[key], abs=2e-5), key
 
 
 def test_a_stop_on_one_rank_stops_all_after_the_same_step_and_resume_equals_uninterrupted(demo_prepared, tmp_path):
@@ -162,3 +169,21 @@ def test_torchrun_runs_the_cli_unchanged(demo_prepared, tmp_path):
     run = tmp_path / "runs" / "00000-smallcnn"
     assert "distributed: 2 ranks (gloo)" in (run / "log.txt").read_text()
     assert torch.load(run / "checkpoints" / "last.pt", weights_only=False)["world_size"] == 2
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs (NCCL, SyncBatchNorm)")
+def test_sync_batchnorm_two_gpus_equal_one_gpu_of_the_whole_batch(demo_prepared, tmp_path):
+    """With SyncBatchNorm a BatchNorm U-Net on 2 GPUs x B/2 trains what 1 GPU x B trains, to float rounding."""
+    sets = [s for s in UNET_SETS if s != "arch.norm=group"] + ["arch.norm=batch", "train.sync_batchnorm=yes",
+                                                                "train.deterministic=true"]
+    job = _job("unet", demo_prepared, tmp_path / "two", 2, sets)
+    job["device"] = "cuda"
+    r0, r1 = launch(job, tmp_path)
+    assert r0.get("finished") and r1.get("finished"), (r0, r1)
+    cfg = resolve_config("unet", flags={"data": {"path": str(demo_prepared)}, "train": {"epochs": 2, "device": "cuda"}},
+                         sets=sets)
+    cfg.out = str(tmp_path / "one")
+    one, _ = start_run(cfg)
+    single = {k: {n: v.cpu() for n, v in m.state_dict().items()} for k, m in one.task.models.items()}
+    theirs = {k: {n: v.cpu() for n, v in m.items()} for k, m in r0["weights"].items()}
+    _same_weights(single, theirs, exact=False, rtol=1e-3, atol=1e-5)

@@ -59,6 +59,9 @@ class Task:
     #: Generators of host-side step decisions (:meth:`step_variant`): the same stream on every rank under
     #: torchrun, so that all ranks take the same kind of step; the others get a stream per rank.
     shared_generators: ClassVar[tuple[str, ...]] = ()
+    #: The validation splits into :meth:`evaluate_outputs` (per-image rows, on any slice of the split) and
+    #: :meth:`evaluate_metrics` (on all rows): under torchrun each rank scores its shard and rank 0 the metrics.
+    shards_evaluation: ClassVar[bool] = False
     progress_keys: ClassVar[tuple[str, ...]] = ()
     bf16_on_native_cpu: ClassVar[bool] = False
 
@@ -77,6 +80,12 @@ class Task:
         self.ddp = dict(wrappers)
         for attr, name in self.train_forwards:
             setattr(self, attr, self.ddp[name])
+
+    def undistribute(self) -> None:
+        """Back to the plain networks (the loop calls it before leaving the process group)."""
+        self.ddp = {}
+        for attr, name in self.train_forwards:
+            setattr(self, attr, self.models[name])
 
     def train_module(self, name: str) -> nn.Module:
         """What a training step's forward of ``models[name]`` runs: its DDP wrapper under torchrun, else it."""
@@ -147,6 +156,17 @@ class Task:
     @torch.no_grad()
     def evaluate(self, data) -> dict[str, float]:
         """Metrics on the evaluated split (``evaluates = True`` tasks), names without the split prefix."""
+        if self.shards_evaluation:
+            return self.evaluate_metrics(self.evaluate_outputs(data))
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def evaluate_outputs(self, data) -> dict[str, torch.Tensor]:
+        """Per-image results (CPU tensors, one row per image of ``data``) that :meth:`evaluate_metrics` reduces."""
+        raise NotImplementedError
+
+    def evaluate_metrics(self, outputs: dict[str, torch.Tensor]) -> dict[str, float]:
+        """The metrics of the rows of :meth:`evaluate_outputs`, of one or of several shards concatenated."""
         raise NotImplementedError
 
     def divergence_hint(self) -> str:

@@ -65,6 +65,7 @@ class SegmentationTask(SupervisedTask):
     family = "segmentation"
     resizes_data = True
     evaluates = True
+    shards_evaluation = True  # under torchrun each rank scores its shard of the validation split
     needs_masks = True
     batch_fields = ("masks",)
     progress_keys = ("loss", "dice", "lr")
@@ -129,7 +130,7 @@ class SegmentationTask(SupervisedTask):
                                t.memory_format)
 
     @torch.no_grad()
-    def evaluate(self, data) -> dict[str, float]:
+    def evaluate_outputs(self, data) -> dict[str, torch.Tensor]:
         thr = self.cfg.eval.threshold
         dices, ious, losses = [], [], []
         for i, probs in self._probs(data.images):
@@ -138,10 +139,14 @@ class SegmentationTask(SupervisedTask):
             dices.append(dice)
             ious.append(iou)
             logits = torch.logit(probs.clamp(1e-6, 1 - 1e-6))
-            losses.append(self.loss(logits, target.float()) * probs.shape[0])
-        n = data.images.shape[0]
-        return {"dice": float(torch.cat(dices).mean()), "iou": float(torch.cat(ious).mean()),
-                "loss": float(torch.stack(losses).sum() / n)}
+            # the batch's loss on each of its rows: their sum is the sum of the per-image losses (BCE is a
+            # pixel mean over equal-sized images and the soft Dice a mean over images)
+            losses.append(self.loss(logits, target.float()).expand(probs.shape[0]))
+        return {"dice": torch.cat(dices).cpu(), "iou": torch.cat(ious).cpu(), "loss": torch.cat(losses).float().cpu()}
+
+    def evaluate_metrics(self, outputs: dict[str, torch.Tensor]) -> dict[str, float]:
+        return {"dice": float(outputs["dice"].mean()), "iou": float(outputs["iou"].mean()),
+                "loss": float(outputs["loss"].mean())}
 
     @torch.no_grad()
     def snapshot(self) -> None:
