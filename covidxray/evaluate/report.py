@@ -315,8 +315,8 @@ def compare_markdown(dirs: Sequence[str | Path]) -> str:
             ci = (delta or {}).get("ci95")
             dtxt = ("-" if not delta else f"{delta['mean']:+.3f} ± {delta['std']:.3f}"
                     + (f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else ""))
-            if not delta and down.get("refused"):
-                dtxt = "n/a (unconditional)"
+            if not delta and down.get("refused"):  # unconditional, or a conditional source no classifier draws from
+                dtxt = "n/a (unconditional)" if not r.get("conditional") else "n/a (no on-the-fly draws)"
             name = r["model"] + ("" if fd != "fd_unverified" else " (unverified net)")
             out.append(f"| {name} | {fmt(m.get(fd))} ({r['n']}×{r['repeats']}) | {fmt(m.get(fd + '_floor')) if fd else '-'} | "
                        f"{fmt(m.get(kd), 2, 1e3)} | {fmt(m.get(kd + '_floor'), 2, 1e3) if kd else '-'} | "
