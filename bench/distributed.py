@@ -4,6 +4,8 @@
     python bench/distributed.py --device cpu --data .devdata/cxr64 --model smallcnn --procs 2 --epochs 3
     # one machine with N GPUs: 1 GPU (plain path) against torchrun N GPUs (per-GPU images/s, scaling efficiency)
     python bench/distributed.py --device cuda --data .devdata/cxr128 --model cgan --procs 8 --epochs 3
+    # one GPU: the DDP path (torchrun, one process) against the plain path on the same GPU
+    python bench/distributed.py --device cuda --data .devdata/cxr128 --model cgan --procs 1 --epochs 3
 
 Both arms run the real command (`python -m covidxray train ...` and `python -m torch.distributed.run
 --nproc_per_node N -m covidxray train ...`) on the same prepared data and config, alternating, ``--rounds``
@@ -13,8 +15,9 @@ first (which holds the warm-up), i.e. training steps only, without start-up, dat
 On the CPU both arms get the same cores (``--threads`` in all: the single process uses all of them, each of the
 N processes ``threads / N``), so the ratio is the overhead of the distributed path (gradient all-reduce, the
 per-step stop agreement, smaller per-process batches). On N GPUs the ratio per GPU is the scaling efficiency.
-torchrun with one process takes the plain single-process path (no process group, no DDP), so its overhead is
-zero by construction and is not measured. Without ``--data`` the built-in phantoms are prepared first.
+``--procs 1`` times the DDP path itself against the plain one (``torchrun --nproc_per_node 1`` wraps the networks
+in DDP on one process): on one GPU, the 1-GPU overhead the distributed issue asks for. Without ``--data`` the
+built-in phantoms are prepared first.
 """
 
 from __future__ import annotations
@@ -47,13 +50,13 @@ def _rate(run: Path) -> tuple[float, int]:
     return statistics.median(rates), len(rates)
 
 
-def run_arm(procs: int, args, out: Path, threads: int) -> dict:
+def run_arm(procs: int, args, out: Path, threads: int, launcher: bool) -> dict:
     train = ["-m", "covidxray", "train", "--model", args.model, "--data", str(args.data), "--epochs", str(args.epochs),
              "--batch-size", str(args.batch_size), "--device", args.device, "--out", str(out),
              "--set", f"train.num_threads={threads}", "--set", f"train.log_every={args.log_every}",
              "--set", "train.checkpoint_every=1000", "--set", "train.snapshot_every=1000",
              *sum((["--set", s] for s in args.set), [])]
-    if procs > 1:
+    if launcher:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs),
                "--master_port", str(_free_port()), *train]
     else:
@@ -65,7 +68,7 @@ def run_arm(procs: int, args, out: Path, threads: int) -> dict:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{r.stdout[-1500:]}\n{r.stderr[-1500:]}")
     run = max(out.iterdir())
     rate, n = _rate(run)
-    return {"procs": procs, "images_per_s": rate, "intervals": n, "wall_s": round(time.perf_counter() - t0, 1),
+    return {"procs": procs, "torchrun": launcher, "images_per_s": rate, "intervals": n, "wall_s": round(time.perf_counter() - t0, 1),
             "run": str(run)}
 
 
@@ -93,23 +96,28 @@ def main(argv=None) -> int:
             args.data = tmp / "phantoms"
             prepare_demo(args.data, per_class=32, size=64, seed=0, workers=1, progress=False)
         cpu = args.device == "cpu"
-        rounds = {1: [], args.procs: []}
+        rounds: dict[str, list] = {"plain": [], "torchrun": []}
         for k in range(args.rounds):
-            for procs in ((1, args.procs) if k % 2 == 0 else (args.procs, 1)):
+            for arm in (("plain", "torchrun") if k % 2 == 0 else ("torchrun", "plain")):
+                procs = 1 if arm == "plain" else args.procs
                 threads = max(1, args.threads // procs) if cpu else 1
-                res = run_arm(procs, args, tmp / f"r{k}-p{procs}", threads if cpu else 1)
-                rounds[procs].append(res)
-                print(f"round {k + 1}: {procs} process(es): {res['images_per_s']:.1f} img/s "
-                      f"({res['intervals']} intervals, {res['wall_s']} s wall)", flush=True)
-    one = max(r["images_per_s"] for r in rounds[1])
-    many = max(r["images_per_s"] for r in rounds[args.procs])
+                res = run_arm(procs, args, tmp / f"r{k}-{arm}", threads, arm == "torchrun")
+                rounds[arm].append(res)
+                print(f"round {k + 1}: {arm} ({procs} process{'es' if procs > 1 else ''}): "
+                      f"{res['images_per_s']:.1f} img/s ({res['intervals']} intervals, {res['wall_s']} s wall)",
+                      flush=True)
+    one = max(r["images_per_s"] for r in rounds["plain"])
+    many = max(r["images_per_s"] for r in rounds["torchrun"])
     summary = {"model": args.model, "device": args.device, "batch_size": args.batch_size, "procs": args.procs,
                "threads": args.threads if cpu else None, "best_1": one, "best_n": many,
-               "ratio": many / one, "rounds": {str(k): v for k, v in rounds.items()}}
+               "ratio": many / one, "rounds": rounds}
     if cpu:
         print(f"\n{args.model}, global batch {args.batch_size}, {args.threads} CPU threads in all: "
               f"1 process {one:.1f} img/s, torchrun {args.procs} processes {many:.1f} img/s: "
               f"ratio {many / one:.3f} (overhead {100 * (1 - many / one):+.1f} %), best of {args.rounds} rounds")
+    elif args.procs == 1:
+        print(f"\n{args.model}, global batch {args.batch_size}: 1 GPU plain {one:.1f} img/s, torchrun (DDP) on the "
+              f"same GPU {many:.1f} img/s: DDP-path overhead {100 * (1 - many / one):+.1f} %, best of {args.rounds} rounds")
     else:
         print(f"\n{args.model}, global batch {args.batch_size}: 1 GPU {one:.1f} img/s, {args.procs} GPUs "
               f"{many:.1f} img/s = {many / args.procs:.1f} per GPU; scaling efficiency "

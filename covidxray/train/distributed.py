@@ -2,8 +2,9 @@
 
 ``torchrun --nproc_per_node N [--nnodes M --rdzv-backend c10d --rdzv-endpoint HOST:PORT] -m covidxray train ...``
 starts one process per GPU (or per CPU worker); each finds its place in the environment torchrun sets
-(``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT``). Without those variables (or with
-``WORLD_SIZE=1``) a run is the plain single process and nothing here does anything.
+(``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT``). Without those variables a run is the
+plain single process and nothing here does anything; ``torchrun --nproc_per_node 1`` takes the DDP path on one
+process (what ``bench/distributed.py`` compares with the plain path on one GPU).
 
 :func:`setup` joins the process group once per process: NCCL on CUDA, gloo on the CPU, with
 ``train.dist_timeout`` seconds for every collective, so that a rank that died makes the others stop with a
@@ -37,6 +38,11 @@ from covidxray.errors import CovidXrayError
 RANK_SEED_STRIDE = 1_000_003
 
 
+def launched() -> bool:
+    """Whether this process was started by torchrun (or anything that sets its environment)."""
+    return "WORLD_SIZE" in os.environ and "RANK" in os.environ
+
+
 def env_world_size() -> int:
     """``WORLD_SIZE`` of the environment (torchrun's), 1 without one."""
     try:
@@ -59,7 +65,8 @@ class Dist:
 
     @property
     def enabled(self) -> bool:
-        return self.world_size > 1
+        """In a process group (launched by torchrun), of any size."""
+        return bool(self.backend)
 
     @property
     def is_main(self) -> bool:
@@ -156,7 +163,7 @@ def setup(device: str, timeout_s: float) -> Dist:
     """
     global _CURRENT
     world = env_world_size()
-    if world <= 1:
+    if not launched():
         _CURRENT = Dist()
         return _CURRENT
     import torch.distributed as dist

@@ -733,7 +733,7 @@ def _progress(console):
 @contextmanager
 def _distributed(cfg: Config):
     """Join torchrun's process group for one run (nothing without torchrun) and leave it afterwards."""
-    joined = distributed.env_world_size() > 1 and not distributed.current().enabled
+    joined = distributed.launched() and not distributed.current().enabled
     d = distributed.setup(cfg.train.device, cfg.train.dist_timeout) if joined else distributed.current()
     try:
         yield d

@@ -18,7 +18,7 @@ def test_one_process_against_two_on_the_cpu(demo_prepared, tmp_path):
     res = json.loads(out.read_text())
     assert res["procs"] == 2 and res["best_1"] > 0 and res["best_n"] > 0
     assert res["ratio"] == res["best_n"] / res["best_1"]
-    one, two = res["rounds"]["1"][0], res["rounds"]["2"][0]
+    one, two = res["rounds"]["plain"][0], res["rounds"]["torchrun"][0]
     assert one["intervals"] >= 2 and two["intervals"] >= 2
     # the torchrun arm really ran distributed (rank 0's log), the other did not
     assert "distributed: 2 ranks (gloo)" in (Path(two["run"]) / "log.txt").read_text()

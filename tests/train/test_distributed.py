@@ -187,3 +187,18 @@ def test_sync_batchnorm_two_gpus_equal_one_gpu_of_the_whole_batch(demo_prepared,
     single = {k: {n: v.cpu() for n, v in m.state_dict().items()} for k, m in one.task.models.items()}
     theirs = {k: {n: v.cpu() for n, v in m.items()} for k, m in r0["weights"].items()}
     _same_weights(single, theirs, exact=False, rtol=1e-3, atol=1e-5)
+
+
+def test_torchrun_with_one_process_takes_the_ddp_path_and_trains_what_the_plain_path_trains(demo_prepared, tmp_path):
+    """`torchrun --nproc_per_node 1` wraps in DDP (what the 1-GPU overhead benchmark times) and, with one rank,
+    averages nothing: the weights are the plain single process's, bit for bit."""
+    (r0,) = launch(_job("rawgan", demo_prepared, tmp_path / "ddp1", 1, TINY_SETS), tmp_path, world=1)
+    assert r0.get("finished"), r0
+    from pathlib import Path
+    assert "distributed: 1 ranks (gloo), DDP around G, D" in (Path(r0["run_dir"]) / "log.txt").read_text()
+    cfg = resolve_config("rawgan", flags={"data": {"path": str(demo_prepared)}, "train": {"epochs": 1, "device": "cpu"}},
+                         sets=TINY_SETS)
+    cfg.out = str(tmp_path / "plain")
+    plain, _ = start_run(cfg)
+    assert plain.step == r0["step"]
+    _same_weights({k: m.state_dict() for k, m in plain.task.models.items()}, r0["weights"])
