@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call for everything that needs a GPU (the device budget allows about one call per session).
-# Phases, run in the order PHASES lists them (default "A B C"; any of G A B C Q K S):
+# Phases, run in the order PHASES lists them (default "A B C"; any of G A B C Q K S D):
 #   G. the CUDA-only tests (CUDA graphs equal eager steps, resume with graphs, GPU RNG/EMA/augment checks);
 #      pytest comes from wheels carried in .devdata/wheels (`pip download pytest -d .devdata/wheels`)
 #   0. smoke: one epoch of rawgan / cgan / unetgan on real 64 px data (stop early if the CUDA path breaks)
@@ -17,6 +17,8 @@
 #      <= 10 min), `evaluate` on the test split (needs the scipy wheel, as Q), then bench/segmentation.py
 #      (training vs a plain DataLoader loop and a plain fp32 step; `segment` vs a per-image loop; our U-Net vs
 #      MONAI's BasicUNet when its wheel is carried)
+#   D. torchrun/DDP: bench/distributed.py --procs 1 (the DDP path on one GPU against the plain path; the
+#      distributed issue's 1-GPU overhead target is <= 5 %), then --procs N when the card count N > 1
 # Everything lands in $OUT/results.tar.gz (GIFs beside it); the summary table is printed last.
 # Needs (carried, git-ignored): .devdata/cxr-real (a copy of the real set, Kaggle v4 layout; prepared here in
 # seconds) and, for B's peer run, .devdata/peer/main.py (pytorch/examples dcgan/main.py, never committed).
@@ -138,6 +140,20 @@ local q=""; [ "$QUICK" = 1 ] && q="--quick"
 timeout $(cap 150) python3 bench/segmentation.py $q --data $DR/cxr$size --size $size --batch 16 --device $DEV \
     --json "$R/seg-bench.json" > "$R/seg-bench.log" 2>&1 || echo "seg bench exit $?"
 tail -12 "$R/seg-bench.log"
+}
+
+phase_D() {
+local n; n=$(python3 -c "import torch; print(torch.cuda.device_count())")
+local e=3; [ "$QUICK" = 1 ] && e=1
+say "D torchrun/DDP: cgan at 128 px, plain vs DDP on 1 GPU$([ "$n" -gt 1 ] && echo ", then $n GPUs")"
+timeout $(cap 150) python3 bench/distributed.py --device $DEV --data $DR/cxr128 --model cgan --procs 1 --epochs $e \
+    --batch-size 128 --rounds 2 --json "$R/ddp1.json" > "$R/ddp1.log" 2>&1 || echo "ddp1 exit $?"
+tail -1 "$R/ddp1.log"
+if [ "$n" -gt 1 ]; then
+  timeout $(cap 150) python3 bench/distributed.py --device $DEV --data $DR/cxr128 --model cgan --procs $n --epochs $e \
+      --batch-size $((128 * n)) --rounds 2 --json "$R/ddpn.json" > "$R/ddpn.log" 2>&1 || echo "ddpn exit $?"
+  tail -1 "$R/ddpn.log"
+fi
 }
 
 phase_B() {
