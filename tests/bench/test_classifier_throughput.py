@@ -1,17 +1,12 @@
 """bench/classifier_throughput.py: a tiny CPU run that times ours and the plain loop on the same images."""
 
-import importlib.util
 import json
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.bench import load_bench
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("classifier_throughput", ROOT / "bench" / "classifier_throughput.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("classifier_throughput", "classifier_throughput")
 
 
 def test_ours_and_the_plain_loop_are_timed_on_the_same_images(demo_prepared, tmp_path):

@@ -1,16 +1,13 @@
 """bench/distributed.py: one process against torchrun 2 processes on the same data, the rates read from the runs."""
 
-import importlib.util
 import json
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.bench import load_bench
 
 
 def test_one_process_against_two_on_the_cpu(demo_prepared, tmp_path):
-    spec = importlib.util.spec_from_file_location("distributed_bench", ROOT / "bench" / "distributed.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_bench("distributed", "distributed_bench")
     out = tmp_path / "ddp.json"
     assert mod.main(["--data", str(demo_prepared), "--model", "smallcnn", "--epochs", "3", "--batch-size", "4",
                      "--log-every", "1", "--rounds", "1", "--threads", "2", "--json", str(out),

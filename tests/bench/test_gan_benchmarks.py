@@ -1,24 +1,20 @@
 """bench/gan_throughput.py, gan_vs_example.py and gan_schedule.py: tiny CPU runs that write their JSON."""
 
-import importlib.util
 import json
 import os
 import signal
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.bench import load_bench
+
 TINY = ["--device", "cpu", "--quick", "--set", "arch.g_channels=8", "arch.d_channels=8", "train.num_threads=1"]
 
 
 def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench(name)
 
 
 @pytest.fixture(scope="module")

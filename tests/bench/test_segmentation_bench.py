@@ -1,17 +1,12 @@
 """bench/segmentation.py: a tiny CPU run times ours and the plain loops on the same images and network."""
 
-import importlib.util
 import json
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.bench import load_bench
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("segmentation_bench", ROOT / "bench" / "segmentation.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("segmentation", "segmentation_bench")
 
 
 def test_train_and_segment_are_timed_side_by_side(demo_prepared, tmp_path):

@@ -1,16 +1,12 @@
 """bench/synthetic_pairs.py: the three arms of both regimes run on the same real test masks (a tiny CPU run)."""
 
-import importlib.util
 import json
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.bench import load_bench
 
 
 def test_three_arms_two_regimes_with_paired_deltas(demo_prepared, tmp_path):
-    spec = importlib.util.spec_from_file_location("synthetic_pairs", ROOT / "bench" / "synthetic_pairs.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_bench("synthetic_pairs")
     out = tmp_path / "pairs.json"
     assert mod.main(["--quick", "--device", "cpu", "--data", str(demo_prepared), "--set", "train.num_threads=1",
                      "--json", str(out)]) == 0
