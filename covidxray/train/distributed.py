@@ -72,9 +72,6 @@ class Dist:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def describe(self) -> str:
-        return f"rank {self.rank} of {self.world_size} ({self.backend}, local rank {self.local_rank})"
-
     # ------------------------------------------------------------ collectives
     def _failed(self, what: str, exc: BaseException) -> CovidXrayError:
         return CovidXrayError(

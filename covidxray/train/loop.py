@@ -358,16 +358,22 @@ class Trainer:
             rng["torch_cuda"] = torch.cuda.get_rng_state(self.device)
         return rng
 
-    def state_dict(self) -> dict[str, Any]:
+    def _rank_state(self) -> dict[str, Any]:
+        """What only this rank has: its random-generator states and its partial means."""
+        return {"rng": self._rng_state(), "epoch_meter": self.epoch_meter.state(),
+                "interval_meter": self.interval_meter.state()}
+
+    def state_dict(self) -> dict[str, Any] | None:
         """The whole run state: what ``checkpoints/*.pt`` hold (format: :mod:`covidxray.checkpoint`).
 
-        Under torchrun every rank must call it (it gathers each rank's random-generator states and partial means, ``rank_state``;
-        the rest is the same on every rank); only rank 0's return value is complete.
+        Under torchrun every rank must call it at the same point: it gathers each rank's :meth:`_rank_state`
+        (``rank_state``); the rest is the same on every rank. Only rank 0's return value is complete (None elsewhere).
         """
         task = self.task
-        rng = self._rng_state()
-        ranks = self.dist.gather({"rng": rng, "epoch_meter": self.epoch_meter.state(),
-                                  "interval_meter": self.interval_meter.state()}) if self.dist.enabled else None
+        own = self._rank_state()
+        ranks = self.dist.gather(own) if self.dist.enabled else None
+        if not self.dist.is_main:
+            return None
         s = self.state
         return {
             "model": self.cfg.model.name, "family": self.spec.family, "config": self.cfg.to_dict(),
@@ -379,8 +385,7 @@ class Trainer:
             "models": task.models_state(),
             "optimizers": {k: opt.state_dict() for k, opt in task.optimizers.items()},
             "scalers": {k: sc.state_dict() for k, sc in task.scalers.items()},
-            "rng": rng,
-            "epoch_meter": self.epoch_meter.state(), "interval_meter": self.interval_meter.state(),
+            "rng": own["rng"], "epoch_meter": own["epoch_meter"], "interval_meter": own["interval_meter"],
             "world_size": self.dist.world_size, "rank_batch_size": self.rank_batch_size,
             **({"rank_state": ranks} if ranks is not None else {}),
             **task.extra_state(),
@@ -430,12 +435,13 @@ class Trainer:
                                       + ckpt["step"])
             for name in task.shared_generators:  # the host decisions stay rank 0's
                 task.generators()[name][0].set_state(ckpt["rng"][name])
-        for name, (gen, offset) in (task.generators().items() if rng is not None else ()):
-            try:
-                gen.set_state(rng[name])
-            except (KeyError, RuntimeError):  # CPU and CUDA generator states differ in format
-                gen.manual_seed(self.cfg.train.seed + offset + ckpt["step"])
-                reseeded.append(name)
+        else:
+            for name, (gen, offset) in task.generators().items():
+                try:
+                    gen.set_state(rng[name])
+                except (KeyError, RuntimeError):  # CPU and CUDA generator states differ in format
+                    gen.manual_seed(self.cfg.train.seed + offset + ckpt["step"])
+                    reseeded.append(name)
         if reseeded:
             self.log(f"note: the {', '.join(reseeded)} RNG(s) could not be restored (saved on another device type, "
                      f"or by an older version); they continue from seeds derived from step {ckpt['step']} "
@@ -459,8 +465,8 @@ class Trainer:
     def save(self, name: str = "last.pt") -> Path:
         """Write a checkpoint (under torchrun: every rank calls it, rank 0 writes it)."""
         path = self.run_dir / "checkpoints" / name
-        state = self.state_dict()
-        if self.dist.is_main:
+        state = self.state_dict()  # ranks > 0 only hand rank 0 their part
+        if state is not None:
             save_checkpoint(path, state)
         return path
 
@@ -620,29 +626,30 @@ class Trainer:
         cfg, s = self.cfg, self.state
         # A forked RNG: the evaluation (Monte-Carlo dropout, say) neither disturbs nor depends on the
         # training's random streams, so a run trains the same weights whatever eval.* says.
-        # Under torchrun rank 0 evaluates (its weights are every rank's) or reduces the ranks' shards, and tells the
-        # others the values, so that all ranks take the same best.pt and early-stopping decisions.
-        # Tasks whose validation splits into per-image rows and metrics (classifiers, segmenters) score a shard of
-        # the split on each rank; rank 0 reduces the gathered rows.
-        values = None
+        # Under torchrun, tasks whose validation splits into per-image rows and metrics (classifiers, segmenters)
+        # score a shard of the split on each rank and rank 0 reduces the gathered rows; for the others rank 0
+        # evaluates alone (its weights are every rank's). Rank 0 tells the others the values, so that all ranks
+        # take the same best.pt and early-stopping decisions.
+        d = self.dist
         devices = [self.device] if self.device.type == "cuda" else []
-        sharded = self.dist.enabled and self.task.shards_evaluation and len(self.eval_data) >= self.dist.world_size
-        if sharded:
-            d, n = self.dist, len(self.eval_data)
+
+        def forked(fn, data, offset: int = 0):
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(cfg.train.seed + 7919 * s.epoch + offset)
+                return fn(data)
+
+        values = None
+        if d.enabled and self.task.shards_evaluation and len(self.eval_data) >= d.world_size:
+            e, n = self.eval_data, len(self.eval_data)
             lo, hi = d.rank * n // d.world_size, (d.rank + 1) * n // d.world_size
-            e = self.eval_data
             shard = TensorData(e.images[lo:hi], e.labels[lo:hi], e.classes, e.ids[lo:hi],
                                None if e.masks is None else e.masks[lo:hi])
-            with torch.random.fork_rng(devices=devices):
-                torch.manual_seed(cfg.train.seed + 7919 * s.epoch + d.rank)
-                parts = d.gather(self.task.evaluate_outputs(shard))
+            parts = d.gather(forked(self.task.evaluate_outputs, shard, d.rank))
             if d.is_main:
                 values = self.task.evaluate_metrics({k: torch.cat([p[k] for p in parts]) for k in parts[0]})
-        elif self.dist.is_main:
-            with torch.random.fork_rng(devices=devices):
-                torch.manual_seed(cfg.train.seed + 7919 * s.epoch)
-                values = self.task.evaluate(self.eval_data)
-        values = self.dist.broadcast(values)
+        elif d.is_main:
+            values = forked(self.task.evaluate, self.eval_data)
+        values = d.broadcast(values)
         values = {f"{cfg.eval.split}_{k}": v for k, v in values.items()}
         key = f"{cfg.eval.split}_{self.metric_name}"
         value = values[key]
