@@ -48,7 +48,7 @@ from covidxray.checkpoint import load_checkpoint
 from covidxray.data.datasets import load_tensor_data, read_prepared_info, resize_masks, to_uint8
 from covidxray.data.masks import postprocess
 from covidxray.errors import CovidXrayError
-from covidxray.models.pix2pix import condition
+from covidxray.models.pix2pix import draw_xrays
 from covidxray.models.registry import build_from_checkpoint
 from covidxray.utils import atomic_dir, resolve_device
 
@@ -209,27 +209,23 @@ def synthesize_pairs(checkpoint: str | os.PathLike, out: str | os.PathLike, *, f
         n_pairs = 0
         for k in range(copies):
             mk = deform_masks(m, gen) if deform else m
-            for i in range(0, len(pairs), batch_size):
-                chunk = pairs[i:i + batch_size]
-                batch = mk[torch.tensor([p[0] for p in chunk])]
-                labels = (torch.tensor([conditioned.index(p[1]) for p in chunk]) if conditioned else None)
-                with torch.no_grad():
-                    c = condition(batch.to(dev), None if labels is None else labels.to(dev), len(conditioned))
-                    fake = to_uint8(G(c)).cpu()
-                for j, (idx, asked, cls) in enumerate(chunk):
-                    tag = f"_{asked}" if asked is not None and (own is None or asked != own[idx]) else ""
-                    stem = f"syn_{names[idx]}{tag}_{k:02d}"
-                    rel = f"train/{cls}/{stem}.png"
-                    rel_mask = f"train/{cls}/masks/{stem}.png"
-                    (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-                    (tmp / rel_mask).parent.mkdir(parents=True, exist_ok=True)
-                    img = fake[j, 0]
-                    save_png(img, tmp / rel, atomic=False)
-                    save_png(batch[j, 0] * 255, tmp / rel_mask, atomic=False)
-                    pix = hashlib.sha256(img.numpy().tobytes()).hexdigest()
-                    rows.append(("train", cls, rel, rel_mask, f"{ckpt_ref}#{source}/{names[idx]}", "", pix, size, size,
-                                 "L", "", 1))
-                    n_pairs += 1
+            batch = mk[torch.tensor([p[0] for p in pairs])]
+            labels = torch.tensor([conditioned.index(p[1]) for p in pairs]) if conditioned else None
+            fake = draw_xrays(G, batch, labels, len(conditioned), dev, batch_size)
+            for j, (idx, asked, cls) in enumerate(pairs):
+                tag = f"_{asked}" if asked is not None and (own is None or asked != own[idx]) else ""
+                stem = f"syn_{names[idx]}{tag}_{k:02d}"
+                rel = f"train/{cls}/{stem}.png"
+                rel_mask = f"train/{cls}/masks/{stem}.png"
+                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                (tmp / rel_mask).parent.mkdir(parents=True, exist_ok=True)
+                img = fake[j, 0]
+                save_png(img, tmp / rel, atomic=False)
+                save_png(batch[j, 0] * 255, tmp / rel_mask, atomic=False)
+                pix = hashlib.sha256(img.numpy().tobytes()).hexdigest()
+                rows.append(("train", cls, rel, rel_mask, f"{ckpt_ref}#{source}/{names[idx]}", "", pix, size, size,
+                             "L", "", 1))
+                n_pairs += 1
         copied = {"train": 0, "val": 0, "test": 0}
         if info is not None:  # the real val/test (and with --mix, train) splits, as they are
             src_rows = list(csv.DictReader((src / "manifest.csv").open(newline="", encoding="utf-8")))

@@ -208,8 +208,7 @@ class Pix2PixSource(Source):
         self.last_masks: torch.Tensor | None = None
 
     def draw(self, counts, seed, device, batch_size=256):
-        from covidxray.data.datasets import to_uint8
-        from covidxray.models.pix2pix import condition
+        from covidxray.models.pix2pix import draw_xrays
         from covidxray.synthesize import deform_masks
 
         gen = torch.Generator().manual_seed(seed)
@@ -222,16 +221,11 @@ class Pix2PixSource(Source):
                              for pool, n in zip(self.pools, counts)])
             labels = torch.cat([torch.full((n,), k, dtype=torch.long) for k, n in enumerate(counts)])
         masks = deform_masks(self.masks[idx], gen)
-        G = self.G.to(device)
-        out = []
-        with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []), torch.no_grad():
+        with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
             torch.manual_seed(seed)
-            for i in range(0, len(idx), batch_size):
-                y = None if labels is None else labels[i:i + batch_size].to(device)
-                c = condition(masks[i:i + batch_size].to(device), y, len(self.pools))
-                out.append(to_uint8(G(c)).cpu())
+            images = draw_xrays(self.G.to(device), masks, labels, len(self.pools), device, batch_size)
         self.last_masks = masks
-        return torch.cat(out), labels
+        return images, labels
 
 
 def mask_consistency(images_u8: torch.Tensor, masks: torch.Tensor, segmenter: str | os.PathLike,

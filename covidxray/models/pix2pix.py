@@ -55,6 +55,20 @@ def condition(masks: torch.Tensor, labels: torch.Tensor | None = None, n_classes
     return torch.cat([m, hot[:, :, None, None].expand(-1, -1, *m.shape[-2:])], 1)
 
 
+@torch.no_grad()
+def draw_xrays(G: nn.Module, masks: torch.Tensor, labels: torch.Tensor | None, n_classes: int,
+               device: torch.device | str, batch_size: int) -> torch.Tensor:
+    """G's X-rays (uint8 N x 1 x S x S, on the CPU) of 0/1 ``masks`` (and of the classes ``labels`` when G is
+    conditioned on ``n_classes`` class maps), in batches on ``device``; G's mode (dropout) is the caller's."""
+    from covidxray.data.datasets import to_uint8
+
+    out = []
+    for i in range(0, masks.shape[0], batch_size):
+        y = None if labels is None else labels[i:i + batch_size].to(device)
+        out.append(to_uint8(G(condition(masks[i:i + batch_size].to(device), y, n_classes))).cpu())
+    return torch.cat(out) if out else torch.zeros((0, 1, *masks.shape[-2:]), dtype=torch.uint8)
+
+
 class UNetGenerator(nn.Module):
     """The pix2pix U-Net: condition (N x in_channels x S x S) -> image (N x out_channels x S x S) in [-1, 1].
 
