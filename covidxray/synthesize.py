@@ -50,7 +50,8 @@ from covidxray.data.masks import postprocess
 from covidxray.errors import CovidXrayError
 from covidxray.models.pix2pix import draw_xrays
 from covidxray.models.registry import build_from_checkpoint
-from covidxray.utils import atomic_dir, resolve_device
+from covidxray.outdir import MARKER, OutputDir
+from covidxray.utils import resolve_device
 
 MANIFEST_COLUMNS = ("split", "class", "file", "mask", "source", "source_sha256", "pixel_sha256",
                     "orig_width", "orig_height", "orig_mode", "patient_id", "synthetic")
@@ -152,6 +153,10 @@ def _read_mask_folder(folder: Path, size: int, log: Callable[[str], None]) -> tu
     return torch.stack(masks), names
 
 
+#: What a folder of synthetic pairs holds (the prepared layout; also the names written before the marker).
+PAIRS_OUTPUTS = ("train", "val", "test", "manifest.csv", "rejected.csv", "prepare.json")
+
+
 def synthesize_pairs(checkpoint: str | os.PathLike, out: str | os.PathLike, *, from_data: str | os.PathLike | None = None,
                      split: str = "train", masks: str | os.PathLike | None = None, deform: bool = False,
                      copies: int = 1, mix: bool = False, seed: int = 0, batch_size: int = 64, device: str = "auto",
@@ -168,9 +173,11 @@ def synthesize_pairs(checkpoint: str | os.PathLike, out: str | os.PathLike, *, f
         raise CovidXrayError(f"--copies and --batch-size must be at least 1; got {copies} and {batch_size}")
     if mix and from_data is None:
         raise CovidXrayError("--mix copies the real images of --from-data", "Pass --from-data PREPARED")
-    out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise CovidXrayError(f"{out} already exists and is not empty", "Choose another OUT or pass --overwrite")
+    od = OutputDir(out, "pix2pix-pairs", legacy=PAIRS_OUTPUTS, option="OUT", command="sample",
+                   inputs=[p for p in (from_data, masks) if p is not None])
+    out = od.path
+    if not overwrite and any(p.name != MARKER for p in out.glob("*")):
+        raise CovidXrayError(f"{out} already holds synthetic pairs", "Choose another OUT or pass --overwrite")
     G, cfg, ckpt = load_pix2pix(checkpoint)
     if cfg.model.task != "mask2xray":
         raise CovidXrayError(f"{ckpt['path']} is a pix2pix {cfg.model.task} run; --from-data/--masks need mask2xray",
@@ -205,7 +212,7 @@ def synthesize_pairs(checkpoint: str | os.PathLike, out: str | os.PathLike, *, f
     ckpt_ref = f"pix2pix:{Path(ckpt['path']).resolve()}"
     rows: list[tuple] = []
     t0 = time.perf_counter()
-    with atomic_dir(out) as tmp:
+    with od.writing(last=("prepare.json",)) as tmp:
         n_pairs = 0
         for k in range(copies):
             mk = deform_masks(m, gen) if deform else m

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import re
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -66,20 +67,105 @@ def cpu_has_native_bf16() -> bool:
     return False
 
 
+#: Temporary files and folders of the atomic writes: ``.<name>.<pid>.<8 random>.tmp`` beside their target,
+#: so that the next start can tell the leftovers of a killed process (pid gone) from a live writer's.
+_TEMP_RE = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[A-Za-z0-9_]{8}\.tmp$")
+_UMASK: int | None = None
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux allows (/proc), else set and restored once."""
+    global _UMASK
+    if _UMASK is None:
+        try:
+            with open("/proc/self/status", encoding="ascii") as f:
+                _UMASK = next(int(ln.split()[1], 8) for ln in f if ln.startswith("Umask:"))
+        except (OSError, StopIteration, ValueError):
+            _UMASK = os.umask(0o022)
+            os.umask(_UMASK)
+    return _UMASK
+
+
+def plain_mode(directory: bool = False) -> int:
+    """The mode a plain ``open()`` (0666) or ``mkdir()`` (0777) gives under the current umask."""
+    return (0o777 if directory else 0o666) & ~current_umask()
+
+
+def temp_prefix(path: Path) -> str:
+    """The prefix of a temporary file beside ``path`` (its pid marks it as this process's)."""
+    return f".{path.name}.{os.getpid()}."
+
+
+def is_temp_name(name: str) -> bool:
+    """Whether ``name`` is one of the atomic writes' temporary names (see :func:`sweep_stale_temps`)."""
+    return _TEMP_RE.match(name) is not None
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # another user's live process, or not a pid we can ask about: leave it
+    return True
+
+
+def sweep_stale_temps(folder: str | os.PathLike, recursive: bool = False) -> list[Path]:
+    """Remove the temporary files and folders that a killed earlier run left in ``folder``.
+
+    Only names of :func:`atomic_path`/:func:`atomic_dir`'s pattern whose process is gone are removed;
+    a live writer's (another command writing the same folder now) are left alone.
+
+    Returns:
+        The removed paths.
+    """
+    import shutil
+
+    folder = Path(folder)
+    removed: list[Path] = []
+    if not folder.is_dir():
+        return removed
+    walker = os.walk(folder) if recursive else [(str(folder), None, None)]
+    for root, _dirs, _files in walker:
+        try:
+            entries = list(os.scandir(root))
+        except OSError:
+            continue
+        for entry in entries:
+            m = _TEMP_RE.match(entry.name)
+            if m is None or _pid_alive(int(m.group("pid"))):
+                continue
+            p = Path(entry.path)
+            with contextlib.suppress(OSError):
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(p)
+                else:
+                    p.unlink()
+                removed.append(p)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` on success.
 
-    A reader never sees a half-written file: either the old file or the new one.
-    On an exception the temporary file is removed and ``path`` is untouched.
+    A reader never sees a half-written file: either the old file or the new one. The new file gets
+    the mode a plain ``open()`` would give (0666 less the umask), not mkstemp's 0600.
+    On an exception the temporary file is removed and ``path`` is untouched; after a SIGKILL it is
+    left, named for its process, and :func:`sweep_stale_temps` removes it on the next start.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        with contextlib.suppress(FileNotFoundError):
+            os.chmod(tmp_path, plain_mode())
         os.replace(tmp_path, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -87,31 +173,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
-@contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary folder beside ``path``; put it in place of ``path`` (replaced whole) on success.
-
-    A reader sees the old folder or the new one, never a half-written one; on an exception the
-    temporary folder is removed and ``path`` is untouched.
-    """
-    import shutil
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        yield tmp
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            path.rename(old)
-            tmp.rename(path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+def make_temp_dir(beside: Path) -> Path:
+    """A new temporary folder named for ``beside`` in its parent (pid-marked), with plain mkdir modes."""
+    beside.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(beside), suffix=".tmp", dir=beside.parent))
+    os.chmod(tmp, plain_mode(directory=True))
+    return tmp
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

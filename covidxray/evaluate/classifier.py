@@ -33,7 +33,8 @@ from covidxray.data.datasets import load_tensor_data, read_prepared_info, resize
 from covidxray.errors import CovidXrayError
 from covidxray.metrics import classification as M
 from covidxray.predict import load_classifier, predict_probs
-from covidxray.utils import atomic_dir, resolve_device
+from covidxray.outdir import OutputDir
+from covidxray.utils import resolve_device
 
 
 def _manifest_rows(root: Path) -> list[dict[str, str]]:
@@ -61,6 +62,10 @@ def overlap_with_training(train_root: str, train_split: str, eval_root: Path, ev
             "examples": (same_pixels + same_patient)[:5]}
 
 
+#: What a classifier's evaluate output folder holds (also the names of those written before the marker).
+CLASSIFIER_OUTPUTS = ("metrics.json", "predictions.csv", "confusion.png")
+
+
 def default_out(checkpoint_path: Path, split: str) -> Path:
     """``<run>/eval-<split>`` for a checkpoint inside ``<run>/checkpoints/``, else beside the file."""
     parent = checkpoint_path.parent
@@ -78,7 +83,8 @@ def evaluate_classifier(checkpoint: str | Path, data: str | Path, split: str = "
         checkpoint: a classifier's checkpoint or run folder.
         data: a prepared folder (``covidxray prepare``); its classes must include the model's.
         split: ``test`` (default), ``val`` or ``train``.
-        out: output folder (default: :func:`default_out`); replaced whole when it exists.
+        out: output folder (default: :func:`default_out`): new, or an earlier classifier evaluation's, whose
+            files are replaced (:mod:`covidxray.outdir`).
         device: ``auto``, ``cpu``, ``cuda``...
         batch_size: images per forward pass.
         mc_samples: Monte-Carlo dropout passes (default: the run's ``eval.mc_samples``; 1 without MC dropout).
@@ -97,9 +103,11 @@ def evaluate_classifier(checkpoint: str | Path, data: str | Path, split: str = "
         raise CovidXrayError(f"{ckpt['path']} holds a {ckpt['family']} model ({ckpt.get('model')}), not a classifier",
                              "Score generators with `covidxray evaluate RUN --data PREPARED` "
                              "(covidxray.evaluate.generator.evaluate_generator)")
+    data = Path(data)
+    od = OutputDir(Path(out) if out is not None else default_out(Path(ckpt["path"]), split), "evaluate-classifier",
+                   legacy=CLASSIFIER_OUTPUTS, inputs=[data], option="--out")
     loaded = load_classifier(checkpoint, ckpt)
     classes = loaded.classes
-    data = Path(data)
     info = read_prepared_info(data)
     missing = [c for c in classes if c not in info.get("classes", [])]
     if missing:
@@ -164,9 +172,8 @@ def evaluate_classifier(checkpoint: str | Path, data: str | Path, split: str = "
                      "scikit-learn": sklearn.__version__, "python": platform.python_version()},
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    out = Path(out) if out is not None else default_out(ckpt_path, split)
-    _write_outputs(out, result, td.ids, y, probs, pred)
-    result["out"] = str(out)
+    _write_outputs(od, result, td.ids, y, probs, pred)
+    result["out"] = str(od.path)
     return result
 
 
@@ -187,12 +194,12 @@ def _predictions_csv(ids: list[str], classes: list[str], y: torch.Tensor, probs:
     return buf.getvalue()
 
 
-def _write_outputs(out: Path, result: dict[str, Any], ids: list[str], y: torch.Tensor, probs: torch.Tensor,
+def _write_outputs(od: OutputDir, result: dict[str, Any], ids: list[str], y: torch.Tensor, probs: torch.Tensor,
                    pred: dict[str, torch.Tensor]) -> None:
-    """Write the three files into a temporary folder beside ``out``, then put it in place of ``out``."""
+    """Write the three files into the output folder, each whole (metrics.json last)."""
     from covidxray.evaluate.figures import save_confusion_png
 
-    with atomic_dir(out) as tmp:
+    with od.writing() as tmp:
         (tmp / "predictions.csv").write_text(_predictions_csv(ids, result["classes"], y, probs, pred), encoding="utf-8")
         save_confusion_png(result["confusion"], result["classes"], tmp / "confusion.png",
                            title=f"{result['model']} on {result['split']} (N = {result['metrics']['n']})")

@@ -42,6 +42,7 @@ from covidxray import __version__
 from covidxray.checkpoint import load_checkpoint
 from covidxray.data.datasets import CACHE_DIR, load_tensor_data, read_prepared_info
 from covidxray.errors import CovidXrayError
+from covidxray.outdir import OutputDir
 from covidxray.evaluate.report import mean_std
 from covidxray.evaluate.sources import (FolderSource, GeneratorSource, Pix2PixSource, Source, class_counts,
                                         mask_consistency)
@@ -121,7 +122,8 @@ def evaluate_generator(run_or_checkpoint: str | Path | None, data: str | Path, *
         class_name: one class of a conditional source, or None/"all".
         inception_weights: the FID Inception's TorchScript file (default: env / installed package).
         cxr_features: a classifier run whose features give ``fd_cxr``/``kd_cxr`` too.
-        out: output folder (default: ``RUN/eval-gen-SPLIT-CKPT`` or ``FOLDER-eval``); replaced whole.
+        out: output folder (default: ``RUN/eval-gen-SPLIT-CKPT`` or ``FOLDER-eval``): new, or an earlier
+            generator evaluation's, whose files are replaced (:mod:`covidxray.outdir`).
         device, batch_size: where and how many images per forward pass.
         seed: seed of the draws (draw r uses seed + r) and of every random subset.
         skip_unreadable: with ``fake``, evaluate the readable images (the others are listed).
@@ -163,6 +165,7 @@ def evaluate_generator(run_or_checkpoint: str | Path | None, data: str | Path, *
     if segmenter is not None and not isinstance(source, Pix2PixSource):
         raise CovidXrayError("--segmenter scores the mask consistency of a pix2pix run; this source is "
                              f"'{source.name}'", "Drop --segmenter, or pass a pix2pix run")
+    od = generator_output(out, source, split, data, fake)
     first_masks = None
     prepared = int(info["size"])
     if source.image_size != prepared:
@@ -383,7 +386,7 @@ def evaluate_generator(run_or_checkpoint: str | Path | None, data: str | Path, *
                      "python": platform.python_version()},
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    out = Path(out) if out is not None else default_generator_out(source, split)
+    out = od.path
 
     def finish(tmp: Path) -> None:
         if save_samples:
@@ -408,11 +411,21 @@ def evaluate_generator(run_or_checkpoint: str | Path | None, data: str | Path, *
             result["downstream"] = run_downstream(source, data, tmp, device=device, seed=seed, log=log, **downstream)
         result["seconds"] = round(time.perf_counter() - t_start, 2)
 
-    write_generator_report(out, result, draws=draws, train=train, before_write=finish)
+    write_generator_report(od, result, draws=draws, train=train, before_write=finish)
     result["out"] = str(out)
     for w in warnings:
         log(f"warning: {w}")
     return result
+
+
+#: What an evaluate output folder of a generator holds (also the names of those written before the marker).
+GENERATOR_OUTPUTS = ("metrics.json", "report.md", "*.png", "samples", "downstream")
+
+
+def generator_output(out: str | Path | None, source: Source, split: str, data: Path, fake) -> OutputDir:
+    """The checked output folder (new, or an earlier generator evaluation's), before any work starts."""
+    return OutputDir(Path(out) if out is not None else default_generator_out(source, split), "evaluate-generator",
+                     legacy=GENERATOR_OUTPUTS, inputs=[data] + ([fake] if fake is not None else []), option="--out")
 
 
 def default_generator_out(source: Source, split: str) -> Path:

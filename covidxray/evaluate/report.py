@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from covidxray.errors import CovidXrayError
-from covidxray.utils import atomic_dir, atomic_write_text
+from covidxray.outdir import OutputDir
+from covidxray.utils import atomic_write_text
 
 
 def _plt():
@@ -252,10 +253,11 @@ def downstream_markdown(down: dict[str, Any]) -> list[str]:
     return lines
 
 
-def write_generator_report(out: Path, result: dict[str, Any], *, draws, train,
+def write_generator_report(od: OutputDir, result: dict[str, Any], *, draws, train,
                            before_write: Callable[[Path], None] | None = None) -> Path:
-    """Write metrics.json, report.md and the figures into ``out`` (atomically, replacing it)."""
-    with atomic_dir(out) as tmp:
+    """Write metrics.json, report.md and the figures into the output folder ``od`` (each file whole; the
+    folder's other files untouched)."""
+    with od.writing() as tmp:
         if before_write is not None:
             before_write(tmp)
         figures: dict[str, str] = {}
@@ -284,7 +286,7 @@ def write_generator_report(out: Path, result: dict[str, Any], *, draws, train,
         result["figures"] = list(figures)
         (tmp / "report.md").write_text(generator_markdown(result, figures), encoding="utf-8")
         (tmp / "metrics.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
-    return out
+    return od.path
 
 
 # ------------------------------------------------------------------------------------------- compare

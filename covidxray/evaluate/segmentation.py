@@ -42,9 +42,11 @@ from covidxray.data.datasets import load_tensor_data, resize_u8
 from covidxray.data.layouts import MASK_SUFFIX
 from covidxray.data.masks import postprocess as postprocess_mask
 from covidxray.errors import CovidXrayError
+from covidxray.evaluate.classifier import default_out, overlap_with_training
 from covidxray.metrics.segmentation import segmentation_report, summarize
+from covidxray.outdir import OutputDir
 from covidxray.predict import inference_settings, iter_mask_probs, load_segmenter
-from covidxray.utils import atomic_dir, resolve_device
+from covidxray.utils import resolve_device
 
 #: Cases shown in worst.png.
 WORST = 8
@@ -151,6 +153,12 @@ def evaluate_segmenter(checkpoint: str | Path, data: str | Path | None = None, s
     if batch_size < 1:
         raise CovidXrayError(f"--batch-size must be at least 1, got {batch_size}")
     ckpt = checkpoint_data if checkpoint_data is not None else load_checkpoint(checkpoint, prefer_best=True)
+    ckpt_path = Path(ckpt["path"])
+    if out is None:
+        tag = split if images is None else "folder"
+        out = default_out(ckpt_path, tag).with_name(f"eval-seg-{tag}-{ckpt_path.stem}")
+    od = OutputDir(out, "evaluate-segmenter", legacy=SEGMENTER_OUTPUTS, option="--out",
+                   inputs=[p for p in (data, images, masks) if p is not None])
     loaded = load_segmenter(checkpoint, ckpt)
     thr = loaded.threshold if threshold is None else float(threshold)
     if tta and loaded.tta_note():
@@ -163,8 +171,6 @@ def evaluate_segmenter(checkpoint: str | Path, data: str | Path | None = None, s
     source: dict[str, Any]
     overlap = None
     if images is None:
-        from covidxray.evaluate.classifier import overlap_with_training
-
         data = Path(data)
         td = load_tensor_data(data, split, None, None, True, log, masks=True)
         preds = predict_prepared(loaded, td.images, dev, batch_size, thr, tta, postprocess)
@@ -207,7 +213,6 @@ def evaluate_segmenter(checkpoint: str | Path, data: str | Path | None = None, s
 
     import scipy
 
-    ckpt_path = Path(ckpt["path"])
     result = {
         "kind": "segmentation",
         "model": cfg.model.name,
@@ -232,14 +237,8 @@ def evaluate_segmenter(checkpoint: str | Path, data: str | Path | None = None, s
                      "python": platform.python_version()},
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    if out is None:
-        from covidxray.evaluate.classifier import default_out
-
-        tag = split if images is None else "folder"
-        out = default_out(ckpt_path, tag).with_name(f"eval-seg-{tag}-{ckpt_path.stem}")
-    out = Path(out)
-    _write(out, result, rows, names, classes, grays, pred_list, truth_list)
-    result["out"] = str(out)
+    _write(od, result, rows, names, classes, grays, pred_list, truth_list)
+    result["out"] = str(od.path)
     return result
 
 
@@ -318,8 +317,12 @@ def report_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write(out: Path, result, rows, names, classes, grays, preds, truths) -> None:
-    with atomic_dir(out) as tmp:
+#: What a segmenter's evaluate output folder holds (also the names of those written before the marker).
+SEGMENTER_OUTPUTS = ("metrics.json", "report.md", "per_image.csv", "worst.png")
+
+
+def _write(od: OutputDir, result, rows, names, classes, grays, preds, truths) -> None:
+    with od.writing() as tmp:
         (tmp / "per_image.csv").write_text(_per_image_csv(rows, names, classes), encoding="utf-8")
         _worst_grid(tmp / "worst.png", rows, names, grays, preds, truths)
         (tmp / "metrics.json").write_text(json.dumps(result, indent=1), encoding="utf-8")

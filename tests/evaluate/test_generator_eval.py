@@ -260,7 +260,7 @@ def test_bad_arguments(unverified, gan_runs, demo_prepared, tmp_path, cli):
     r = cli("evaluate", gan_runs["cgan"], *base, "--downstream", "--classifier", "cgan")
     assert r.exit_code == 2 and "--classifier cgan is a gan model" in r.clean_stderr
     r = cli("evaluate", gan_runs["cgan"], *base, "--downstream", "--synthetic-ratio", "1.5")
-    assert r.exit_code == 2 and "--synthetic-ratio must be in (0, 1)" in r.clean_stderr
+    assert r.exit_code == 2 and "--synthetic-ratio': '1.5' is not a finite number > 0 and < 1" in r.clean_stderr
     r = cli("evaluate", "--fake", tmp_path, *base, "--downstream")
     assert r.exit_code == 2 and "--downstream needs a generator checkpoint" in r.clean_stderr
     assert _no_out(tmp_path / "o")
