@@ -43,6 +43,13 @@ def test_set_parses_yaml_scalars_and_lists():
         ("loss.r1_every=0", "'loss.r1_every' must be >= 1"),
         ("loss.kind=wasserstein", "'loss.kind' must be one of bce, hinge, lsgan"),
         ("aug.diffaugment=translation,color", "'aug.diffaugment'"),
+        ("optim.beta1=1.5", "config key 'optim.beta1' must be in [0, 1); got 1.5"),
+        ("optim.lr_g=nan", "config key 'optim.lr_g' must be a finite number; got nan"),
+        ("optim.lr_d=-.inf", "config key 'optim.lr_d' must be a finite number; got -inf"),
+        ("optim.lr_g=0", "config key 'optim.lr_g' must be > 0; got 0"),
+        ("train.ema_kimg=-1", "config key 'train.ema_kimg' must be >= 0; got -1"),
+        ("arch.d_dropout=1", "config key 'arch.d_dropout' must be in [0, 1); got 1"),
+        ("train.epochs=inf", "config key 'train.epochs' must be a finite number; got inf"),
     ],
 )
 def test_bad_overrides_name_the_key(item, fragment):

@@ -7,25 +7,32 @@ from typing import List, Optional
 
 import typer
 
-from covidxray.cli._common import console, user_errors
+from covidxray.cli._common import Number, console, user_errors
+from covidxray.config.core import GENERIC_BOUNDS
 from covidxray.errors import CovidXrayError
+
+
+def _bounded(key: str) -> Number:
+    """The parser of a flag that sets the integer config key ``key``: the schema's generic bound of it
+    (families may narrow it further; the resolved config is validated as a whole)."""
+    return Number(int, **GENERIC_BOUNDS[key].number_kwargs())
 
 
 @user_errors
 def train_cmd(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Registered model (see `covidxray models`)."),
     data: Optional[Path] = typer.Option(None, "--data", help="Prepared folder (output of `covidxray prepare`)."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="Total epochs (with --resume: the new total)."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per step."),
-    image_size: Optional[int] = typer.Option(None, "--image-size", help="Input side in px (default: the prepared size). "
+    epochs: Optional[int] = typer.Option(None, "--epochs", parser=_bounded("train.epochs"), help="Total epochs (with --resume: the new total)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", parser=_bounded("train.batch_size"), help="Images per step."),
+    image_size: Optional[int] = typer.Option(None, "--image-size", parser=_bounded("data.image_size"), help="Input side in px (default: the prepared size). "
                                              "GANs: 64, 128 or 256, equal to the prepared size; classifiers: 64-299, "
                                              "resized on the device."),
     classes: Optional[str] = typer.Option(None, "--classes", help="Comma-separated class subset, e.g. covid."),
     out: Optional[Path] = typer.Option(None, "--out", help="Parent folder of run folders (default: runs)."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file of config overrides."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="Dotted override key=value, repeatable (e.g. train.batch_size=32)."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (stored with the run)."),
-    snapshot_every: Optional[int] = typer.Option(None, "--snapshot-every",
+    seed: Optional[int] = typer.Option(None, "--seed", parser=_bounded("train.seed"), help="Random seed (stored with the run)."),
+    snapshot_every: Optional[int] = typer.Option(None, "--snapshot-every", parser=_bounded("train.snapshot_every"),
                                                  help="Save the fixed-latent grid every N epochs (train.snapshot_every)."),
     device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this folder from checkpoints/last.pt."),

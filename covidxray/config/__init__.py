@@ -1,7 +1,8 @@
 """Run configuration: one dataclass schema per model family, YAML overrides, dotted ``--set`` overrides.
 
 * :mod:`covidxray.config.core` - the generic sections (``model``, ``data``, ``train``, ``optim``,
-  ``eval``), the family declarations, override parsing, validation and resolution;
+  ``eval``), the family declarations (with the ``choices`` of string keys and the ``bounds``,
+  :class:`Interval` ranges, of every numeric key), override parsing, validation and resolution;
 * :mod:`covidxray.config.gan`, :mod:`covidxray.config.classifier`, :mod:`covidxray.config.segmentation` -
   each family's schema (its own
   sections and the keys it adds to the generic ones) and its checks.
@@ -13,10 +14,12 @@ Every key is declared once, with its default and a comment on its allowed values
 from covidxray.config.core import (
     CONFIG_DIR,
     FAMILIES,
+    GENERIC_BOUNDS,
     Config,
     DataConfig,
     EvalConfig,
     Family,
+    Interval,
     ModelConfig,
     OptimConfig,
     TrainConfig,
@@ -40,7 +43,7 @@ from covidxray.config.autoencoder import AutoencoderConfig  # noqa: E402  (regis
 from covidxray.config.image2image import Image2ImageConfig  # noqa: E402  (registers the family)
 
 __all__ = [
-    "CONFIG_DIR", "FAMILIES", "Config", "DataConfig", "EvalConfig", "Family", "ModelConfig", "OptimConfig",
+    "CONFIG_DIR", "FAMILIES", "GENERIC_BOUNDS", "Interval", "Config", "DataConfig", "EvalConfig", "Family", "ModelConfig", "OptimConfig",
     "TrainConfig", "GANConfig", "ClassifierConfig", "SegmentationConfig", "AutoencoderConfig", "Image2ImageConfig", "apply_overrides", "config_from_dict", "eval_metric",
     "family_of", "get_family", "load_yaml", "model_config_path", "new_config", "parse_set", "register_family",
     "resolve_config", "validate",

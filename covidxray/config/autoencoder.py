@@ -13,15 +13,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from covidxray.config.classifier import ClassifierOptimConfig, check_supervised_optim
+from covidxray.config.classifier import SUPERVISED_OPTIM_BOUNDS, ClassifierOptimConfig
 from covidxray.config.core import (
+    GENERIC_BOUNDS,
     GENERIC_CHOICES,
     Config,
     DataConfig,
     EvalConfig,
     Family,
     TrainConfig,
-    check_positive,
     register_family,
 )
 from covidxray.errors import CovidXrayError
@@ -87,18 +87,26 @@ class AutoencoderConfig(Config):
     FAMILY: ClassVar[str] = "autoencoder"
 
 
+#: Allowed ranges of the autoencoder family's numeric keys (every one has a bound; checked by ``validate``).
+AUTOENCODER_BOUNDS = {
+    **GENERIC_BOUNDS,
+    **SUPERVISED_OPTIM_BOUNDS,
+    "train.grid_size": "[1, inf)",
+    "arch.latent_dim": "[1, inf)",
+    "arch.channels": "[1, inf)",
+    "arch.max_channels": "[1, inf)",
+    "loss.ssim_weight": "[0, inf)",
+    "loss.beta": "[0, inf)",
+    "loss.kl_warmup_epochs": "[0, inf)",
+}
+
+
 def check_autoencoder(cfg: AutoencoderConfig) -> None:
-    """The autoencoder family's cross-key checks."""
-    check_positive(cfg, ["arch.latent_dim", "arch.channels", "arch.max_channels", "train.grid_size"])
+    """The autoencoder family's cross-key checks (single-key ranges: ``AUTOENCODER_BOUNDS``)."""
     size = cfg.data.image_size
     if size and size not in SIZES:
         raise CovidXrayError(f"config key 'data.image_size' must be one of {', '.join(map(str, SIZES))} (or 0: the "
                              f"prepared size) for an autoencoder; got {size}")
-    check_supervised_optim(cfg)
-    lo = cfg.loss
-    if lo.ssim_weight < 0 or lo.beta < 0 or lo.kl_warmup_epochs < 0:
-        raise CovidXrayError("config keys 'loss.ssim_weight', 'loss.beta' and 'loss.kl_warmup_epochs' must be >= 0; "
-                             f"got {lo.ssim_weight:g}, {lo.beta:g}, {lo.kl_warmup_epochs:g}")
 
 
 AUTOENCODER = register_family(Family(
@@ -108,6 +116,7 @@ AUTOENCODER = register_family(Family(
              "loss.recon": ("mse", "l1"),
              "optim.name": ("adamw", "sgd"),
              "optim.schedule": ("cosine", "step", "none")},
+    bounds=AUTOENCODER_BOUNDS,
     check=check_autoencoder,
     # Validation metrics of the reconstructions (images in [0, 1]) and their better direction; the first
     # picks best.pt.

@@ -16,15 +16,16 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from covidxray.config.core import (
+    GENERIC_BOUNDS,
     GENERIC_CHOICES,
     Config,
     DataConfig,
     EvalConfig,
     Family,
+    Interval,
     ModelConfig,
     OptimConfig,
     TrainConfig,
-    check_positive,
     register_family,
 )
 from covidxray.errors import CovidXrayError
@@ -128,43 +129,42 @@ def parse_class_weights(value: str) -> str | list[float]:
     return weights
 
 
-def _in_range(key: str, value: float, lo: float, hi: float, hi_open: bool = True) -> None:
-    if not (lo <= value < hi if hi_open else lo <= value <= hi):
-        raise CovidXrayError(f"config key '{key}' must be in [{lo:g}, {hi:g}{')' if hi_open else ']'}; got {value:g}")
+#: Ranges of the ``optim`` keys the classifiers, segmenters and autoencoders share.
+SUPERVISED_OPTIM_BOUNDS = {
+    "optim.lr": "(0, inf)",
+    "optim.weight_decay": "[0, inf)",
+    "optim.momentum": "[0, 1)",
+    "optim.warmup_epochs": "[0, inf)",
+    "optim.step_epochs": "[1, inf)",
+    "optim.step_gamma": "(0, 1]",
+}
 
-
-def check_supervised_optim(cfg) -> None:
-    """Checks of the ``optim`` section the classifiers and the segmenters share."""
-    check_positive(cfg, ["optim.step_epochs"])
-    if cfg.optim.lr <= 0:
-        raise CovidXrayError(f"config key 'optim.lr' must be > 0; got {cfg.optim.lr:g}")
-    if cfg.optim.weight_decay < 0 or cfg.optim.momentum < 0 or cfg.optim.warmup_epochs < 0:
-        raise CovidXrayError("config keys 'optim.weight_decay', 'optim.momentum' and 'optim.warmup_epochs' must be >= 0")
-    _in_range("optim.step_gamma", cfg.optim.step_gamma, 0.0, 1.0, hi_open=False)
+#: Allowed ranges of the classifier family's numeric keys (every one has a bound; checked by ``validate``).
+CLASSIFIER_BOUNDS = {
+    **GENERIC_BOUNDS,
+    **SUPERVISED_OPTIM_BOUNDS,
+    "model.dropout": "[0, 1)",
+    "model.mc_dropout": "[0, 1)",
+    "data.synthetic_ratio": Interval.parse(
+        "(0, 1]", hint="It is the generated fraction of each batch (1 = generated images only): use e.g. 0.5 "
+                       "(as many generated as real images), or leave data.synthetic empty"),
+    "loss.label_smoothing": "[0, 1)",
+    "aug.rotate": "[0, 180]",
+    "aug.scale": "[0, 0.5]",
+    "aug.translate": "[0, 0.5]",
+    "aug.brightness": "[0, 1)",
+    "aug.contrast": "[0, 1)",
+    "eval.mc_samples": "[1, inf)",
+}
 
 
 def check_classifier(cfg: ClassifierConfig) -> None:
-    """The classifier family's cross-key checks."""
-    check_positive(cfg, ["eval.mc_samples"])
+    """The classifier family's cross-key checks (single-key ranges: ``CLASSIFIER_BOUNDS``)."""
     size = cfg.data.image_size
     if size and not MIN_SIZE <= size <= MAX_SIZE:
         raise CovidXrayError(f"config key 'data.image_size' must be {MIN_SIZE}-{MAX_SIZE} (or 0: the prepared size) "
                              f"for a classifier; got {size}")
-    r = cfg.data.synthetic_ratio
-    if not 0.0 < r <= 1.0:
-        raise CovidXrayError(f"config key 'data.synthetic_ratio' must be in (0, 1] (the generated fraction of each "
-                             f"batch; 1 = generated images only); got {r:g}",
-                             "Use e.g. 0.5 (as many generated as real images), or leave data.synthetic empty")
-    _in_range("model.dropout", cfg.model.dropout, 0.0, 1.0)
-    _in_range("model.mc_dropout", cfg.model.mc_dropout, 0.0, 1.0)
-    check_supervised_optim(cfg)
-    _in_range("loss.label_smoothing", cfg.loss.label_smoothing, 0.0, 1.0)
     parse_class_weights(cfg.loss.class_weights)
-    _in_range("aug.rotate", cfg.aug.rotate, 0.0, 180.0, hi_open=False)
-    for key in ("scale", "translate"):
-        _in_range(f"aug.{key}", getattr(cfg.aug, key), 0.0, 0.5, hi_open=False)
-    for key in ("brightness", "contrast"):
-        _in_range(f"aug.{key}", getattr(cfg.aug, key), 0.0, 1.0)
 
 
 CLASSIFIER = register_family(Family(
@@ -173,6 +173,7 @@ CLASSIFIER = register_family(Family(
     choices={**GENERIC_CHOICES,
              "optim.name": ("adamw", "sgd"),
              "optim.schedule": ("cosine", "step", "none")},
+    bounds=CLASSIFIER_BOUNDS,
     check=check_classifier,
     # Validation metrics and their better direction; the first is eval.metric's default (the seed
     # stopped early on validation loss).

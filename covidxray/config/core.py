@@ -8,6 +8,12 @@ declares a :class:`Config` subclass: the **generic sections** every family has (
 StudioGAN pattern); ``configs/<model>.yaml`` holds only the keys a model changes. Unknown keys and
 wrong types are refused with the key and the family named.
 
+Allowed values are declared beside the schema, in one place per family, and checked generically by
+:func:`validate`: ``choices`` for string keys and ``bounds`` (an :class:`Interval` such as ``"[0, 1)"``)
+for **every** numeric key; a family cannot be registered with a numeric key that has no bound. Numbers
+must also be finite (``nan``/``inf`` are refused when read). Only genuinely cross-key rules live in a
+family's ``check`` function.
+
 Resolution order (later wins)::
 
     the family's schema defaults -> configs/<model>.yaml -> --config FILE -> CLI flags -> --set overrides
@@ -16,6 +22,8 @@ Resolution order (later wins)::
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -129,6 +137,145 @@ GENERIC_CHOICES: dict[str, tuple[str, ...]] = {
 
 
 # --------------------------------------------------------------------------------------------
+# Bounds of numeric keys
+# --------------------------------------------------------------------------------------------
+
+
+def _fmt(x: float) -> str:
+    """A bound or value as written in messages: whole numbers without a decimal point, else ``:g``."""
+    if isinstance(x, int):
+        return str(x)
+    if math.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    if x.is_integer() and abs(x) < 1e16:
+        return str(int(x))
+    return f"{x:g}"
+
+
+def _bound_number(text: str) -> float:
+    text = text.strip().lower()
+    if text in ("inf", "+inf"):
+        return math.inf
+    if text == "-inf":
+        return -math.inf
+    value = float(text)
+    return int(value) if value.is_integer() and abs(value) < 1e16 else value
+
+
+@dataclass(frozen=True)
+class Interval:
+    """The allowed range of a numeric config key: ``lo``..``hi``, each end open or closed.
+
+    Written compactly as ``"[0, 1)"``, ``"(0, inf)"``, ``"[1, 7]"`` (:meth:`parse`); an infinite end is
+    always open. ``hint`` is an optional fix appended to the error.
+    """
+
+    lo: float = -math.inf
+    hi: float = math.inf
+    lo_open: bool = False
+    hi_open: bool = False
+    hint: str | None = None
+
+    _TEXT: ClassVar[re.Pattern] = re.compile(r"\s*([\[(])\s*([^,\s]+)\s*,\s*([^\])\s]+)\s*([\])])\s*")
+
+    def __post_init__(self) -> None:
+        if (math.isnan(self.lo) or math.isnan(self.hi) or self.lo > self.hi
+                or (self.lo == self.hi and (self.lo_open or self.hi_open))):
+            raise ValueError(f"empty interval {self}")
+        if math.isinf(self.lo):
+            object.__setattr__(self, "lo_open", True)
+        if math.isinf(self.hi):
+            object.__setattr__(self, "hi_open", True)
+
+    @classmethod
+    def parse(cls, text: "str | Interval", hint: str | None = None) -> "Interval":
+        """``"[0, 1)"`` -> Interval(0, 1, hi_open=True); an Interval is returned as it is."""
+        if isinstance(text, Interval):
+            return text
+        m = cls._TEXT.fullmatch(text)
+        try:
+            if m is None:
+                raise ValueError
+            lo, hi = _bound_number(m.group(2)), _bound_number(m.group(3))
+        except ValueError:
+            raise ValueError(f"bad interval {text!r}: write it like '[0, 1)' or '(0, inf)'") from None
+        return cls(lo, hi, m.group(1) == "(", m.group(4) == ")", hint)
+
+    def __contains__(self, value: float) -> bool:
+        if isinstance(value, float) and not math.isfinite(value):
+            return False
+        above = value > self.lo if self.lo_open else value >= self.lo
+        below = value < self.hi if self.hi_open else value <= self.hi
+        return above and below
+
+    def __str__(self) -> str:
+        return f"{'(' if self.lo_open else '['}{_fmt(self.lo)}, {_fmt(self.hi)}{')' if self.hi_open else ']'}"
+
+    def describe(self) -> str:
+        """``"> 0"``, ``">= 1"``, ``"in [0, 1)"``: what a message says a value must be."""
+        if math.isinf(self.lo) and math.isinf(self.hi):
+            return "a finite number"
+        if math.isinf(self.hi):
+            return f"{'>' if self.lo_open else '>='} {_fmt(self.lo)}"
+        if math.isinf(self.lo):
+            return f"{'<' if self.hi_open else '<='} {_fmt(self.hi)}"
+        return f"in {self}"
+
+    def number_kwargs(self) -> dict[str, float]:
+        """The interval as ``ge``/``gt``/``le``/``lt`` keywords (the CLI's ``Number`` parser)."""
+        kw: dict[str, float] = {}
+        if not math.isinf(self.lo):
+            kw["gt" if self.lo_open else "ge"] = self.lo
+        if not math.isinf(self.hi):
+            kw["lt" if self.hi_open else "le"] = self.hi
+        return kw
+
+    def check(self, key: str, value: float) -> None:
+        """Raise :class:`CovidXrayError` naming ``key``, the interval and ``value`` when it lies outside."""
+        if value not in self:
+            raise CovidXrayError(f"config key '{key}' must be {self.describe()}; got {_fmt(value)}", self.hint)
+
+
+def bounds(spec: Mapping[str, "str | Interval"]) -> dict[str, Interval]:
+    """Parse a mapping ``"section.key" -> "[lo, hi)" | Interval`` (what families declare)."""
+    return {key: Interval.parse(value) for key, value in spec.items()}
+
+
+#: Allowed ranges of the generic sections' numeric keys (families extend or narrow them).
+GENERIC_BOUNDS: dict[str, Interval] = bounds({
+    "data.image_size": "[0, inf)",          # 0 = the prepared size; each family checks its own sizes
+    "train.epochs": "[1, inf)",
+    "train.batch_size": "[1, inf)",
+    "train.seed": "[0, 1e18)",              # torch takes seeds below 2**64 (~1.8e19); room for per-rank offsets
+    "train.num_threads": "[0, inf)",
+    "train.log_every": "[1, inf)",
+    "train.snapshot_every": "[1, inf)",
+    "train.checkpoint_every": "[1, inf)",
+    "train.keep_every": "[0, inf)",
+    "train.dist_timeout": Interval(0, math.inf, lo_open=True, hint="It is in seconds (default 600)"),
+    "optim.beta1": "[0, 1)",
+    "optim.beta2": "[0, 1)",
+    "eval.every": "[0, inf)",
+    "eval.patience": "[0, inf)",
+    "eval.min_delta": "[0, inf)",
+    "eval.batch_size": "[1, inf)",
+})
+
+
+def numeric_keys(cls: type, prefix: str = "") -> dict[str, type]:
+    """Every numeric (int or float, not bool) leaf key of a config dataclass, with its type."""
+    found: dict[str, type] = {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        typ = hints[f.name]
+        if dataclasses.is_dataclass(typ):
+            found.update(numeric_keys(typ, f"{prefix}{f.name}."))
+        elif typ in (int, float):
+            found[f"{prefix}{f.name}"] = typ
+    return found
+
+
+# --------------------------------------------------------------------------------------------
 # Families
 # --------------------------------------------------------------------------------------------
 
@@ -141,10 +288,13 @@ class Family:
         name: the family's name, as models register it (``register_model(..., family=name)``).
         config: its :class:`Config` subclass (generic sections, possibly extended, plus its own).
         choices: allowed values of its string keys, ``"section.key" -> values`` (generic ones included).
-        check: cross-key validation of a resolved config; raises :class:`CovidXrayError`.
+        check: cross-key validation of a resolved config; raises :class:`CovidXrayError`. Single-key
+            ranges belong in ``bounds``, not here.
         metrics: evaluation metrics its task reports, ``name -> "min" | "max"`` (the better direction);
             the first is the default of ``eval.metric``. Empty: the family has no evaluation yet.
         summary: one line for documentation.
+        bounds: the allowed range of **every** numeric key, ``"section.key" -> Interval`` or its compact
+            text (``"[0, 1)"``, ``"(0, inf)"``), :data:`GENERIC_BOUNDS` included; checked by :func:`validate`.
     """
 
     name: str
@@ -153,17 +303,32 @@ class Family:
     check: Callable[[Any], None]
     metrics: Mapping[str, str] = field(default_factory=dict)
     summary: str = ""
+    bounds: Mapping[str, Interval] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "bounds", bounds(self.bounds))
 
 
 FAMILIES: dict[str, Family] = {}
 
 
 def register_family(family: Family) -> Family:
-    """Declare a family (done once by each ``covidxray/config/<family>.py``)."""
+    """Declare a family (done once by each ``covidxray/config/<family>.py``).
+
+    Every numeric key of its schema must have a bound, and every bound must name a numeric key.
+    """
     if family.name in FAMILIES:
         raise ValueError(f"family {family.name!r} is already registered")
     if getattr(family.config, "FAMILY", None) != family.name:
         raise ValueError(f"{family.config.__name__}.FAMILY must be {family.name!r}")
+    numeric = numeric_keys(family.config)
+    stray = sorted(set(family.bounds) - set(numeric))
+    if stray:
+        raise ValueError(f"family {family.name!r} declares bounds of {', '.join(stray)}, "
+                         f"not numeric keys of its schema")
+    missing = sorted(set(numeric) - set(family.bounds))
+    if missing:
+        raise ValueError(f"family {family.name!r} declares no bounds for its numeric keys {', '.join(missing)}")
     FAMILIES[family.name] = family
     return family
 
@@ -205,7 +370,16 @@ def _coerce(key: str, value: Any, typ: Any, choices: Mapping[str, tuple[str, ...
         try:
             value = typ(value)
         except ValueError:
-            pass
+            try:  # "nan"/"inf" for an int key: say it must be finite, as for a float key
+                as_float = float(value)
+            except ValueError:
+                pass
+            else:
+                if not math.isfinite(as_float):
+                    value = as_float
+    if typ in (int, float) and isinstance(value, float) and not math.isfinite(value):
+        # nan / inf (also YAML's .nan / .inf) would pass every range check and fail deep inside torch
+        raise CovidXrayError(f"config key '{key}' must be a finite number; got {value}")
     if typ is bool:
         if isinstance(value, bool):
             return value
@@ -327,33 +501,24 @@ def model_config_path(model: str) -> Path:
 # --------------------------------------------------------------------------------------------
 
 
-def check_positive(cfg: Config, keys: list[str], minimum: int = 1) -> None:
-    """Refuse any of the dotted ``keys`` below ``minimum``, naming it."""
-    for key in keys:
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
-        if value < minimum:
-            raise CovidXrayError(f"config key '{key}' must be >= {minimum}; got {value}")
+def _get(cfg: Config, key: str) -> Any:
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
 
 
 def validate(cfg: Config) -> Config:
-    """Cross-key checks with readable messages: the generic ones, then the family's own."""
+    """Check a resolved config with readable messages naming the key: the declared choices of string
+    keys and bounds of numeric keys (the family's declaration, generic ones included), the generic
+    cross-key rules, then the family's own ``check``."""
     family = get_family(cfg.family)
     for key, allowed in family.choices.items():
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
+        value = _get(cfg, key)
         if value not in allowed:
             raise CovidXrayError(f"config key '{key}' must be one of {', '.join(allowed)}; got '{value}'")
-    check_positive(cfg, ["train.epochs", "train.batch_size", "train.log_every", "train.snapshot_every",
-                         "train.checkpoint_every", "eval.batch_size"])
-    check_positive(cfg, ["train.keep_every", "train.num_threads", "eval.every", "eval.patience",
-                         "data.image_size"], minimum=0)
-    if not cfg.train.dist_timeout > 0:
-        raise CovidXrayError(f"config key 'train.dist_timeout' must be > 0 seconds; got {cfg.train.dist_timeout:g}")
+    for key, interval in family.bounds.items():
+        interval.check(key, _get(cfg, key))
     if not (cfg.train.device in ("auto", "cpu", "cuda") or cfg.train.device.startswith("cuda:")):
         raise CovidXrayError(f"config key 'train.device' must be auto, cpu, cuda or cuda:N; got '{cfg.train.device}'")
-    if cfg.eval.min_delta < 0:
-        raise CovidXrayError(f"config key 'eval.min_delta' must be >= 0; got {cfg.eval.min_delta}")
     if cfg.eval.every > 0 or cfg.eval.patience > 0 or cfg.eval.metric:
         if not family.metrics:
             raise CovidXrayError(

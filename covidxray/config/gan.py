@@ -7,13 +7,13 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from covidxray.config.core import (
+    GENERIC_BOUNDS,
     GENERIC_CHOICES,
     MIGRATIONS,
     Config,
     Family,
     OptimConfig,
     TrainConfig,
-    check_positive,
     register_family,
 )
 from covidxray.errors import CovidXrayError
@@ -84,17 +84,37 @@ class GANConfig(Config):
     FAMILY: ClassVar[str] = "gan"
 
 
+#: Allowed ranges of the GAN family's numeric keys (every one has a bound; checked by ``validate``).
+GAN_BOUNDS = {
+    **GENERIC_BOUNDS,
+    "train.grid_size": "[1, inf)",
+    "train.ema_kimg": "[0, inf)",
+    "train.ema_rampup": "[0, inf)",
+    "optim.lr_g": "(0, inf)",
+    "optim.lr_d": "(0, inf)",
+    "arch.latent_dim": "[1, inf)",
+    "arch.g_channels": "[1, inf)",
+    "arch.d_channels": "[1, inf)",
+    "arch.max_channels": "[1, inf)",
+    "arch.d_dropout": "[0, 1)",
+    "loss.r1_gamma": "[0, inf)",
+    "loss.r1_every": "[1, inf)",
+    "loss.aux_weight": "[0, inf)",
+    "loss.cutmix_prob": "[0, 1]",
+    "loss.cutmix_warmup_kimg": "[0, inf)",
+    "loss.consistency_weight": "[0, inf)",
+    "loss.uncertainty_weight": "[0, inf)",
+    "loss.mc_samples": "[1, inf)",          # >= 2 with an uncertainty mode (check_gan)
+}
+
+
 def check_gan(cfg: GANConfig) -> None:
-    """The GAN family's cross-key checks."""
-    check_positive(cfg, ["train.grid_size", "arch.latent_dim", "arch.g_channels", "arch.d_channels",
-                         "loss.r1_every"])
+    """The GAN family's cross-key checks (single-key ranges: ``GAN_BOUNDS``)."""
     if cfg.data.image_size not in (0, *GAN_IMAGE_SIZES):
         raise CovidXrayError(f"config key 'data.image_size' must be 64, 128 or 256 (or 0: the prepared size); "
                              f"got {cfg.data.image_size}")
     if cfg.loss.uncertainty != "off" and cfg.loss.mc_samples < 2:
         raise CovidXrayError(f"config key 'loss.mc_samples' must be >= 2 with an uncertainty mode; got {cfg.loss.mc_samples}")
-    if not 0.0 <= cfg.arch.d_dropout < 1.0:
-        raise CovidXrayError(f"config key 'arch.d_dropout' must be in [0, 1); got {cfg.arch.d_dropout}")
     if cfg.loss.uncertainty != "off" and cfg.arch.d_dropout <= 0.0:
         raise CovidXrayError(
             f"loss.uncertainty={cfg.loss.uncertainty} needs Monte-Carlo dropout in D",
@@ -107,8 +127,6 @@ def check_gan(cfg: GANConfig) -> None:
             parse_policy(cfg.aug.diffaugment)
         except ValueError as exc:
             raise CovidXrayError(f"config key 'aug.diffaugment': {exc}") from None
-    if cfg.optim.lr_g <= 0 or cfg.optim.lr_d <= 0:
-        raise CovidXrayError("config keys 'optim.lr_g' and 'optim.lr_d' must be > 0")
 
 
 def _aux_mode_from_0_1_0(data: dict[str, Any]) -> None:
@@ -128,6 +146,7 @@ GAN = register_family(Family(
              "loss.kind": ("bce", "hinge", "lsgan"),
              "loss.uncertainty": ("off", "min", "max"),
              "loss.aux_mode": ("acgan", "real", "tac")},
+    bounds=GAN_BOUNDS,
     check=check_gan,
     metrics={},  # FID during training comes with the evaluate issue
     summary="generative adversarial networks: G and D trained against each other",

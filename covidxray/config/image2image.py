@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from covidxray.config.core import (
+    GENERIC_BOUNDS,
     GENERIC_CHOICES,
     Config,
     DataConfig,
@@ -21,7 +22,6 @@ from covidxray.config.core import (
     ModelConfig,
     OptimConfig,
     TrainConfig,
-    check_positive,
     register_family,
 )
 from covidxray.errors import CovidXrayError
@@ -101,26 +101,36 @@ class Image2ImageConfig(Config):
     FAMILY: ClassVar[str] = "image2image"
 
 
+#: Allowed ranges of the image2image family's numeric keys (every one has a bound; checked by ``validate``).
+IMAGE2IMAGE_BOUNDS = {
+    **GENERIC_BOUNDS,
+    "train.grid_size": "[1, inf)",
+    "optim.lr_g": "(0, inf)",
+    "optim.lr_d": "(0, inf)",
+    "arch.g_channels": "[1, inf)",
+    "arch.d_channels": "[1, inf)",
+    "arch.d_layers": "[1, inf)",
+    "arch.dropout": "[0, 1)",
+    "loss.l1_weight": "[0, inf)",
+    "aug.rotate": "[0, 180]",
+    "aug.scale": "[0, 0.5]",
+    "aug.translate": "[0, 0.5]",
+}
+
+
 def check_image2image(cfg: Image2ImageConfig) -> None:
-    """The image2image family's cross-key checks."""
-    check_positive(cfg, ["arch.g_channels", "arch.d_channels", "arch.d_layers", "train.grid_size"])
+    """The image2image family's cross-key checks (single-key ranges: ``IMAGE2IMAGE_BOUNDS``)."""
     size = cfg.data.image_size
     if size and size not in SIZES:
         raise CovidXrayError(f"config key 'data.image_size' must be one of {', '.join(map(str, SIZES))} (or 0: the "
                              f"prepared size) for pix2pix; got {size}")
-    if not 0.0 <= cfg.arch.dropout < 1.0:
-        raise CovidXrayError(f"config key 'arch.dropout' must be in [0, 1); got {cfg.arch.dropout:g}")
-    if cfg.optim.lr_g <= 0 or cfg.optim.lr_d <= 0 or cfg.loss.l1_weight < 0:
-        raise CovidXrayError("config keys 'optim.lr_g' and 'optim.lr_d' must be > 0 and 'loss.l1_weight' >= 0")
-    for key in ("rotate", "scale", "translate"):
-        if getattr(cfg.aug, key) < 0:
-            raise CovidXrayError(f"config key 'aug.{key}' must be >= 0")
 
 
 IMAGE2IMAGE = register_family(Family(
     name="image2image",
     config=Image2ImageConfig,
     choices={**GENERIC_CHOICES, "model.task": ("mask2xray", "colorize"), "loss.gan": ("bce", "lsgan")},
+    bounds=IMAGE2IMAGE_BOUNDS,
     check=check_image2image,
     # Validation: the mean absolute error of G(condition) against the real image (images in [0, 1]).
     metrics={"l1": "min"},

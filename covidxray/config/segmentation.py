@@ -12,16 +12,16 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from covidxray.config.core import (
+    GENERIC_BOUNDS,
     GENERIC_CHOICES,
     Config,
     DataConfig,
     EvalConfig,
     Family,
     TrainConfig,
-    check_positive,
     register_family,
 )
-from covidxray.config.classifier import ClassifierOptimConfig, check_supervised_optim
+from covidxray.config.classifier import SUPERVISED_OPTIM_BOUNDS, ClassifierOptimConfig
 from covidxray.errors import CovidXrayError
 
 #: Input sides a segmenter accepts (multiples of 2 ** arch.depth; resized on the device when needed).
@@ -100,32 +100,33 @@ class SegmentationConfig(Config):
     FAMILY: ClassVar[str] = "segmentation"
 
 
-def _in_range(key: str, value: float, lo: float, hi: float) -> None:
-    if not lo <= value <= hi:
-        raise CovidXrayError(f"config key '{key}' must be in [{lo:g}, {hi:g}]; got {value:g}")
+#: Allowed ranges of the segmentation family's numeric keys (every one has a bound; checked by ``validate``).
+SEGMENTATION_BOUNDS = {
+    **GENERIC_BOUNDS,
+    **SUPERVISED_OPTIM_BOUNDS,
+    "arch.width": "[1, inf)",
+    "arch.depth": "[1, 7]",
+    "loss.dice_weight": "[0, inf)",         # not both 0 (check_segmentation)
+    "loss.bce_weight": "[0, inf)",
+    "aug.rotate": "[0, 180]",
+    "aug.scale": "[0, 0.5]",
+    "aug.translate": "[0, 0.5]",
+    "aug.brightness": "[0, 0.99]",
+    "aug.contrast": "[0, 0.99]",
+    "aug.elastic": "[0, 0.1]",
+    "eval.threshold": "(0, 1)",
+}
 
 
 def check_segmentation(cfg: SegmentationConfig) -> None:
-    """The segmentation family's cross-key checks."""
-    check_positive(cfg, ["arch.width", "arch.depth"])
-    if cfg.arch.depth > 7:
-        raise CovidXrayError(f"config key 'arch.depth' must be 1-7; got {cfg.arch.depth}")
+    """The segmentation family's cross-key checks (single-key ranges: ``SEGMENTATION_BOUNDS``)."""
     size, side = cfg.data.image_size, 2 ** cfg.arch.depth
     if size and (not MIN_SIZE <= size <= MAX_SIZE or size % side):
         raise CovidXrayError(f"config key 'data.image_size' must be {MIN_SIZE}-{MAX_SIZE} and a multiple of "
                              f"2**arch.depth = {side} for a segmenter (or 0: the prepared size); got {size}")
-    check_supervised_optim(cfg)
-    if cfg.loss.dice_weight < 0 or cfg.loss.bce_weight < 0 or cfg.loss.dice_weight + cfg.loss.bce_weight == 0:
-        raise CovidXrayError("config keys 'loss.dice_weight' and 'loss.bce_weight' must be >= 0, not both 0; got "
-                             f"{cfg.loss.dice_weight:g} and {cfg.loss.bce_weight:g}")
-    _in_range("aug.rotate", cfg.aug.rotate, 0.0, 180.0)
-    for key in ("scale", "translate"):
-        _in_range(f"aug.{key}", getattr(cfg.aug, key), 0.0, 0.5)
-    for key in ("brightness", "contrast"):
-        _in_range(f"aug.{key}", getattr(cfg.aug, key), 0.0, 0.99)
-    _in_range("aug.elastic", cfg.aug.elastic, 0.0, 0.1)
-    if not 0.0 < cfg.eval.threshold < 1.0:
-        raise CovidXrayError(f"config key 'eval.threshold' must be in (0, 1); got {cfg.eval.threshold:g}")
+    if cfg.loss.dice_weight + cfg.loss.bce_weight == 0:
+        raise CovidXrayError("config keys 'loss.dice_weight' and 'loss.bce_weight' must not both be 0",
+                             "Set one of them > 0 (e.g. --set loss.dice_weight=1)")
 
 
 SEGMENTATION = register_family(Family(
@@ -136,6 +137,7 @@ SEGMENTATION = register_family(Family(
              "arch.upsample": ("bilinear", "transpose"),
              "optim.name": ("adamw", "sgd"),
              "optim.schedule": ("cosine", "step", "none")},
+    bounds=SEGMENTATION_BOUNDS,
     check=check_segmentation,
     # Validation metrics (per image, then averaged) and their better direction; the first picks best.pt.
     metrics={"dice": "max", "iou": "max", "loss": "min"},
