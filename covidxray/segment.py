@@ -1,7 +1,7 @@
 """Lung segmentation of any X-ray with a trained segmenter (``covidxray segment``).
 
-Steps, for each input image (one file, or every image file under a folder, searched recursively; the
-output folder is skipped when it lies inside the input folder):
+Steps, for each input image (one file, or every image file under a folder, searched recursively; links
+to folders are not followed):
 
 1. read the bytes and :func:`~covidxray.data.imaging.decode` them (the EXIF orientation is applied:
    every output is in the *upright* orientation of the decoded image, and the CSV's width/height are
@@ -20,36 +20,48 @@ output folder is skipped when it lies inside the input folder):
    components, holes filled; can be switched off).
 
 Outputs in ``OUT`` (names keep the input's sub-folders, the suffix becomes ``.png``; two inputs that would
-get the same name, such as ``x.jpg`` and ``x.png``, are named ``x.jpg.png`` and ``x.png.png``):
+get the same name, such as ``x.jpg`` and ``x.png``, are named ``x.jpg.png`` and ``x.png.png``; a file name
+that is not UTF-8 keeps its bytes):
 
 * ``masks/<name>.png``: the mask, 0/255, at the original (upright) size;
 * ``overlays/<name>.png``: the X-ray with the lung outline (unless ``overlay=False``);
 * ``crops/<name>.png`` (with ``crop=True``): the gray X-ray cut to the lungs' bounding box widened by
   ``crop_margin`` x the side; no crop when no lung was found (the status says so);
 * ``segment.csv``, one row per input, columns :data:`CSV_COLUMNS`: ``file`` (path relative to the input
-  folder, with ``/``), ``width``, ``height``, ``lung_area_px``, ``lung_fraction`` (of the image, 4
-  decimals), ``image_left_px`` / ``image_right_px`` (the largest component on each side of the image's
-  vertical midline), ``components``, ``mean_intensity`` (mean 8-bit gray value inside the lungs, 1
-  decimal; empty without lungs) and ``status``: ``ok``, ``suspicious: no lung found``, ``suspicious: one
-  lung``, ``suspicious: N large components`` or ``unreadable: <reason>`` (numbers empty);
-* ``segment.json``: the settings, the checkpoint, model, image size and counts of the last run.
+  folder, with ``/``; bytes that are not UTF-8 written as ``\\xNN``), ``width``, ``height``,
+  ``lung_area_px``, ``lung_fraction`` (of the image, 4 decimals), ``image_left_px`` / ``image_right_px``
+  (the largest component on each side of the image's vertical midline), ``components``,
+  ``mean_intensity`` (mean 8-bit gray value inside the lungs, 1 decimal; empty without lungs) and
+  ``status``: ``ok``, ``suspicious: no lung found``, ``suspicious: one lung``, ``suspicious: N large
+  components`` or ``unreadable: <reason>`` (numbers empty; also broken links, files that are no regular
+  files, sub-folders that cannot be listed and images under :data:`MIN_SIDE` px a side: nothing is left
+  out silently);
+* ``segment.json``: the settings, the checkpoint, model and image size; ``counts`` describe the whole
+  ``segment.csv`` (every run into OUT), ``last_run`` the last run.
 
 Sides are **image** sides, not the patient's: on a standard PA film the patient's right lung is on the
 image's left.
 
-Every file is written atomically (temporary file + rename); ``segment.csv`` is rewritten whole every few
-seconds and at the end (also on Ctrl-C), and a row only appears once its files are written. A rerun on
-the same input and output skips images that already have their mask (and overlay) and a row; it is
-refused when the settings recorded in ``segment.json`` differ, unless ``overwrite=True`` (which redoes
-every image).
+OUT must be new, empty or an earlier ``segment`` output (:func:`~covidxray.outdir.check_output_dir`; it
+may not be the input folder or lie inside it); it is marked as segment's and the temporary files of a
+killed earlier run are removed at the start. Every image file is written atomically (temporary file +
+rename); a row is appended to ``segment.csv`` once the image's files are written, and the rows are made
+durable (flush + fsync) after every batch; at the end (also on Ctrl-C) the table is rewritten whole and
+sorted. A rerun with the same command, also after a kill, skips exactly the images that have their row,
+mask (and overlay); a half-written last line is dropped (that image is redone). A rerun is refused when
+the settings recorded in ``segment.json`` differ, unless ``overwrite=True`` (which redoes every image).
+A single INPUT file that cannot be read is an error; in a folder, unreadable files get their row.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import errno
 import io
 import json
 import os
+import stat
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -69,8 +81,9 @@ from covidxray.data.masks import postprocess as postprocess_mask
 from covidxray.data.overlays import overlay as draw_overlay
 from covidxray.data.overlays import save_rgb
 from covidxray.errors import CovidXrayError
+from covidxray.outdir import check_output_dir, claim
 from covidxray.predict import LoadedSegmenter, inference_settings, iter_mask_probs, load_segmenter
-from covidxray.utils import atomic_write_text
+from covidxray.utils import atomic_path, atomic_write_text, sweep_stale_temps
 
 #: The columns of ``segment.csv``, in order.
 CSV_COLUMNS = ("file", "width", "height", "lung_area_px", "lung_fraction", "image_left_px", "image_right_px",
@@ -79,8 +92,13 @@ CSV_COLUMNS = ("file", "width", "height", "lung_area_px", "lung_fraction", "imag
 CSV_NAME = "segment.csv"
 JSON_NAME = "segment.json"
 
-#: ``segment.csv`` is rewritten at most this often while a run goes on (and always at its end).
-CSV_EVERY_S = 5.0
+#: The output folder's kind (:func:`~covidxray.outdir.check_output_dir`) and the names ``segment`` has
+#: always written there (an OUT holding only these, without the marker, is an earlier segment output).
+KIND = "segment"
+LEGACY_NAMES = ("masks", "overlays", "crops", CSV_NAME, JSON_NAME)
+
+#: Images narrower or lower than this are ``unreadable: image too small`` (nothing to segment).
+MIN_SIDE = 8
 
 #: The settings that must match between a run and a rerun into the same output folder.
 SETTING_KEYS = ("input", "checkpoint", "checkpoint_step", "threshold", "postprocess", "tta", "crop", "crop_margin")
@@ -200,30 +218,73 @@ def _as_gray_image(g: Any) -> Image.Image:
 
 
 # ------------------------------------------------------------------------------------------ the command
+def shown(name: str | os.PathLike) -> str:
+    """A file name as text for ``segment.csv`` and messages: bytes that are not UTF-8 (names from other
+    systems, which Python reads as surrogate escapes) are written as ``\\xNN``; never raises."""
+    s = os.fspath(name)
+    try:
+        return s.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a lone surrogate that is no escaped byte
+        return s.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 @dataclass(frozen=True)
 class _Item:
     path: Path
-    file: str  # relative to the input root, "/"-separated (the CSV's key)
-    name: str  # output name relative to masks/ (".png")
+    file: str  # relative to the input root, "/"-separated, shown readably (the CSV's key)
+    name: str  # output name relative to masks/ (".png"), with the input's real (maybe non-UTF-8) name
+    reason: str | None = None  # known unreadable before reading (broken link, not a file, ...)
+
+
+def _entry_reason(p: Path, out_r: Path) -> str | None:
+    """Why an image-named entry of the input folder cannot be read, or None when it is a readable-looking file."""
+    try:
+        st = os.stat(p)
+    except OSError as exc:
+        if p.is_symlink():
+            return ("broken link (a loop of links)" if exc.errno == errno.ELOOP
+                    else "broken link (its target does not exist)")
+        return f"cannot read the file ({exc.strerror or type(exc).__name__})"
+    if not stat.S_ISREG(st.st_mode):
+        return "not a regular file"
+    rp = p.resolve()
+    if rp == out_r or out_r in rp.parents:
+        return "a link into OUT (segment's own output)"
+    return None
 
 
 def list_inputs(inputs: Path, out: Path) -> list[_Item]:
-    """The images to segment: ``inputs`` itself when a file, else its image files (recursively, sorted,
-    the output folder skipped), each with its unique output name."""
-    if inputs.is_file():
-        files = [(inputs, inputs.name)]
-    else:
-        out_r = out.resolve()
-        files = []
-        for p in inputs.rglob("*"):
-            if not is_image_name(p.name) or not p.is_file():
+    """The images to segment: ``inputs`` itself when a file, else every image-named entry under it
+    (recursively, sorted, links to folders not followed), each with its unique output name.
+
+    Nothing is skipped silently: broken or looping links, entries that are no regular files and
+    sub-folders that cannot be listed come back with their ``reason`` (rows ``unreadable: ...``).
+    """
+    if not inputs.is_dir():
+        return [_Item(inputs, shown(inputs.name), output_names([inputs.name])[0])]
+    out_r = out.resolve()
+    found: list[tuple[Path, str, str | None]] = []
+    folders: list[tuple[Path, str, str]] = []  # sub-folders that could not be listed
+
+    def unlistable(exc: OSError) -> None:
+        where = Path(exc.filename) if exc.filename else inputs
+        if where == inputs:
+            raise CovidXrayError(f"cannot list the input folder {shown(inputs)} "
+                                 f"({exc.strerror or type(exc).__name__})", "Check its permissions")
+        folders.append((where, where.relative_to(inputs).as_posix() + "/",
+                        f"cannot list the folder ({exc.strerror or type(exc).__name__})"))
+
+    for root, _dirs, names in os.walk(inputs, onerror=unlistable):
+        for n in names:
+            if not is_image_name(n):
                 continue
-            rp = p.resolve()
-            if rp == out_r or out_r in rp.parents:
-                continue
-            files.append((p, p.relative_to(inputs).as_posix()))
-        files.sort(key=lambda t: t[1])
-    return [_Item(p, rel, name) for (p, rel), name in zip(files, output_names([rel for _, rel in files]))]
+            p = Path(root, n)
+            found.append((p, p.relative_to(inputs).as_posix(), _entry_reason(p, out_r)))
+    found.sort(key=lambda t: t[1])
+    items = [_Item(p, shown(rel), name, reason)
+             for (p, rel, reason), name in zip(found, output_names([rel for _, rel, _ in found]))]
+    items += [_Item(p, shown(rel), "", reason) for p, rel, reason in folders]
+    return sorted(items, key=lambda it: it.file)
 
 
 def output_names(files: Sequence[str]) -> list[str]:
@@ -252,23 +313,77 @@ def output_names(files: Sequence[str]) -> list[str]:
 
 
 def _read_csv(path: Path) -> dict[str, dict[str, str]]:
-    if not path.is_file():
+    """The rows of an earlier run's ``segment.csv`` (the last row of a file wins). A killed run may have
+    left a half-written last line: it is dropped (its image is redone), as is any row that is not whole."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
         return {}
-    with open(path, newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        if tuple(reader.fieldnames or ()) != CSV_COLUMNS:
-            raise CovidXrayError(f"{path} does not have the columns of covidxray segment",
-                                 "Pass --overwrite to redo every image, or choose another OUT")
-        return {row["file"]: {k: row[k] or "" for k in CSV_COLUMNS} for row in reader}
+    except OSError as exc:
+        raise CovidXrayError(f"cannot read {shown(path)} ({exc.strerror or type(exc).__name__})",
+                             "Check its permissions, or choose another OUT") from None
+    text = raw.decode("utf-8", "replace")
+    text = text[:text.rfind("\n") + 1]  # a line is whole once its newline is written
+    if not text:
+        return {}
+    reader = csv.reader(io.StringIO(text, newline=""))
+    if tuple(next(reader, None) or ()) != CSV_COLUMNS:
+        raise CovidXrayError(f"{shown(path)} does not have the columns of covidxray segment",
+                             "Pass --overwrite to redo every image, or choose another OUT")
+    rows: dict[str, dict[str, str]] = {}
+    for rec in reader:
+        if len(rec) == len(CSV_COLUMNS) and rec[-1]:
+            rows[rec[0]] = dict(zip(CSV_COLUMNS, rec))
+    return rows
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _write_csv(path: Path, rows: dict[str, dict[str, str]]) -> None:
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(CSV_COLUMNS)
-    for key in sorted(rows):
-        writer.writerow([rows[key][c] for c in CSV_COLUMNS])
-    atomic_write_text(path, buf.getvalue())
+    """Rewrite ``segment.csv`` whole and durably (temporary file, fsync, rename), rows sorted by file."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8", errors="backslashreplace", newline="") as fh:
+            writer = csv.writer(fh, lineterminator="\n")
+            writer.writerow(CSV_COLUMNS)
+            for key in sorted(rows):
+                writer.writerow([rows[key][c] for c in CSV_COLUMNS])
+            fh.flush()
+            os.fsync(fh.fileno())
+    _fsync_dir(path.parent)
+
+
+class _Journal:
+    """Rows appended to ``segment.csv`` as images finish; :meth:`sync` (once per batch) makes them durable
+    (flush + fsync), so that a rerun after a kill skips exactly the images whose rows are on disk."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.fh = open(path, "a", encoding="utf-8", errors="backslashreplace", newline="")
+        self.writer = csv.writer(self.fh, lineterminator="\n")
+        self.dirty = False
+
+    def append(self, row: dict[str, str]) -> None:
+        self.writer.writerow([row[c] for c in CSV_COLUMNS])
+        self.dirty = True
+
+    def sync(self) -> None:
+        if self.dirty:
+            self.fh.flush()
+            os.fsync(self.fh.fileno())
+            self.dirty = False
+
+    def close(self) -> None:
+        try:
+            self.sync()
+        finally:
+            self.fh.close()
 
 
 def _row(file: str, width: int | None = None, height: int | None = None, stats: dict | None = None,
@@ -286,8 +401,20 @@ def _row(file: str, width: int | None = None, height: int | None = None, stats: 
     return row
 
 
-def _load(item: _Item, size: int, fit: str) -> tuple[Image.Image, np.ndarray] | str:
-    """Decode one input: ``(upright gray image, fitted S x S uint8)`` or the reason it is unreadable."""
+def _counts(rows: dict[str, dict[str, str]]) -> dict[str, int]:
+    """What ``segment.csv`` holds: rows, and how many are ok, suspicious, unreadable (all runs into OUT)."""
+    statuses = [r["status"] for r in rows.values()]
+    ok = sum(s == "ok" for s in statuses)
+    suspicious = sum(s.startswith("suspicious") for s in statuses)
+    unreadable = sum(s.startswith("unreadable") for s in statuses)
+    return {"rows": len(statuses), "segmented": ok + suspicious, "ok": ok, "suspicious": suspicious,
+            "unreadable": unreadable}
+
+
+def _read_gray(item: _Item) -> Image.Image | str:
+    """Decode one input to its upright gray image, or the reason it is unreadable."""
+    if item.reason:
+        return item.reason
     try:
         data = item.path.read_bytes()
     except OSError as exc:
@@ -298,6 +425,16 @@ def _load(item: _Item, size: int, fit: str) -> tuple[Image.Image, np.ndarray] | 
         return str(exc)
     except Exception as exc:  # an exotic mode that cannot become grayscale
         return f"cannot convert to grayscale ({type(exc).__name__}: {exc})"
+    if min(gray.size) < MIN_SIDE:
+        return f"image too small ({gray.width} x {gray.height} px; at least {MIN_SIDE} px a side)"
+    return gray
+
+
+def _load(item: _Item, size: int, fit: str) -> tuple[Image.Image, np.ndarray] | str:
+    """Decode one input: ``(upright gray image, fitted S x S uint8)`` or the reason it is unreadable."""
+    gray = _read_gray(item)
+    if isinstance(gray, str):
+        return gray
     return gray, np.asarray(fit_image(gray, size, fit))
 
 
@@ -317,6 +454,17 @@ def _prefetch(pool: ThreadPoolExecutor, fn: Callable, items: Sequence, window: i
         yield item, fut.result()
 
 
+@contextlib.contextmanager
+def _writing(what: str, out: Path) -> Iterator[None]:
+    """OSError (disk full, permissions) while writing OUT -> a one-line CovidXrayError."""
+    try:
+        yield
+    except OSError as exc:
+        raise CovidXrayError(f"cannot write {what} in {shown(out)} ({exc.strerror or type(exc).__name__})",
+                             "Free some space or fix the permissions, then run the same command again to "
+                             "resume") from None
+
+
 def segment_images(checkpoint: str | os.PathLike | LoadedSegmenter, inputs: str | os.PathLike,
                    out: str | os.PathLike, *,
                    batch_size: int = 16, threshold: float | None = None, overlay: bool = True, crop: bool = False,
@@ -328,12 +476,13 @@ def segment_images(checkpoint: str | os.PathLike | LoadedSegmenter, inputs: str 
         checkpoint: a segmenter's run folder (its ``best.pt``, else ``last.pt``) or ``.pt`` file, or an
             already loaded :class:`~covidxray.predict.LoadedSegmenter`.
         inputs: an image file, or a folder searched recursively.
-        out: the output folder.
+        out: the output folder: new, empty, or an earlier ``segment`` output (resumed); neither the input
+            folder nor inside it.
         batch_size: images per forward pass.
         threshold: lung probability threshold in (0, 1); default the checkpoint's ``eval.threshold``.
         overlay: write ``overlays/``.
         crop: write ``crops/`` (the X-ray cut to the lungs' bounding box).
-        crop_margin: the crop's margin as a fraction of the image's side.
+        crop_margin: the crop's margin as a fraction of the image's side, in [0, 0.5).
         tta: left-right test-time augmentation.
         postprocess: keep the two largest components, fill holes.
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:N``.
@@ -346,25 +495,31 @@ def segment_images(checkpoint: str | os.PathLike | LoadedSegmenter, inputs: str 
         images segmented now), ``csv``, ``out``, ``images_per_s``, ``threshold``, ``seconds``.
 
     Raises:
-        CovidXrayError: bad options, a missing input, no images, a checkpoint that is not a segmenter,
-            or other settings than the earlier run into ``out`` (without ``overwrite``).
+        CovidXrayError: bad options, a missing or (single file) unreadable input, no images, an OUT that
+            :func:`~covidxray.outdir.check_output_dir` refuses, a checkpoint that is not a segmenter, or other
+            settings than the earlier run into ``out`` (without ``overwrite``).
     """
     inputs, out = Path(inputs), Path(out)
-    if batch_size < 1:
+    if not (isinstance(batch_size, int) and batch_size >= 1):
         raise CovidXrayError(f"--batch-size must be at least 1, got {batch_size}")
     if threshold is not None and not 0.0 < threshold < 1.0:
         raise CovidXrayError(f"--threshold must be between 0 and 1 (exclusive), got {threshold}")
-    if not 0.0 <= crop_margin <= 1.0:
-        raise CovidXrayError(f"--crop-margin must be between 0 and 1, got {crop_margin}")
+    if not 0.0 <= crop_margin < 0.5:
+        raise CovidXrayError(f"--crop-margin must be at least 0 and below 0.5, got {crop_margin}")
     if not inputs.exists():
-        raise CovidXrayError(f"input {inputs} does not exist", "Pass an image file or a folder of images")
-    if out.exists() and not out.is_dir():
-        raise CovidXrayError(f"{out} exists and is not a folder", "Pass a folder path for OUT")
-    if inputs.is_dir() and out.resolve() == inputs.resolve():
-        raise CovidXrayError("OUT is the input folder", "Choose another OUT (a sub-folder of INPUT is fine)")
+        if inputs.is_symlink():
+            raise CovidXrayError(f"input {shown(inputs)} is a broken link", "Pass an image file or a folder of images")
+        raise CovidXrayError(f"input {shown(inputs)} does not exist", "Pass an image file or a folder of images")
+    check_output_dir(out, KIND, legacy=LEGACY_NAMES, inputs=[inputs] if inputs.is_dir() else [], option="OUT")
     items = list_inputs(inputs, out)
     if not items:
-        raise CovidXrayError(f"no images in {inputs} (looked for .png, .jpg, .jpeg, .bmp, .tif, .tiff, recursively)")
+        raise CovidXrayError(f"no images in {shown(inputs)} (looked for .png, .jpg, .jpeg, .bmp, .tif, .tiff, "
+                             "recursively)")
+    if not inputs.is_dir():  # one file: unreadable is an input error, not a row
+        gray = _read_gray(items[0])
+        if isinstance(gray, str):
+            raise CovidXrayError(f"cannot segment {shown(inputs)}: {gray}",
+                                 "Pass a PNG, JPEG, BMP or TIFF X-ray (or a folder of them)")
 
     dev, amp_dtype = inference_settings(device)
     loaded = checkpoint if isinstance(checkpoint, LoadedSegmenter) else load_segmenter(checkpoint)
@@ -380,11 +535,17 @@ def segment_images(checkpoint: str | os.PathLike | LoadedSegmenter, inputs: str 
     rows = {} if overwrite else _previous_rows(json_path, csv_path, settings)
 
     # what is already done: a row (not unreadable), its mask and (when asked) its overlay
+    def written(path: Path) -> bool:
+        try:
+            return path.is_file() and path.stat().st_size > 0
+        except OSError:
+            return False
+
     def done(item: _Item) -> bool:
         row = rows.get(item.file)
-        return (row is not None and not row["status"].startswith("unreadable")
-                and (out / "masks" / item.name).is_file()
-                and (not overlay or (out / "overlays" / item.name).is_file()))
+        return (row is not None and not item.reason and not row["status"].startswith("unreadable")
+                and written(out / "masks" / item.name)
+                and (not overlay or written(out / "overlays" / item.name)))
 
     todo = [it for it in items if not done(it)]
     skipped = len(items) - len(todo)
@@ -392,10 +553,19 @@ def segment_images(checkpoint: str | os.PathLike | LoadedSegmenter, inputs: str 
         rows.pop(it.file, None)
 
     meta = {"covidxray_version": __version__, "settings": settings, "model": loaded.checkpoint.get("model"),
-            "image_size": loaded.image_size, "fit": loaded.fit, "overlay": bool(overlay), "counts": None}
-    out.mkdir(parents=True, exist_ok=True)
-    _write_csv(csv_path, rows)  # first: never a CSV of older settings beside this run's segment.json
-    atomic_write_text(json_path, json.dumps(meta, indent=2) + "\n")
+            "image_size": loaded.image_size, "fit": loaded.fit, "overlay": bool(overlay), "counts": None,
+            "last_run": None}
+
+    def write_json(last_run: dict[str, int] | None) -> None:
+        meta["counts"], meta["last_run"] = _counts(rows), last_run
+        atomic_write_text(json_path, json.dumps(meta, indent=2) + "\n")
+
+    with _writing(CSV_NAME, out):
+        claim(out, KIND, KIND, settings)  # (the resume check compares segment.json's copy: older OUTs have it)
+        sweep_stale_temps(out, recursive=True)  # what a killed earlier run left half-written
+        _write_csv(csv_path, rows)  # first: never a CSV of older settings beside this run's segment.json
+        write_json(None)
+        journal = _Journal(csv_path)
 
     _ready(loaded, dev)
     size, fit = loaded.image_size, loaded.fit
@@ -407,7 +577,7 @@ def segment_images(checkpoint: str | os.PathLike | LoadedSegmenter, inputs: str 
         mask = postprocess_mask(raw) if postprocess else raw
         g = np.asarray(gray)
         stats = lung_stats(mask, g)
-        try:
+        with _writing(f"the outputs of {item.file}", out):
             if crop:
                 crop_path = out / "crops" / item.name
                 box = bounding_box(mask, crop_margin)
@@ -421,36 +591,37 @@ def segment_images(checkpoint: str | os.PathLike | LoadedSegmenter, inputs: str 
             mask_path = out / "masks" / item.name
             mask_path.parent.mkdir(parents=True, exist_ok=True)
             save_png(mask.astype(np.uint8) * 255, mask_path)
-        except OSError as exc:
-            raise CovidXrayError(f"cannot write the outputs of {item.file} in {out}: {exc}") from None
         return _row(item.file, gray.width, gray.height, stats)
+
+    def add(row: dict[str, str]) -> None:
+        rows[row["file"]] = row
+        with _writing(CSV_NAME, out):
+            journal.append(row)
 
     progress = _progress(console, len(todo))
     pending: deque[Future] = deque()
-    last_csv = time.monotonic()
     t0 = time.perf_counter()
 
     def collect(fut: Future) -> None:
         row = fut.result()
-        rows[row["file"]] = row
+        add(row)
         counts["segmented"] += 1
         counts["suspicious"] += row["status"].startswith("suspicious")
         progress.advance()
 
     def drain(limit: int) -> None:
-        nonlocal last_csv
         while len(pending) > limit:
             collect(pending.popleft())
         while pending and pending[0].done():
             collect(pending.popleft())
-        if time.monotonic() - last_csv > CSV_EVERY_S:
-            _write_csv(csv_path, rows)
-            last_csv = time.monotonic()
+        with _writing(CSV_NAME, out):
+            journal.sync()  # once per batch: the rows so far survive a kill
 
     # images decoded ahead / waiting to be written: the next batch is ready when the model wants it,
     # and memory stays bounded (originals can be large)
     ahead = batch_size + 2 * n_workers
     pool = ThreadPoolExecutor(n_workers, thread_name_prefix="covidxray-segment")
+    failed = False
     try:
         with progress:
             batch: list[tuple[_Item, Image.Image, np.ndarray]] = []
@@ -465,7 +636,7 @@ def segment_images(checkpoint: str | os.PathLike | LoadedSegmenter, inputs: str 
 
             for item, loaded_img in _prefetch(pool, lambda it: _load(it, size, fit), todo, ahead):
                 if isinstance(loaded_img, str):
-                    rows[item.file] = _row(item.file, status=f"unreadable: {loaded_img}")
+                    add(_row(item.file, status=f"unreadable: {loaded_img}"))
                     unreadable.append((item.file, loaded_img))
                     progress.advance()
                     continue
@@ -475,6 +646,9 @@ def segment_images(checkpoint: str | os.PathLike | LoadedSegmenter, inputs: str 
             if batch:
                 run_batch()
             drain(0)
+    except BaseException:
+        failed = True
+        raise
     finally:
         # Ctrl-C or an error: keep what was finished; running writes complete (they are atomic anyway)
         pool.shutdown(wait=True, cancel_futures=True)
@@ -482,32 +656,41 @@ def segment_images(checkpoint: str | os.PathLike | LoadedSegmenter, inputs: str 
             if fut.done() and not fut.cancelled() and fut.exception() is None:
                 row = fut.result()
                 rows[row["file"]] = row
-        _write_csv(csv_path, rows)
+        try:
+            with _writing(CSV_NAME, out):
+                journal.close()
+                _write_csv(csv_path, rows)  # sorted, whole
+                write_json(None)
+        except CovidXrayError:
+            if not failed:
+                raise
+            # the first error is the one to report; the rows on disk are whole up to the last batch
     seconds = time.perf_counter() - t0
     result = {"segmented": counts["segmented"], "skipped": skipped, "unreadable": unreadable,
               "suspicious": counts["suspicious"], "csv": csv_path, "out": out, "threshold": thr,
               "seconds": seconds, "images_per_s": counts["segmented"] / seconds if seconds > 0 else 0.0,
               "device": str(dev)}
-    meta["counts"] = {"rows": len(rows), "segmented": counts["segmented"], "skipped": skipped,
-                      "unreadable": len(unreadable), "suspicious": counts["suspicious"]}
-    atomic_write_text(json_path, json.dumps(meta, indent=2) + "\n")
+    with _writing(JSON_NAME, out):
+        write_json({"segmented": counts["segmented"], "skipped": skipped, "unreadable": len(unreadable),
+                    "suspicious": counts["suspicious"]})
     return result
 
 
 def _previous_rows(json_path: Path, csv_path: Path, settings: dict[str, Any]) -> dict[str, dict[str, str]]:
     """The rows of an earlier run into the same folder, after checking that its settings are these."""
     if not json_path.is_file():
+        _read_csv(csv_path)  # a segment.csv of no known run: only checked to be segment's (then redone)
         return {}
     hint = "Pass --overwrite to redo every image with the new settings, or choose another OUT"
     try:
         old = json.loads(json_path.read_text(encoding="utf-8"))["settings"]
-    except (OSError, ValueError, KeyError, TypeError):
-        raise CovidXrayError(f"{json_path} is unreadable, so the settings of the earlier run are unknown",
+        changed = [f"{k} {old.get(k)!r} -> {settings[k]!r}" for k in SETTING_KEYS if old.get(k) != settings[k]]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        raise CovidXrayError(f"{shown(json_path)} is unreadable, so the settings of the earlier run are unknown",
                              hint) from None
-    changed = [f"{k} {old.get(k)!r} -> {settings[k]!r}" for k in SETTING_KEYS if old.get(k) != settings[k]]
     if changed:
-        raise CovidXrayError(f"{json_path.parent} holds a segmentation with other settings ({'; '.join(changed)})",
-                             hint)
+        raise CovidXrayError(f"{shown(json_path.parent)} holds a segmentation with other settings "
+                             f"({'; '.join(changed)})", hint)
     return _read_csv(csv_path)
 
 
