@@ -2,9 +2,40 @@
 
 from __future__ import annotations
 
+import sys
+
 import typer
+from typer.core import TyperGroup
+
+
+class OneLineErrors(TyperGroup):
+    """The command group, with usage errors (a bad option value, a missing argument) printed as one
+    ``error:`` line naming the fix, like every other input error, instead of a usage box (exit 2)."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except typer.Abort:
+            sys.exit(130)
+        except Exception as exc:  # usage errors: a bad option value, no such option, a missing argument...
+            if not _is_click_error(exc):
+                raise
+            if type(exc).__name__ == "NoArgsIsHelpError":  # bare `covidxray`: the help was printed
+                sys.exit(0)
+            from covidxray.cli._common import fail
+
+            sys.exit(fail(f"{exc.format_message()} (see --help)").exit_code)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def _is_click_error(exc: BaseException) -> bool:
+    return any(cls.__name__ == "ClickException" for cls in type(exc).__mro__)
+
 
 app = typer.Typer(
+    cls=OneLineErrors,
     name="covidxray",
     help="Synthetic chest X-rays (GANs), classifiers, lung segmentation and evaluation for COVID-19 research.",
     no_args_is_help=True,

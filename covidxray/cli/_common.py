@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from typing import Callable, TypeVar
 
 import typer
@@ -35,7 +36,7 @@ def user_errors(func: F) -> F:
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         try:
-            return func(*args, **kwargs)
+            func(*args, **kwargs)  # a command's value is never its exit code
         except CovidXrayError as exc:
             raise fail(str(exc)) from None
         except KeyboardInterrupt:
@@ -46,6 +47,38 @@ def user_errors(func: F) -> F:
             raise typer.Exit(EXIT_INTERRUPTED) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+class Number:
+    """A command-line number that must be finite and in a declared range (one place for every numeric
+    option: ``typer.Option(5.0, parser=Number(float, gt=0, le=100))``); anything else is a usage
+    error (exit 2, one line)."""
+
+    def __init__(self, kind: type = float, *, ge: float | None = None, gt: float | None = None,
+                 le: float | None = None, lt: float | None = None):
+        self.kind, self.ge, self.gt, self.le, self.lt = kind, ge, gt, le, lt
+        self.__name__ = kind.__name__  # typer names the parameter's type after the parser
+
+    def describe(self) -> str:
+        lo = f"> {self.gt:g}" if self.gt is not None else (f">= {self.ge:g}" if self.ge is not None else "")
+        hi = f"< {self.lt:g}" if self.lt is not None else (f"<= {self.le:g}" if self.le is not None else "")
+        what = "a whole number" if self.kind is int else "a finite number"
+        return what + (f" {lo}" if lo else "") + (" and" if lo and hi else "") + (f" {hi}" if hi else "")
+
+    def __call__(self, value):
+        if isinstance(value, self.kind) and not isinstance(value, bool):
+            number = value
+        else:
+            try:
+                number = self.kind(str(value).strip())
+            except ValueError:
+                raise typer.BadParameter(f"{value!r} is not {self.describe()}")
+        ok = math.isfinite(number) and not (
+            (self.ge is not None and number < self.ge) or (self.gt is not None and number <= self.gt)
+            or (self.le is not None and number > self.le) or (self.lt is not None and number >= self.lt))
+        if not ok:
+            raise typer.BadParameter(f"{value!r} is not {self.describe()}")
+        return number
 
 
 def console():

@@ -9,12 +9,41 @@ from typing import List, Optional
 
 import typer
 
-from covidxray.cli._common import console, user_errors
+from covidxray.cli._common import Number, console, user_errors
 from covidxray.errors import CovidXrayError
+
+
+#: The options that apply to each kind of evaluation (beside --data, --split, --out, --device, --batch-size);
+#: any other option given is refused with the kind named, never ignored.
+OPTIONS = {
+    "classifier": {"mc_samples"},
+    "segmentation": {"images", "masks", "threshold", "tta", "postprocess"},
+    "generator": {"seed", "n", "repeats", "metrics", "class_", "inception_weights", "cxr_features", "fake",
+                  "skip_unreadable", "save_samples", "downstream", "classifier", "seeds", "synthetic_ratio", "epochs",
+                  "set_", "segmenter"},
+}
+_ALL = set().union(*OPTIONS.values())
+
+
+def _check_options(ctx: typer.Context, kind: str, what, family: str) -> None:
+    """Refuse the options given on the command line that do not apply to this kind of model."""
+    wrong = []
+    for param in ctx.command.params:
+        if param.name in _ALL - OPTIONS[kind] and _given(ctx, param.name):
+            wrong.append(max(param.opts, key=len))
+    if wrong:
+        raise CovidXrayError(f"{', '.join(wrong)} do(es) not apply to the {family} model in {what}",
+                             "See `covidxray evaluate --help` for the options of each kind of model")
+
+
+def _given(ctx: typer.Context, name: str) -> bool:
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
 
 
 @user_errors
 def evaluate_cmd(
+    ctx: typer.Context,
     targets: Optional[List[Path]] = typer.Argument(None, metavar="RUN_OR_CHECKPOINT",
                                                    help="Run folder (best.pt, else last.pt) or .pt file; with "
                                                         "--compare: the evaluate output folders."),
@@ -24,13 +53,15 @@ def evaluate_cmd(
                                        "--compare: the markdown file (default: print only)."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per forward pass "
-                                             "(default: 256 for classifiers, 64 for Inception features)."),
+                                             "(default: 256 for classifiers, 64 for Inception features).",
+                                             parser=Number(int, ge=1)),
     seed: int = typer.Option(0, "--seed", help="Seed of the generated draws (draw r uses seed + r) and subsets."),
     mc_samples: Optional[int] = typer.Option(None, "--mc-samples", help="Classifiers: Monte-Carlo dropout passes "
-                                             "per image (default: the run's eval.mc_samples)."),
+                                             "per image (default: the run's eval.mc_samples).", parser=Number(int, ge=1)),
     n: Optional[int] = typer.Option(None, "-n", "--num", help="Generators: images per draw (default: as many as "
-                                    "the real training images, the floor's N)."),
-    repeats: int = typer.Option(5, "--repeats", help="Generators: draws of N images (mean ± std)."),
+                                    "the real training images, the floor's N).", parser=Number(int, ge=1)),
+    repeats: int = typer.Option(5, "--repeats", help="Generators: draws of N images (mean ± std).",
+                                 parser=Number(int, ge=1)),
     metrics: str = typer.Option("fid,kid,pr,dc,memorization,diversity", "--metrics",
                                 help="Generators: comma-separated subset of fid,kid,pr,dc,memorization,diversity."),
     class_: Optional[str] = typer.Option(None, "--class", help="Conditional generators: one class, or all."),
@@ -47,10 +78,11 @@ def evaluate_cmd(
     downstream: bool = typer.Option(False, "--downstream", help="Also train classifiers on real / real + synthetic "
                                     "/ synthetic images and test them on real ones."),
     classifier: str = typer.Option("resnet18", "--classifier", help="--downstream: the classifier model."),
-    seeds: int = typer.Option(3, "--seeds", help="--downstream: seeds per arm."),
+    seeds: int = typer.Option(3, "--seeds", help="--downstream: seeds per arm.", parser=Number(int, ge=1)),
     synthetic_ratio: float = typer.Option(0.5, "--synthetic-ratio", help="--downstream: fraction of each batch "
-                                          "that is generated in arm (b)."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="--downstream: classifier epochs (default: its config)."),
+                                          "that is generated in arm (b).", parser=Number(float, gt=0, lt=1)),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="--downstream: classifier epochs (default: its config).",
+                                           parser=Number(int, ge=1)),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="--downstream: classifier override key=value, repeatable."),
     compare: bool = typer.Option(False, "--compare", help="Build one markdown table from the given evaluate output "
                                  "folders (-o FILE to write it)."),
@@ -59,7 +91,7 @@ def evaluate_cmd(
     masks: Optional[Path] = typer.Option(None, "--masks", help="Segmenters: the ground-truth masks of --images, "
                                          "paired by file name."),
     threshold: Optional[float] = typer.Option(None, "--threshold", help="Segmenters: lung probability threshold "
-                                              "(default: the run's eval.threshold)."),
+                                              "(default: the run's eval.threshold).", parser=Number(float, gt=0, lt=1)),
     tta: bool = typer.Option(False, "--tta", help="Segmenters: test-time augmentation (mean with the mirror image)."),
     postprocess: bool = typer.Option(True, "--postprocess/--no-postprocess", help="Segmenters: keep the two largest "
                                      "components and fill holes, as `segment` does."),
@@ -76,6 +108,8 @@ def evaluate_cmd(
     of a classifier trained with synthetic images. Writes OUT/metrics.json and a report.
     """
     targets = list(targets or [])
+    if fake is not None:
+        _check_options(ctx, "generator", fake, "--fake images")
     con = console()
     log = lambda msg: con.print(msg, highlight=False, soft_wrap=True, markup=False)  # noqa: E731
     if compare:
@@ -105,14 +139,8 @@ def evaluate_cmd(
 
         ckpt = load_checkpoint(target, prefer_best=True)
         family = ckpt.get("family", "gan")
-        others = {"--downstream": downstream, "--segmenter": segmenter is not None, "-n": n is not None, "--class": class_ is not None,
-                  "--cxr-features": cxr_features is not None, "--save-samples": save_samples,
-                  "--mc-samples": mc_samples is not None, "--skip-unreadable": skip_unreadable}
-        seg_only = {"--threshold": threshold is not None, "--tta": tta, "--no-postprocess": not postprocess}
-        wrong = [k for k, v in (others if family == "segmentation" else seg_only).items() if v]
-        if wrong:
-            raise CovidXrayError(f"{', '.join(wrong)} do(es) not apply to the {family} model in {ckpt['path']}",
-                                 "See `covidxray evaluate --help` for the options of each kind of model")
+        kind = family if family in ("segmentation", "classifier") else "generator"
+        _check_options(ctx, kind, ckpt["path"], family)
         if family == "segmentation":
             return _segmenter(con, log, target, data, split, images, masks, out, device, batch_size or 32, threshold,
                               tta, postprocess, ckpt)

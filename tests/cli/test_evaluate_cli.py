@@ -83,7 +83,7 @@ def test_evaluate_warns_when_scoring_the_training_images(cli, clf_run, demo_prep
     ([], "--data is required"),
     (["--data", "/nonexistent/prepared"], "does not exist"),
     (["--data", "DEMO", "--split", "holdout"], "--split must be train, val or test"),
-    (["--data", "DEMO", "--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--data", "DEMO", "--batch-size", "0"], "--batch-size': '0' is not a whole number >= 1"),
 ])
 def test_evaluate_input_errors_are_one_line(cli, clf_run, demo_prepared, args, message):
     args = [str(demo_prepared) if a == "DEMO" else a for a in args]
