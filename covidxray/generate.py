@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +47,7 @@ class LoadedGenerator:
 
     @torch.no_grad()
     def sample(self, n: int, seed: int = 0, batch_size: int = 256, device: str | torch.device = "cpu",
-               label: int | None = None, temperature: float = 1.0) -> torch.Tensor:
+               label: int | None = None, temperature: float = 1.0, only=None) -> torch.Tensor:
         """``n`` uint8 images (n x 1 x S x S); the same seed (and label) gives the same images.
 
         Args:
@@ -56,15 +57,21 @@ class LoadedGenerator:
             device: where to run G.
             label: class index for a conditional model (required there, refused otherwise).
             temperature: scale of the latents (1 = the prior; < 1 trades diversity for typical images).
+            only: indices (in ``range(n)``) of the images to draw; image i is the same with or without
+                ``only`` (all ``n`` latents are drawn, G runs in eval mode), so an interrupted ``sample``
+                resumes exactly.
         """
-        if temperature <= 0:
-            raise CovidXrayError(f"--temperature must be > 0, got {temperature:g}")
+        if not (math.isfinite(temperature) and temperature > 0):
+            raise CovidXrayError(f"--temperature must be a finite number > 0, got {temperature:g}")
         if self.conditional and label is None:
             raise CovidXrayError(f"model '{self.cfg.model.name}' is class-conditional: choose a class "
                                  f"({', '.join(self.classes)} or all)")
         gen = torch.Generator().manual_seed(seed)
         z = torch.randn(n, self.cfg.arch.latent_dim, generator=gen) * temperature
         y = torch.full((n,), label, dtype=torch.long) if self.conditional else None
+        if only is not None:
+            idx = torch.as_tensor(list(only), dtype=torch.long)
+            z, y = z[idx], (y[idx] if y is not None else None)
         return generate_images(self.G.to(device), z, y, device, batch_size)
 
 
@@ -126,8 +133,14 @@ def _load_vae_decoder(ckpt: dict) -> LoadedGenerator:
     return LoadedGenerator(net.decoder, cfg, "net", ckpt)
 
 
-def write_samples(images: torch.Tensor, out: Path, prefix: str = "sample") -> list[Path]:
-    """Write each uint8 image as ``<out>/<prefix>_00000.png`` … (atomically)."""
+def sample_name(i: int, prefix: str = "sample") -> str:
+    """The file name of image ``i`` of a ``sample`` folder."""
+    return f"{prefix}_{i:05d}.png"
+
+
+def write_samples(images: torch.Tensor, out: Path, prefix: str = "sample", indices=None) -> list[Path]:
+    """Write each uint8 image as ``<out>/<prefix>_00000.png`` … (atomically; ``indices`` name them)."""
     from covidxray.data.imaging import save_png
 
-    return [save_png(img[0], out / f"{prefix}_{i:05d}.png") for i, img in enumerate(images)]
+    indices = range(len(images)) if indices is None else indices
+    return [save_png(img[0], out / sample_name(i, prefix)) for i, img in zip(indices, images)]

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from covidxray.cli._common import console, user_errors
+from covidxray.cli._common import Number, console, user_errors
 from covidxray.errors import CovidXrayError
 
 
@@ -15,17 +16,20 @@ from covidxray.errors import CovidXrayError
 def sample_cmd(
     checkpoint: Path = typer.Argument(..., help="Checkpoint .pt file, or a run folder (uses checkpoints/last.pt) of a GAN, vae or cvae."),
     out: Path = typer.Argument(..., help="Folder for the PNGs."),
-    n: int = typer.Option(64, "-n", "--num", help="Number of images."),
+    n: int = typer.Option(64, "-n", "--num", help="Number of images.", parser=Number(int, ge=1)),
     seed: int = typer.Option(0, "--seed", help="Latent seed: the same seed gives the same images."),
     grid: bool = typer.Option(False, "--grid", help="Also write grid.png with all images."),
     class_: Optional[str] = typer.Option(None, "--class", help="Conditional models: a class name or 'all' "
                                          "(N images per class, one folder each) [default: all; pix2pix --from-data: "
                                          "each mask's own class]."),
-    batch_size: int = typer.Option(256, "--batch-size", help="Images generated per forward pass."),
+    batch_size: int = typer.Option(256, "--batch-size", help="Images generated per forward pass.",
+                                   parser=Number(int, ge=1)),
     temperature: float = typer.Option(1.0, "--temperature", help="Scale of the latent draws (1 = the prior; "
-                                      "< 1: more typical, less diverse images)."),
+                                      "< 1: more typical, less diverse images).", parser=Number(float, gt=0, le=100)),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Allow writing into a folder that already holds samples."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Draw anew into a folder that holds samples of other "
+                                   "settings (their sample_*.png files are replaced; nothing else is touched). "
+                                   "Without it, the same command resumes an interrupted run."),
     reconstruct: Optional[Path] = typer.Option(None, "--reconstruct", help="Autoencoders: reconstruct the X-rays of "
                                                "this folder instead (input | reconstruction PNGs, reconstruct.csv)."),
     from_data: Optional[Path] = typer.Option(None, "--from-data", help="pix2pix: translate the masks of this prepared "
@@ -33,17 +37,25 @@ def sample_cmd(
     split: str = typer.Option("train", "--split", help="--from-data: the split whose masks are used."),
     masks: Optional[Path] = typer.Option(None, "--masks", help="pix2pix: translate a folder of mask images instead."),
     deform: bool = typer.Option(False, "--deform", help="pix2pix: deform each mask smoothly first (new anatomies)."),
-    copies: int = typer.Option(1, "--copies", help="pix2pix: pairs per mask (each deformed and drawn anew)."),
+    copies: int = typer.Option(1, "--copies", help="pix2pix: pairs per mask (each deformed and drawn anew).",
+                               parser=Number(int, ge=1)),
     mix: bool = typer.Option(False, "--mix", help="pix2pix --from-data: also copy the real training images into OUT "
                              "(real + synthetic pairs)."),
     images: Optional[Path] = typer.Option(None, "--images", help="pix2pix colorize runs: render the X-rays of this "
                                           "folder in pseudo-colour."),
 ) -> None:
     """Generate N grayscale PNGs at the training size from a GAN (its EMA generator when it has one) or a VAE's
-    prior."""
+    prior.
+
+    An interrupted run (Ctrl-C, a kill) resumes when the same command is run again: the images already written
+    are kept and the others drawn, the same as an uninterrupted run would have written them.
+    """
+    import torch
+
     from covidxray.data.grids import grid_nrow, save_grid
-    from covidxray.generate import load_generator, write_samples
-    from covidxray.utils import resolve_device
+    from covidxray.generate import load_generator, sample_name, write_samples
+    from covidxray.outdir import check_output_dir, claim, read_marker
+    from covidxray.utils import resolve_device, sweep_stale_temps
 
     if images is not None:
         from covidxray.synthesize import colorize_folder
@@ -69,13 +81,8 @@ def sample_cmd(
         return
     if reconstruct is not None:
         return _reconstruct(checkpoint, reconstruct, out, class_, batch_size, device, grid, temperature)
-    if n < 1:
-        raise CovidXrayError(f"-n must be at least 1, got {n}")
-    if batch_size < 1:
-        raise CovidXrayError(f"--batch-size must be at least 1, got {batch_size}")
-    if out.exists() and not out.is_dir():
-        raise CovidXrayError(f"{out} exists and is not a folder", "Pass a folder path for OUT")
     loaded = load_generator(checkpoint)
+    check_output_dir(out, "sample", legacy=("sample_*.png", "grid.png", *loaded.classes), option="OUT")
     dev = resolve_device(device)
     if loaded.conditional:
         names = loaded.classes if class_ in (None, "all") else [class_]
@@ -84,20 +91,47 @@ def sample_cmd(
         if class_ is not None:
             loaded.label_index(class_)  # raises: not a conditional model
         jobs = [(None, out, None)]
+    settings = {"checkpoint": str(Path(loaded.checkpoint["path"]).resolve()), "step": int(loaded.checkpoint.get("step", 0)),
+                "weights": loaded.weights, "n": n, "seed": seed, "temperature": temperature,
+                "classes": [name for name, _, _ in jobs]}
+    old = read_marker(out)
+    if old is not None and old.get("settings") not in (None, settings) and not overwrite:
+        diff = ", ".join(f"{k} {old['settings'].get(k)} -> {v}" for k, v in settings.items()
+                         if old["settings"].get(k) != v)
+        raise CovidXrayError(f"{out} holds samples drawn with other settings ({diff})",
+                             "Run the earlier command again to resume it, choose another OUT, or pass --overwrite")
+    if old is None and not overwrite:  # a folder of samples written before the marker: settings unknown
+        for name, folder, label in jobs:
+            if folder.is_dir() and any(folder.glob("sample_*.png")):
+                raise CovidXrayError(f"{folder} already holds sample_*.png files", "Choose another OUT or pass --overwrite")
     con = console()
+    sweep_stale_temps(out)
+    if overwrite or old is None or old.get("settings") != settings:  # a new draw: earlier samples go
+        for name, folder, label in jobs:
+            for stale in folder.glob("sample_*.png") if folder.is_dir() else []:
+                stale.unlink()
+            with contextlib.suppress(FileNotFoundError):
+                (folder / "grid.png").unlink()
+    claim(out, "sample", "sample", settings)
     for name, folder, label in jobs:
-        if folder.is_dir() and any(folder.glob("sample_*.png")) and not overwrite:
-            raise CovidXrayError(f"{folder} already holds sample_*.png files", "Choose another OUT or pass --overwrite")
-    for name, folder, label in jobs:
-        images = loaded.sample(n, seed=seed, batch_size=batch_size, device=dev, label=label, temperature=temperature)
         folder.mkdir(parents=True, exist_ok=True)
-        if overwrite:  # do not leave stale extra files of an earlier, larger -n
-            for old in folder.glob("sample_*.png"):
-                old.unlink()
-        write_samples(images, folder)
+        sweep_stale_temps(folder)
+        todo = [i for i in range(n) if not (folder / sample_name(i)).is_file()]
+        for k in range(0, len(todo), batch_size):  # written batch by batch: an interrupt loses one batch at most
+            chunk = todo[k:k + batch_size]
+            images = loaded.sample(n, seed=seed, batch_size=batch_size, device=dev, label=label,
+                                   temperature=temperature, only=chunk)
+            write_samples(images, folder, indices=chunk)
         what = f"class {name}, " if name else ""
-        msg = f"wrote {n} images ({what}{loaded.cfg.data.image_size} px, weights {loaded.weights}, seed {seed}) to {folder}"
+        resumed = f", {n - len(todo)} already there" if len(todo) < n else ""
+        msg = (f"wrote {len(todo)} images{resumed} ({what}{loaded.cfg.data.image_size} px, weights {loaded.weights}, "
+               f"seed {seed}) to {folder}")
         if grid:
+            import numpy as np
+            from PIL import Image
+
+            images = torch.stack([torch.from_numpy(np.asarray(Image.open(folder / sample_name(i)).convert("L")))[None]
+                                  for i in range(n)])  # the PNGs are lossless: the same images, also after a resume
             msg += f"; grid {save_grid(images, folder / 'grid.png', nrow=grid_nrow(n))}"
         con.print(msg, highlight=False)
 
