@@ -25,6 +25,7 @@ Writes go to a temporary file that is renamed, so ``last.pt`` is always whole.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,28 @@ def resolve_checkpoint_path(path: str | os.PathLike, prefer_best: bool = False) 
     return path
 
 
+#: What every checkpoint holds (format 1 and 2), checked on loading: a file with the marker but without
+#: these is damaged, and says so instead of failing later on a missing key.
+REQUIRED = {"config": dict, "models": dict}
+
+
+def _sibling_hint(path: Path) -> str:
+    """The fix for an unreadable checkpoint: the other of last.pt/best.pt when it is intact."""
+    other = {"last.pt": "best.pt", "best.pt": "last.pt"}.get(path.name)
+    if other and (path.parent / other).is_file():
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                blob = torch.load(path.parent / other, map_location="cpu", weights_only=True)
+            if isinstance(blob, dict) and blob.get("format") == FORMAT and isinstance(blob.get("config"), dict):
+                return (f"{path.parent / other} beside it is intact (epoch {blob.get('epoch', '?')}, step "
+                        f"{blob.get('step', '?')}): evaluate or sample that file, or copy it over {path.name} to resume "
+                        f"from it")
+        except Exception:
+            pass
+    return "Pass a checkpoint written by `covidxray train` (checkpoints/last.pt or best.pt of a run folder)"
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu",
                     prefer_best: bool = False) -> dict[str, Any]:
     """Load and check a checkpoint (file or run folder); clear errors for anything else.
@@ -75,11 +98,18 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     """
     path = resolve_checkpoint_path(path, prefer_best)
     try:
-        blob = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch warns about the pickle protocol of files it then refuses
+            warnings.simplefilter("ignore")
+            blob = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # truncated file, not a torch file, pickled code...
-        raise CovidXrayError(f"{path} is not a readable covidxray checkpoint ({type(exc).__name__})") from None
+        raise CovidXrayError(f"{path} is not a readable covidxray checkpoint ({type(exc).__name__}: damaged, "
+                             f"truncated or not written by covidxray)", _sibling_hint(path)) from None
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
-        raise CovidXrayError(f"{path} is not a covidxray checkpoint (no '{FORMAT}' marker)")
+        raise CovidXrayError(f"{path} is not a covidxray checkpoint (no '{FORMAT}' marker)", _sibling_hint(path))
+    missing = [k for k, typ in REQUIRED.items() if not isinstance(blob.get(k), typ)]
+    if missing:
+        raise CovidXrayError(f"{path} is a damaged covidxray checkpoint: it has no valid {', '.join(missing)}",
+                             _sibling_hint(path))
     if blob.get("format_version", 0) > FORMAT_VERSION:
         raise CovidXrayError(
             f"{path} has checkpoint format {blob['format_version']} (written by covidxray "

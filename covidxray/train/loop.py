@@ -27,6 +27,7 @@ after ``eval.patience`` evaluations without improvement.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
@@ -50,7 +51,7 @@ from covidxray.train import distributed
 from covidxray.train.graphs import StepGraphs
 from covidxray.train.optim import load_optimizer
 from covidxray.train.tasks import get_task
-from covidxray.utils import atomic_write_text, cpu_has_native_bf16, resolve_device, seed_everything
+from covidxray.utils import atomic_write_text, cpu_has_native_bf16, resolve_device, seed_everything, sweep_stale_temps
 
 
 def new_run_dir(out: str | Path, model: str) -> Path:
@@ -551,6 +552,9 @@ class Trainer:
                      f"seed {cfg.train.seed}")
         else:
             self.log(f"resuming {self.run_dir} at epoch {s.epoch}, step {s.step} (batch {s.batch_in_epoch}), to epoch {total}")
+        if main:  # temporaries of a run killed while writing (a checkpoint, the stats) go
+            for folder in (self.run_dir, self.run_dir / "checkpoints", self.run_dir / "samples"):
+                sweep_stale_temps(folder)
 
         meter, epoch_meter = self.interval_meter, self.epoch_meter
         t_log = time.perf_counter()
@@ -767,14 +771,18 @@ def _fit(trainer: Trainer, d) -> bool:
 def start_run(cfg: Config, console=None, on_step=None) -> tuple[Trainer, bool]:
     """Create a run folder for ``cfg`` and train it (under torchrun: rank 0 creates it, every rank trains)."""
     with _distributed(cfg) as d:
+        parent_existed = Path(cfg.out).exists()
         run_dir = Path(d.broadcast(str(new_run_dir(cfg.out, cfg.model.name)) if d.is_main else None))
         try:
             trainer = Trainer(cfg, run_dir, console=console if d.is_main else None, on_step=on_step)
         except BaseException:
             # Nothing was trained: do not leave a run folder behind (at most the data-loading lines of
-            # log.txt were written; the error itself is shown to the user).
+            # log.txt were written; the error itself is shown to the user), nor the runs/ folder made for it.
             if d.is_main and {p.name for p in run_dir.iterdir()} <= {"log.txt"}:
                 shutil.rmtree(run_dir, ignore_errors=True)
+                if not parent_existed:
+                    with contextlib.suppress(OSError):
+                        Path(cfg.out).rmdir()
             raise
         return trainer, _fit(trainer, d)
 
