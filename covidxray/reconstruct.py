@@ -25,7 +25,8 @@ from covidxray.data.datasets import to_float, to_uint8
 from covidxray.errors import CovidXrayError
 from covidxray.metrics import image as IM
 from covidxray.models.registry import build_from_checkpoint
-from covidxray.utils import atomic_write_text, resolve_device
+from covidxray.outdir import OutputDir
+from covidxray.utils import resolve_device
 
 CSV_COLUMNS = ("file", "mse", "psnr", "ssim", "status")
 
@@ -54,6 +55,8 @@ def reconstruct_folder(checkpoint: str | os.PathLike, inputs: str | os.PathLike,
         raise CovidXrayError(f"--batch-size must be at least 1, got {batch_size}")
     if not inputs.exists():
         raise CovidXrayError(f"--reconstruct {inputs} does not exist", "Pass a folder (or file) of X-rays")
+    od = OutputDir(out, "reconstruct", legacy=("reconstruct.csv",), inputs=[inputs] if inputs.is_dir() else [],
+                   command="sample")
     net, cfg, ckpt = load_autoencoder(checkpoint)
     classes = list(ckpt.get("classes", []))
     label = None
@@ -85,8 +88,7 @@ def reconstruct_folder(checkpoint: str | os.PathLike, inputs: str | os.PathLike,
             rows[rel] = {"file": rel, "mse": "", "psnr": "", "ssim": "", "status": f"unreadable: {exc}"}
             continue
         ok.append((rel, np.asarray(imaging.fit_image(gray, size, fit))))
-    out.mkdir(parents=True, exist_ok=True)
-    with torch.no_grad():
+    with od.writing(last=("reconstruct.csv",)) as tmp, torch.no_grad():
         for i in range(0, len(ok), batch_size):
             chunk = ok[i:i + batch_size]
             x_u8 = torch.from_numpy(np.stack([a for _, a in chunk]))[:, None]
@@ -98,18 +100,18 @@ def reconstruct_folder(checkpoint: str | os.PathLike, inputs: str | os.PathLike,
             rec_u8 = to_uint8(recon).cpu()
             for j, (rel, arr) in enumerate(chunk):
                 pair = np.concatenate([arr, np.full((size, 2), 0, np.uint8), rec_u8[j, 0].numpy()], axis=1)
-                target = out / Path(rel).with_suffix(".png")
+                target = tmp / Path(rel).with_suffix(".png")
                 target.parent.mkdir(parents=True, exist_ok=True)
                 imaging.save_png(Image.fromarray(pair, mode="L"), target)
                 rows[rel] = {"file": rel, "mse": f"{float(m[j]):.6f}", "psnr": f"{float(p[j]):.3f}",
                              "ssim": f"{float(s[j]):.5f}", "status": "ok"}
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
-    w.writeheader()
-    for rel in sorted(rows):
-        w.writerow(rows[rel])
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
+        w.writeheader()
+        for rel in sorted(rows):
+            w.writerow(rows[rel])
+        (tmp / "reconstruct.csv").write_text(buf.getvalue(), encoding="utf-8")
     csv_path = out / "reconstruct.csv"
-    atomic_write_text(csv_path, buf.getvalue())
     bad = [(r["file"], r["status"][len("unreadable: "):]) for r in rows.values() if r["status"] != "ok"]
     done = [r for r in rows.values() if r["status"] == "ok"]
     return {"reconstructed": len(done), "unreadable": bad, "csv": csv_path, "out": out, "model": cfg.model.name,

@@ -291,6 +291,7 @@ def colorize_folder(checkpoint: str | os.PathLike, images: str | os.PathLike, ou
     folder, out = Path(images), Path(out)
     if not folder.exists():
         raise CovidXrayError(f"--images {folder} does not exist", "Pass a folder of X-rays")
+    od = OutputDir(out, "colorize", inputs=[folder] if folder.is_dir() else [], command="sample")
     files = [folder] if folder.is_file() else sorted(
         p for p in folder.rglob("*") if p.is_file() and imaging.is_image_name(p.name))
     if not files:
@@ -311,11 +312,11 @@ def colorize_folder(checkpoint: str | os.PathLike, images: str | os.PathLike, ou
     dev = resolve_device(device)
     G = G.to(dev)
     torch.manual_seed(seed)  # G's dropout noise
-    with torch.no_grad():
+    with od.writing(last=()) as tmp, torch.no_grad():
         for i in range(0, len(arrays), batch_size):
             x = torch.from_numpy(np.stack(arrays[i:i + batch_size]))[:, None]
             rgb = to_uint8(G(to_float(x.to(dev)))).cpu()
             for j, name in enumerate(names[i:i + batch_size]):
-                (out / name).parent.mkdir(parents=True, exist_ok=True)
-                save_rgb(rgb[j].permute(1, 2, 0).numpy(), out / name)
+                (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+                save_rgb(rgb[j].permute(1, 2, 0).numpy(), tmp / name)
     return {"colorized": len(names), "unreadable": bad, "out": str(out)}

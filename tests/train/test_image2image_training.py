@@ -158,7 +158,7 @@ def test_sample_from_data_writes_paired_synthetic_data_that_a_unet_trains_on(p2p
     r = CliRunner().invoke(app, ["sample", str(run.run_dir), str(tmp_path / "x"), "-n", "2"])
     assert r.exit_code == 2 and "--from-data" in r.output
     r = CliRunner().invoke(app, ["sample", str(run.run_dir), str(out), "--from-data", str(demo_prepared)])
-    assert r.exit_code == 2 and "not empty" in r.output
+    assert r.exit_code == 2 and "already holds synthetic pairs" in r.output
 
 
 def test_deformed_masks_stay_binary_with_about_the_same_area(demo_prepared):
