@@ -15,12 +15,14 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from covidxray.cli._common import console, user_errors
+from covidxray.cli._common import Number, console, user_errors
 from covidxray.errors import CovidXrayError
 
 DEFAULT_SIZE = 224
 DEFAULT_DEMO_SIZE = 128
 DEFAULT_PER_CLASS = 120
+#: The --size range (covidxray.data.prepare.MIN_SIZE/MAX_SIZE, not imported: the CLI starts without it).
+MIN_SIZE, MAX_SIZE = 8, 8192
 
 
 class Fit(str, Enum):
@@ -38,17 +40,23 @@ def prepare_cmd(
         help="Output folder (created; rerun the same command to resume an interrupted run).",
         metavar="OUT", show_default=False)] = None,
     size: Annotated[Optional[int], typer.Option(
-        "--size", help=f"Square output side in pixels (default: {DEFAULT_SIZE}; {DEFAULT_DEMO_SIZE} with --demo).",
-        show_default=False)] = None,
+        "--size", help=f"Square output side in pixels, {MIN_SIZE}..{MAX_SIZE} (default: {DEFAULT_SIZE}; "
+                       f"{DEFAULT_DEMO_SIZE} with --demo).",
+        show_default=False, parser=Number(int, ge=MIN_SIZE, le=MAX_SIZE))] = None,
     fit: Annotated[Optional[Fit], typer.Option(
         "--fit", help="stretch (ignore aspect), pad (letterbox with black) or crop (centre square) "
                       "(default: stretch).", show_default=False, case_sensitive=False)] = None,
-    val: Annotated[float, typer.Option("--val", help="Validation fraction per class.")] = 0.1,
-    test: Annotated[float, typer.Option("--test", help="Test fraction per class.")] = 0.1,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the split (and of the demo phantoms).")] = 0,
+    val: Annotated[float, typer.Option(
+        "--val", help="Validation fraction per class, 0 <= val < 1 (val + test < 1).",
+        parser=Number(float, ge=0, lt=1))] = 0.1,
+    test: Annotated[float, typer.Option(
+        "--test", help="Test fraction per class, 0 <= test < 1 (val + test < 1).",
+        parser=Number(float, ge=0, lt=1))] = 0.1,
+    seed: Annotated[int, typer.Option(
+        "--seed", help="Seed of the split (and of the demo phantoms), >= 0.", parser=Number(int, ge=0))] = 0,
     workers: Annotated[Optional[int], typer.Option(
-        "--workers", help="Decoding processes (default: all cores); 1 runs in this process.",
-        show_default=False)] = None,
+        "--workers", help="Decoding processes, >= 1 (default: all cores); 1 runs in this process.",
+        show_default=False, parser=Number(int, ge=1))] = None,
     classes: Annotated[Optional[str], typer.Option(
         "--classes", help="Comma-separated subset of classes, e.g. covid,normal (default: all found).",
         show_default=False)] = None,
@@ -57,8 +65,8 @@ def prepare_cmd(
     demo: Annotated[bool, typer.Option(
         "--demo", help="Write synthetic phantoms (not medical data) instead of reading SRC.")] = False,
     per_class: Annotated[Optional[int], typer.Option(
-        "--per-class", help=f"Phantoms per class with --demo (default: {DEFAULT_PER_CLASS}).",
-        show_default=False)] = None,
+        "--per-class", help=f"Phantoms per class with --demo, >= 1 (default: {DEFAULT_PER_CLASS}).",
+        show_default=False, parser=Number(int, ge=1))] = None,
 ) -> None:
     """Prepare chest X-rays: detect the layout, convert to 8-bit gray, resize, split train/val/test.
 
@@ -66,6 +74,7 @@ def prepare_cmd(
 
     Rerun the same command to resume an interrupted run. The layout contract: docs/data.md.
     """
+    from covidxray.data.layouts import shown
     from covidxray.data.prepare import prepare, prepare_demo
 
     con = console()
@@ -109,7 +118,7 @@ def prepare_cmd(
     table, details = summary_tables(info)
     con.print(table)
     con.print(details)
-    con.print(f"prepared: {target}", highlight=False, soft_wrap=True)
+    con.print(f"prepared: {shown(target)}", highlight=False, soft_wrap=True, markup=False)
 
 
 def summary_tables(info: dict[str, Any]):
@@ -144,6 +153,9 @@ def summary_tables(info: dict[str, Any]):
     details.add_row("layout", f"{info['layout']} ({info.get('layout_description', '')})")
     details.add_row("images found", str(info.get("images_found", "?")))
     details.add_row("rejected files", f"{info['rejected']} (listed in rejected.csv)")
+    if info.get("unreadable_folders"):
+        details.add_row("unreadable folders (rejected)", f"{info['unreadable_folders']} (their files were not "
+                                                        "prepared; listed in rejected.csv)")
     details.add_row("images without mask", str(info.get("images_without_mask", "?")))
     details.add_row("ignored non-image files", str(info.get("ignored_files", 0)))
     details.add_row("duplicate groups (kept in one split)", str(info["duplicates"]))

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import os
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -31,6 +33,14 @@ from covidxray.utils import atomic_path
 
 CACHE_DIR = ".cache"
 CACHE_FORMAT = 1
+SPLITS = ("train", "val", "test")
+#: The fix for a prepared folder whose files were changed after ``prepare`` (deleted, damaged).
+REPREPARE = "Run `covidxray prepare` again into a new folder (or restore the folder from a copy)"
+
+
+def _show(path: str | os.PathLike) -> str:
+    """A path for a message (undecodable bytes of a name shown as \\xNN, never raising)."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def read_prepared_info(root: str | os.PathLike) -> dict:
@@ -53,10 +63,15 @@ def read_prepared_info(root: str | os.PathLike) -> dict:
         raise CovidXrayError(f"{root} is not a prepared data folder (no prepare.json)", hint)
     try:
         info = json.loads(info_path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CovidXrayError(f"{info_path} is unreadable ({exc})", "Run `covidxray prepare` again") from None
+    except (OSError, ValueError) as exc:  # ValueError: also a UnicodeDecodeError of a damaged file
+        raise CovidXrayError(f"{_show(info_path)} is unreadable ({exc})", REPREPARE) from None
+    if not isinstance(info, dict):
+        raise CovidXrayError(f"{_show(info_path)} is damaged (not a JSON object)", REPREPARE)
     if not info.get("complete"):
         raise CovidXrayError(f"{root} holds an incomplete preparation", "Run the same prepare command again to finish it")
+    size = info.get("size")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1 or not isinstance(info.get("classes", []), list):
+        raise CovidXrayError(f"{_show(info_path)} is damaged (no valid size/classes)", REPREPARE)
     return info
 
 
@@ -92,14 +107,7 @@ def read_records(root: str | os.PathLike, split: str, classes: Sequence[str] | N
                 "Fix --classes / data.classes",
             )
         all_classes = sorted(set(classes))
-    manifest = root / "manifest.csv"
-    if not manifest.is_file():
-        raise CovidXrayError(f"{manifest} is missing", "Run `covidxray prepare` again for this folder")
-    records = []
-    with manifest.open(newline="", encoding="utf-8") as fh:
-        for row in csv.DictReader(fh):
-            if row["split"] == split and row["class"] in all_classes:
-                records.append(Record(row["split"], row["class"], row["file"], row.get("mask") or ""))
+    records = [r for r in read_manifest(root, info) if r.split == split and r.label in all_classes]
     records.sort(key=lambda r: (r.label, r.file))
     if not records:
         raise CovidXrayError(
@@ -109,19 +117,94 @@ def read_records(root: str | os.PathLike, split: str, classes: Sequence[str] | N
     return records, all_classes
 
 
+def _safe_rel(value: str) -> bool:
+    """A manifest path: relative, inside the prepared folder."""
+    p = Path(value)
+    return bool(value) and not p.is_absolute() and ".." not in p.parts
+
+
+def read_manifest(root: str | os.PathLike, info: dict | None = None) -> list[Record]:
+    """Every row of ``manifest.csv`` of a prepared folder, checked.
+
+    A manifest that cannot be decoded, lacks the ``split``/``class``/``file`` columns, has a row with
+    too few or too many fields (a truncated or garbled file), a path outside the folder, or rows that
+    do not add up to the counts of ``prepare.json`` is one :class:`CovidXrayError` naming the file and
+    the line, never a traceback.
+    """
+    root = Path(root)
+    info = read_prepared_info(root) if info is None else info
+    manifest = root / "manifest.csv"
+    if not manifest.is_file():
+        raise CovidXrayError(f"{_show(manifest)} is missing", REPREPARE)
+
+    def damaged(what: str) -> CovidXrayError:
+        return CovidXrayError(f"{_show(manifest)} is damaged ({what})", REPREPARE)
+
+    try:
+        text = manifest.read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise CovidXrayError(f"cannot read {_show(manifest)} ({exc.strerror or exc})", REPREPARE) from None
+    except UnicodeDecodeError as exc:
+        raise damaged(f"not UTF-8 text at byte {exc.start}") from None
+    records: list[Record] = []
+    try:
+        reader = csv.DictReader(io.StringIO(text, newline=""), restkey="\0extra")
+        columns = reader.fieldnames or []
+        missing = [c for c in ("split", "class", "file") if c not in columns]
+        if missing:
+            raise damaged(f"no {', '.join(missing)} column")
+        for row in reader:
+            line = reader.line_num
+            extra = row.pop("\0extra", None)
+            if extra is not None:
+                raise damaged(f"line {line} has {len(columns) + len(extra)} fields instead of {len(columns)}")
+            if any(v is None for v in row.values()):
+                raise damaged(f"line {line} is cut short")
+            if row["split"] not in SPLITS or not row["class"] or not _safe_rel(row["file"]):
+                raise damaged(f"line {line} is not a valid row")
+            mask = row.get("mask") or ""
+            if mask and not _safe_rel(mask):
+                raise damaged(f"line {line} is not a valid row")
+            records.append(Record(row["split"], row["class"], row["file"], mask))
+    except csv.Error as exc:
+        raise damaged(str(exc)) from None
+    counts = info.get("counts")
+    if isinstance(counts, dict) and all(isinstance(c, dict) for c in counts.values()):
+        expected = Counter({(s, c): n for s, per in counts.items() for c, n in per.items()
+                            if isinstance(n, int) and n > 0})
+        found = Counter((r.split, r.label) for r in records)
+        if found != expected:
+            raise damaged(f"{len(records)} rows for the {sum(expected.values())} images of prepare.json")
+    return records
+
+
+def _missing(path: Path) -> CovidXrayError:
+    return CovidXrayError(
+        f"{_show(path)} is listed in manifest.csv but missing (deleted or moved after `covidxray prepare`?)",
+        REPREPARE,
+    )
+
+
+def check_files(root: str | os.PathLike, records: Sequence[Record]) -> None:
+    """Refuse, naming the first, files of ``records`` (images and masks) that are gone from ``root``."""
+    root = Path(root)
+    for rec in records:
+        for rel in (rec.file, rec.mask):
+            if rel and not (root / rel).is_file():
+                raise _missing(root / rel)
+
+
 def _load_gray(path: Path, size: int | None) -> np.ndarray:
     try:
         with Image.open(path) as im:
             im.load()
             arr = np.array(im.convert("L"))  # a writable copy (torch.from_numpy needs one)
     except FileNotFoundError:
-        raise CovidXrayError(f"{path} is listed in manifest.csv but missing", "Run `covidxray prepare` again") from None
-    except OSError as exc:
-        raise CovidXrayError(f"{path} is not a readable image ({exc})", "Run `covidxray prepare` again") from None
+        raise _missing(path) from None
+    except (OSError, ValueError) as exc:  # PIL: UnidentifiedImageError (OSError), truncated data, bad modes
+        raise CovidXrayError(f"{_show(path)} is not a readable image ({exc})", REPREPARE) from None
     if size is not None and arr.shape != (size, size):
-        raise CovidXrayError(
-            f"{path} is {arr.shape[1]}x{arr.shape[0]}, expected {size}x{size}", "Run `covidxray prepare` again"
-        )
+        raise CovidXrayError(f"{_show(path)} is {arr.shape[1]}x{arr.shape[0]}, expected {size}x{size}", REPREPARE)
     return arr
 
 
@@ -153,6 +236,7 @@ class PreparedDataset(torch.utils.data.Dataset):
         self.info = read_prepared_info(self.root)
         self.size = int(self.info["size"])
         self.records, self.classes = read_records(self.root, split, classes)
+        check_files(self.root, self.records)  # now, not in the middle of the first epoch
         self.transform = transform
         self.as_float = as_float
 
@@ -243,11 +327,19 @@ def _cache_key(root: Path, records: list[Record], classes: list[str], size: int,
     # Any change of the file list, a file's size or mtime, the classes or the size
     # gives a new key, so a stale cache is never used.
     h = hashlib.sha256(f"{CACHE_FORMAT}|{size}|{','.join(classes)}".encode())
+    def stat(rel: str) -> os.stat_result:
+        try:
+            return (root / rel).stat()
+        except FileNotFoundError:
+            raise _missing(root / rel) from None
+        except OSError as exc:
+            raise CovidXrayError(f"cannot read {_show(root / rel)} ({exc.strerror or exc})", REPREPARE) from None
+
     for rec in records:
-        st = (root / rec.file).stat()
+        st = stat(rec.file)
         h.update(f"|{rec.label}|{rec.file}|{st.st_size}|{st.st_mtime_ns}".encode())
         if masks:
-            st = (root / rec.mask).stat()
+            st = stat(rec.mask)
             h.update(f"|{rec.mask}|{st.st_size}|{st.st_mtime_ns}".encode())
     return h.hexdigest()[:16]
 

@@ -68,6 +68,10 @@ class ClassFolder:
         masks: image path -> its mask path (both relative to SRC).
         orphan_masks: masks that pair with no image, sorted.
         extra_masks: masks that pair with an image that already has a mask, sorted.
+        unreadable: (folder relative to SRC, reason) of every folder of this class that could not be
+            listed (its images are unknown: ``prepare`` reports each in rejected.csv), sorted.
+        listed: False when the class folder itself could not be listed (then it is the first of
+            ``unreadable`` and ``images`` is empty).
     """
 
     name: str
@@ -76,6 +80,8 @@ class ClassFolder:
     masks: dict[str, str] = field(default_factory=dict)
     orphan_masks: tuple[str, ...] = ()
     extra_masks: tuple[str, ...] = ()
+    unreadable: tuple[tuple[str, str], ...] = ()
+    listed: bool = True
 
 
 @dataclass(frozen=True)
@@ -111,8 +117,33 @@ class Layout:
         return sum(len(c.images) for c in self.classes.values())
 
 
+def shown(name: str | os.PathLike) -> str:
+    """A file name or path as text that can be printed and written to a UTF-8 file.
+
+    Names that are not valid UTF-8 (common in archives made on other systems) reach Python as
+    ``str`` with surrogate escapes (``b'caf\\xe9.png'`` -> ``'caf\\udce9.png'``); their undecodable
+    bytes are shown as ``\\xNN`` (``caf\\xe9.png``). Valid names are returned unchanged.
+    """
+    text = os.fspath(name)
+    if isinstance(text, bytes):
+        return text.decode("utf-8", "backslashreplace")
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate that is no escaped byte
+        raw = text.encode("utf-8", "surrogatepass")
+    return raw.decode("utf-8", "backslashreplace")
+
+
+def is_undecodable(name: str) -> bool:
+    """True when ``name`` (a str from the file system) was not valid UTF-8 on disk."""
+    return shown(name) != name
+
+
 def generic_class_name(folder: str) -> str:
-    """Canonical name of a generic class folder: lower-case, spaces and dashes turned into ``_``."""
+    """Canonical name of a generic class folder: lower-case, spaces and dashes turned into ``_``
+    (a name that is not valid UTF-8 gets its bytes spelled out: ``caf\\xe9`` -> ``caf_xe9``)."""
+    if is_undecodable(folder):
+        folder = shown(folder).replace("\\", "_")
     return re.sub(r"[\s\-]", "_", folder.strip().lower())
 
 
@@ -125,28 +156,64 @@ def _is_hidden(name: str) -> bool:
     return name.startswith(".") or name.startswith("__MACOSX")
 
 
-def _walk_files(top: Path, skip_dirs: set[str] = frozenset()) -> list[Path]:
-    """All non-hidden files below ``top`` (hidden folders and ``skip_dirs`` names skipped)."""
+def _list_dir(path: Path) -> list[os.DirEntry]:
+    """The entries of one folder of SRC: the one place SRC is listed (an OSError propagates, for the
+    caller to report the folder: a folder that cannot be read is never passed over silently)."""
+    with os.scandir(path) as it:
+        return list(it)
+
+
+def _reason(exc: OSError) -> str:
+    """Why a folder could not be listed, for rejected.csv and messages."""
+    if isinstance(exc, PermissionError):
+        return "permission denied"
+    return (exc.strerror or type(exc).__name__).lower()
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
+
+
+def _walk_files(top: Path, unreadable: list[tuple[Path, str]], skip_dirs: set[str] = frozenset()) -> list[Path]:
+    """All non-hidden files below ``top`` (hidden folders and ``skip_dirs`` names skipped).
+
+    A folder that cannot be listed goes to ``unreadable`` (with the reason); a link to a folder is
+    not followed and is returned like a file (the caller counts it as an ignored file).
+    """
     found: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(top):
-        # Prune in place so that os.walk does not descend into hidden/skipped folders.
-        dirnames[:] = [d for d in dirnames if not _is_hidden(d) and d.lower() not in skip_dirs]
-        found.extend(Path(dirpath, f) for f in filenames)
+    stack = [top]
+    while stack:
+        folder = stack.pop()
+        try:
+            entries = _list_dir(folder)
+        except OSError as exc:
+            unreadable.append((folder, _reason(exc)))
+            continue
+        for entry in entries:
+            if _is_dir(entry) and not entry.is_symlink():
+                if not _is_hidden(entry.name) and entry.name.lower() not in skip_dirs:
+                    stack.append(Path(entry.path))
+            else:
+                found.append(Path(entry.path))
     return found
 
 
-def _subdirs(path: Path, exclude: Path | None) -> list[Path]:
+def _subdirs(path: Path, exclude: Path | None, entries: list[os.DirEntry] | None = None) -> list[Path]:
+    entries = _list_dir(path) if entries is None else entries
     return sorted(
-        p for p in path.iterdir()
-        if p.is_dir() and not _is_hidden(p.name) and (exclude is None or p.resolve() != exclude)
+        Path(e.path) for e in entries
+        if _is_dir(e) and not _is_hidden(e.name) and (exclude is None or Path(e.path).resolve() != exclude)
     )
 
 
-def _child_dir(path: Path, name: str) -> Path | None:
+def _child_dir(path: Path, name: str, entries: list[os.DirEntry] | None = None) -> Path | None:
     """The sub-folder of ``path`` called ``name`` (case-insensitive), if any."""
-    for p in path.iterdir():
-        if p.is_dir() and p.name.lower() == name:
-            return p
+    for e in _list_dir(path) if entries is None else entries:
+        if e.name.lower() == name and _is_dir(e):
+            return Path(e.path)
     return None
 
 
@@ -163,21 +230,29 @@ def _mask_keys(rel: PurePosixPath) -> list[tuple[str, str]]:
 
 def _list_class(folder: Path, src: Path, ignored: list[str]) -> ClassFolder:
     """List one class folder: images (``images/`` or the folder itself) and ``masks/``."""
-    images_dir = _child_dir(folder, _IMAGES_DIR)
-    masks_dir = _child_dir(folder, _MASKS_DIR)
+    try:
+        entries = _list_dir(folder)
+    except OSError as exc:
+        return ClassFolder(canonical_class_name(folder.name), folder.name, (),
+                           unreadable=((folder.relative_to(src).as_posix(), _reason(exc)),), listed=False)
+    unreadable: list[tuple[Path, str]] = []
+    images_dir = _child_dir(folder, _IMAGES_DIR, entries)
+    masks_dir = _child_dir(folder, _MASKS_DIR, entries)
     image_top = images_dir or folder
     # Without an images/ sub-folder the class folder itself holds the images; its masks/
     # sub-folder (if any) must then not be read as images.
-    image_files = _walk_files(image_top, skip_dirs=set() if images_dir else {_MASKS_DIR})
+    image_files = _walk_files(image_top, unreadable, skip_dirs=set() if images_dir else {_MASKS_DIR})
     if images_dir is not None:
         # Files beside images/ and masks/ (README, other folders) are not used: count them.
         used = {images_dir.resolve(), masks_dir.resolve() if masks_dir else None}
-        for p in folder.iterdir():
-            if _is_hidden(p.name) and p.is_dir():
+        for e in entries:
+            p = Path(e.path)
+            is_dir = _is_dir(e) and not e.is_symlink()
+            if _is_hidden(p.name) and is_dir:
                 continue
             if p.resolve() in used:
                 continue
-            extra = [p] if p.is_file() else _walk_files(p)
+            extra = _walk_files(p, unreadable) if is_dir else [p]
             ignored.extend(q.relative_to(src).as_posix() for q in extra)
     images: list[str] = []
     for p in image_files:
@@ -185,13 +260,14 @@ def _list_class(folder: Path, src: Path, ignored: list[str]) -> ClassFolder:
         (images if is_image_name(p.name) else ignored).append(rel)
     mask_files: list[str] = []
     if masks_dir is not None:
-        for p in _walk_files(masks_dir):
+        for p in _walk_files(masks_dir, unreadable):
             rel = p.relative_to(src).as_posix()
             (mask_files if is_image_name(p.name) else ignored).append(rel)
     images.sort()
     mask_files.sort()
+    unlisted = tuple(sorted((p.relative_to(src).as_posix(), why) for p, why in unreadable))
     if not images and not mask_files:
-        return ClassFolder(canonical_class_name(folder.name), folder.name, ())
+        return ClassFolder(canonical_class_name(folder.name), folder.name, (), unreadable=unlisted)
 
     # Pair masks with images on (sub-folder, stem) relative to images/ and masks/.
     index: dict[tuple[str, str], str] = {}
@@ -222,7 +298,17 @@ def _list_class(folder: Path, src: Path, ignored: list[str]) -> ClassFolder:
         masks=masks,
         orphan_masks=tuple(orphans),
         extra_masks=tuple(extras),
+        unreadable=unlisted,
     )
+
+
+def unreadable_class_error(folder: ClassFolder, src: Path, others: list[str]) -> CovidXrayError:
+    """The one-line refusal for a class folder that cannot be listed."""
+    rel, why = folder.unreadable[0]
+    hint = "Fix its permissions (e.g. chmod -R u+rX on it) or run as a user who can read it"
+    if others:
+        hint += f", or leave it out with --classes {','.join(others)}"
+    return CovidXrayError(f"cannot read class folder '{shown(rel)}' of {shown(src)} ({why})", hint)
 
 
 def _looks_v4(folder: Path) -> bool:
@@ -249,27 +335,38 @@ def detect_layout(src: str | os.PathLike, *, exclude: str | os.PathLike | None =
     """
     src = Path(src).expanduser()
     if not src.exists():
-        raise CovidXrayError(f"source folder {src} does not exist", "Check the SRC path")
+        raise CovidXrayError(f"source folder {shown(src)} does not exist", "Check the SRC path")
     if not src.is_dir():
-        raise CovidXrayError(f"source {src} is not a folder", "Give the folder that holds the class folders")
+        raise CovidXrayError(f"source {shown(src)} is not a folder", "Give the folder that holds the class folders")
     src = src.resolve()
     excluded = Path(exclude).resolve() if exclude is not None else None
 
+    def list_top(folder: Path) -> list[os.DirEntry]:
+        try:
+            return _list_dir(folder)
+        except OSError as exc:
+            raise CovidXrayError(f"cannot read the source folder {shown(folder)} ({_reason(exc)})",
+                                 "Fix its permissions (e.g. chmod -R u+rX on it) or run as a user who can "
+                                 "read it") from None
+
     root = src
-    subdirs = _subdirs(src, excluded)
+    entries = {src: list_top(src)}
+    subdirs = _subdirs(src, excluded, entries[src])
     # The Kaggle v4 zip extracts to <parent>/COVID-19_Radiography_Dataset/: accept that parent.
     if len(subdirs) == 1 and (subdirs[0].name.lower() == V4_DATASET_FOLDER or _looks_v4(subdirs[0])):
-        loose_images = [p for p in src.iterdir() if p.is_file() and is_image_name(p.name)]
+        loose_images = [e for e in entries[src] if not _is_dir(e) and is_image_name(e.name)]
         if not loose_images:
             root = subdirs[0]
-            subdirs = _subdirs(root, excluded)
+            entries[root] = list_top(root)
+            subdirs = _subdirs(root, excluded, entries[root])
 
     ignored: list[str] = []
     metadata: list[str] = []
     for folder in {src, root}:
-        for p in sorted(folder.iterdir()):
-            if not p.is_file():
+        for e in sorted(entries[folder], key=lambda e: e.name):
+            if _is_dir(e):
                 continue
+            p = Path(e.path)
             rel = p.relative_to(src).as_posix()
             if p.suffix.lower() in (".csv", ".xlsx", ".xls"):
                 metadata.append(rel)
@@ -284,23 +381,30 @@ def detect_layout(src: str | os.PathLike, *, exclude: str | os.PathLike | None =
         listing = _list_class(folder, src, ignored)
         if listing.name in classes:
             raise CovidXrayError(
-                f"folders {folders_of[listing.name]!r} and {folder.name!r} both map to class "
+                f"folders {shown(folders_of[listing.name])!r} and {shown(folder.name)!r} both map to class "
                 f"{listing.name!r}",
                 "Merge them or remove one",
             )
         classes[listing.name] = listing
         folders_of[listing.name] = folder.name
-        v4_style |= _child_dir(folder, _IMAGES_DIR) is not None
+        if listing.listed:
+            try:
+                v4_style |= _child_dir(folder, _IMAGES_DIR) is not None
+            except OSError:  # became unreadable since: prepare reports the class folder
+                pass
 
     if not any(c.images for c in classes.values()):
+        unlisted = [c for c in classes.values() if not c.listed]
+        if unlisted:
+            raise unreadable_class_error(unlisted[0], src, [])
         loose = [r for r in ignored if "/" not in r and is_image_name(r)]
         if loose:
             raise CovidXrayError(
-                f"{src} holds images but no class folders",
+                f"{shown(src)} holds images but no class folders",
                 "Put the images in one sub-folder per class (e.g. covid/, normal/)",
             )
         raise CovidXrayError(
-            f"found 0 images in class folders of {src}",
+            f"found 0 images in class folders of {shown(src)}",
             "Expected class sub-folders holding .png/.jpg/.jpeg/.bmp/.tif images "
             "(Kaggle COVID-19 Radiography Database v2/v3/v4 or one folder per class)",
         )

@@ -44,6 +44,8 @@ import re
 import shutil
 import signal
 import sys
+import threading
+import time
 from collections import Counter, defaultdict
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -52,9 +54,10 @@ from typing import Any, Iterable, Iterator, Sequence
 
 from covidxray import __version__
 from covidxray.data import imaging
-from covidxray.data.layouts import Layout, canonical_class_name, detect_layout
+from covidxray.data.layouts import Layout, canonical_class_name, detect_layout, shown, unreadable_class_error
 from covidxray.errors import CovidXrayError
-from covidxray.utils import atomic_path, atomic_write_text, make_console
+from covidxray.outdir import MARKER, check_output_dir, claim
+from covidxray.utils import atomic_path, atomic_write_text, is_temp_name, make_console, sweep_stale_temps
 
 FORMAT = "covidxray-prepared"
 FORMAT_VERSION = 1
@@ -70,6 +73,12 @@ MANIFEST_COLUMNS = (
 REJECTED_COLUMNS = ("path", "reason")
 DEMO_LAYOUT = "demo-phantoms"
 MIN_SIZE, MAX_SIZE = 8, 8192
+#: What ``prepare`` writes in OUT (and training/evaluation add: ``.cache``): an OUT holding only these
+#: names, without the ``.covidxray-output.json`` marker, is a preparation of an older covidxray.
+OUT_KIND = "prepare"
+OUT_LEGACY = ("train", "val", "test", "manifest.csv", "rejected.csv", "prepare.json", STATE_FILE, STAGING_DIR,
+              ".cache")
+UNREADABLE_FOLDER = "cannot read folder ({why}): the files in it were not prepared"
 
 # Metadata CSV column names, compared after lower-casing and dropping non-alphanumerics
 # ("FILE NAME" -> "filename", "Patient ID" -> "patientid").
@@ -212,11 +221,44 @@ def _run_chunk(job: Job, tasks: Sequence[Task]) -> list[dict[str, Any]]:
     return [process_task(job, t) for t in tasks]
 
 
-def _worker_init() -> None:
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _worker_init(parent: int) -> None:
     # Ctrl-C goes to the whole process group: let only the main process handle it (it stops
     # submitting and waits for the few in-flight items), instead of every worker printing a
     # traceback.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_parent(parent)
+
+
+def _die_with_parent(parent: int) -> None:
+    """End this worker when its parent ``parent`` dies (even by SIGKILL, which runs no cleanup).
+
+    Linux: the kernel sends SIGKILL on the parent's death (``prctl(PR_SET_PDEATHSIG)``). Elsewhere,
+    or where prctl is refused, a daemon thread polls ``os.getppid()``. Either way a parent that died
+    before this ran is noticed at once.
+    """
+    armed = False
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            armed = libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0
+        except (OSError, AttributeError):  # pragma: no cover - no libc prctl
+            armed = False
+    if os.getppid() != parent:  # the parent is already gone (reparented)
+        os._exit(1)
+    if not armed:
+        threading.Thread(target=_watch_parent, args=(parent,), name="covidxray-parent-watch", daemon=True).start()
+
+
+def _watch_parent(parent: int, interval: float = 0.5) -> None:
+    """The fallback of :func:`_die_with_parent`: exit as soon as the parent is gone."""
+    while os.getppid() == parent:
+        time.sleep(interval)
+    os._exit(1)
 
 
 class _Runner:
@@ -235,7 +277,8 @@ class _Runner:
             # is started here, before the progress bar's refresh thread exists.
             method = "fork" if sys.platform.startswith("linux") else None
             self.pool = ProcessPoolExecutor(
-                self.workers, mp_context=mp.get_context(method), initializer=_worker_init
+                self.workers, mp_context=mp.get_context(method), initializer=_worker_init,
+                initargs=(os.getpid(),),
             )
             self.pool.submit(os.getpid).result()
         return self
@@ -290,10 +333,12 @@ class Plan:
     images_found: int = 0
     metadata_files: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    unreadable_folders: int = 0                                        # folders of SRC that could not be listed
 
 
 def _key(rel: str) -> str:
-    return hashlib.sha1(rel.encode("utf-8")).hexdigest()[:20]
+    # surrogateescape: a name that is not valid UTF-8 hashes as its bytes on disk (valid names: as UTF-8)
+    return hashlib.sha1(rel.encode("utf-8", "surrogateescape")).hexdigest()[:20]
 
 
 def _stat(path: Path) -> tuple[int, int] | None:
@@ -346,9 +391,13 @@ def _select_classes(layout: Layout, classes: str | Sequence[str] | None) -> list
             if name not in selected:
                 selected.append(name)
     for name in selected:
+        if not layout.classes[name].listed:
+            others = [n for n in sorted(layout.classes) if layout.classes[n].listed and layout.classes[n].images]
+            raise unreadable_class_error(layout.classes[name], layout.src, others)
+    for name in selected:
         if not layout.classes[name].images:
             raise CovidXrayError(
-                f"class folder {layout.classes[name].folder!r} holds no images",
+                f"class folder '{shown(layout.classes[name].folder)}' holds no images",
                 "Add images to it, remove it, or leave it out with --classes",
             )
     return sorted(selected)
@@ -377,7 +426,7 @@ def _read_patients(layout: Layout, images: Sequence[str]) -> tuple[dict[str, str
     for meta in layout.metadata:
         suffix = PurePosixPath(meta).suffix.lower()
         if suffix in (".xlsx", ".xls"):
-            notes.append(f"metadata spreadsheet {meta} not read (export it as CSV to use its patient ids)")
+            notes.append(f"metadata spreadsheet {shown(meta)} not read (export it as CSV to use its patient ids)")
             continue
         try:
             with open(layout.src / meta, newline="", encoding="utf-8-sig", errors="replace") as fh:
@@ -386,7 +435,7 @@ def _read_patients(layout: Layout, images: Sequence[str]) -> tuple[dict[str, str
                 image_col = next((columns[c] for c in _IMAGE_COLUMNS if c in columns), None)
                 patient_col = next((columns[c] for c in _PATIENT_COLUMNS if c in columns), None)
                 if image_col is None or patient_col is None:
-                    notes.append(f"metadata {meta} has no image and patient column; not used")
+                    notes.append(f"metadata {shown(meta)} has no image and patient column; not used")
                     continue
                 base = PurePosixPath(meta).parent
                 for row in reader:
@@ -404,7 +453,7 @@ def _read_patients(layout: Layout, images: Sequence[str]) -> tuple[dict[str, str
                         else:
                             table[k] = patient
         except (OSError, csv.Error) as exc:
-            notes.append(f"metadata {meta} could not be read ({exc}); not used")
+            notes.append(f"metadata {shown(meta)} could not be read ({shown(str(exc))}); not used")
             continue
         used.append(meta)
     patients: dict[str, str] = {}
@@ -421,8 +470,6 @@ def _plan_real(src: str | os.PathLike, out: Path, *, size: int, fit: str, val: f
                classes: str | Sequence[str] | None, masks: bool) -> Plan:
     """List the work for a real source folder (no image is decoded here)."""
     src_path = Path(src).expanduser()
-    if src_path.exists() and src_path.resolve() == out.resolve():
-        raise CovidXrayError("SRC and OUT are the same folder", "Choose a new folder for OUT")
     layout = detect_layout(src_path, exclude=out)
     selected = _select_classes(layout, classes)
     src_root = layout.src
@@ -431,8 +478,15 @@ def _plan_real(src: str | os.PathLike, out: Path, *, size: int, fit: str, val: f
     pre_rejected: list[tuple[str, str]] = []
     fp_files: list[Any] = []
     notes: list[str] = []
+    unreadable = 0
     for name in selected:
         folder = layout.classes[name]
+        if shown(folder.folder) != folder.folder:
+            notes.append(f"class folder '{shown(folder.folder)}' has a name that is not valid UTF-8; "
+                         f"its class is called {name}")
+        for rel, why in folder.unreadable:  # never passed over in silence: its images are unknown
+            pre_rejected.append((rel + "/", UNREADABLE_FOLDER.format(why=why)))
+            unreadable += 1
         for rel in folder.images:
             st = _stat(src_root / rel)
             if st is None:
@@ -455,6 +509,14 @@ def _plan_real(src: str | os.PathLike, out: Path, *, size: int, fit: str, val: f
     if not masks and any(layout.classes[n].masks for n in selected):
         notes.append("masks not prepared (--no-masks)")
 
+    if unreadable:
+        notes.append(f"{unreadable} folder(s) of SRC could not be read; their files were not prepared "
+                     "(each is listed in rejected.csv; fix the permissions and prepare into a new OUT)")
+    undecodable = sum(1 for t in tasks if shown(t.rel) != t.rel)
+    if undecodable:
+        notes.append(f"{undecodable} image path(s) are not valid UTF-8; manifest.csv shows their bytes as \\xNN "
+                     "and the prepared files get plain names")
+
     patients, meta_notes, used = _read_patients(layout, [t.rel for t in tasks])
     notes.extend(meta_notes)
     meta_hashes = [(m, hashlib.sha256((src_root / m).read_bytes()).hexdigest()) for m in used]
@@ -475,6 +537,7 @@ def _plan_real(src: str | os.PathLike, out: Path, *, size: int, fit: str, val: f
         images_found=sum(len(layout.classes[n].images) for n in selected),
         metadata_files=used,
         notes=notes,
+        unreadable_folders=unreadable,
     )
 
 
@@ -525,29 +588,33 @@ def _check_out(out: Path, state: dict[str, Any]) -> str:
     if not out.exists():
         return "fresh"
     if not out.is_dir():
-        raise CovidXrayError(f"OUT {out} exists and is not a folder", "Choose another OUT")
-    if not any(out.iterdir()):
+        raise CovidXrayError(f"OUT {shown(out)} exists and is not a folder", "Choose another OUT")
+    # The marker alone (a run killed right after claiming OUT) or a dead run's temporaries: still new.
+    if not any(n != MARKER and not is_temp_name(n) for n in os.listdir(out)):
         return "fresh"
     state_path = out / STATE_FILE
     if not state_path.is_file():
         if (out / "prepare.json").exists():
             raise CovidXrayError(
-                f"OUT {out} already holds a preparation without its {STATE_FILE}",
+                f"OUT {shown(out)} already holds a preparation without its {STATE_FILE}",
                 "Choose another OUT or delete it",
             )
         raise CovidXrayError(
-            f"OUT {out} is not empty and holds no covidxray preparation", "Choose an empty or new folder for OUT"
+            f"OUT {shown(out)} is not empty and holds no covidxray preparation", "Choose an empty or new folder for OUT"
         )
     try:
         old = json.loads(state_path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        raise CovidXrayError(f"{state_path} is unreadable", "Delete OUT and run again") from None
+        old = None
+    if not isinstance(old, dict):
+        raise CovidXrayError(f"{shown(state_path)} is unreadable",
+                             "Choose a new OUT (or delete this one) and run again")
     if old != state:
         old_opts, new_opts = old.get("options", {}), state["options"]
         diff = sorted(k for k in set(old_opts) | set(new_opts) if old_opts.get(k) != new_opts.get(k))
         what = f"with different options ({', '.join(diff)})" if diff else "of a different source (its files differ)"
         raise CovidXrayError(
-            f"OUT {out} already holds a preparation {what}",
+            f"OUT {shown(out)} already holds a preparation {what}",
             "Choose another OUT or delete it",
         )
     info_path = out / "prepare.json"
@@ -676,7 +743,8 @@ def output_names(rels: Iterable[str]) -> dict[str, str]:
     """Output stems for the sources of one class: sanitised stems, with a short hash of the
     source path appended to every stem that two sources share."""
     rels = sorted(rels)
-    stems = {rel: sanitize_stem(PurePosixPath(rel).stem) for rel in rels}
+    # shown(): a name that is not valid UTF-8 keeps its bytes readable (caf\\xe9 -> caf_xe9), never a surrogate
+    stems = {rel: sanitize_stem(PurePosixPath(shown(rel)).stem) for rel in rels}
     count = Counter(s.lower() for s in stems.values())  # lower: case-insensitive file systems
     names = {rel: (s if count[s.lower()] == 1 else f"{s}-{_key(rel)[:8]}") for rel, s in stems.items()}
     if len({n.lower() for n in names.values()}) != len(names):  # a hash suffix met a real name
@@ -685,10 +753,11 @@ def output_names(rels: Iterable[str]) -> dict[str, str]:
 
 
 def _csv_text(columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """CSV text; names that are not valid UTF-8 are written with their bytes as ``\\xNN`` (:func:`shown`)."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(columns)
-    writer.writerows(rows)
+    writer.writerows([shown(v) if isinstance(v, str) else v for v in row] for row in rows)
     return buf.getvalue()
 
 
@@ -734,13 +803,13 @@ def _execute(plan: Plan, out: Path, workers: int, progress: bool, console) -> di
     _say(console, f"layout: [bold]{plan.layout}[/] - {escape(plan.layout_description)} "
                   f"({len(plan.tasks)} images in {n_classes} class{'es' if n_classes != 1 else ''})")
     if status == "complete":
-        _say(console, f"{escape(str(out))} already holds this preparation: nothing to do")
+        _say(console, f"{escape(shown(out))} already holds this preparation: nothing to do")
         shutil.rmtree(staging, ignore_errors=True)  # left over if killed right after prepare.json
         return json.loads((out / "prepare.json").read_text(encoding="utf-8"))
     for note in plan.notes:
-        _say(console, f"note: {escape(note)}")
+        _say(console, f"note: {escape(shown(note))}")
 
-    out.mkdir(parents=True, exist_ok=True)
+    claim(out, OUT_KIND, "prepare")  # creates OUT; its marker says covidxray writes here
     if status == "fresh":
         atomic_write_text(out / STATE_FILE, json.dumps(state, indent=2, sort_keys=True) + "\n")
     staging.mkdir(exist_ok=True)
@@ -771,8 +840,8 @@ def _execute(plan: Plan, out: Path, workers: int, progress: bool, console) -> di
                     prev = old.get(rec["rel"])
                     if prev is not None and prev.get("sha") and rec.get("sha") and prev["sha"] != rec["sha"]:
                         raise CovidXrayError(
-                            f"source file {rec['rel']} changed since the interrupted run",
-                            "Delete OUT and run again",
+                            f"source file {shown(rec['rel'])} changed since the interrupted run",
+                            "Prepare into a new OUT (or delete this one) and run again",
                         )
                     journal.write(json.dumps(rec) + "\n")
                     journal.flush()  # one finished item = one durable line (survives kill -9)
@@ -869,7 +938,7 @@ def _finish(plan: Plan, out: Path, job: Job, records: dict[str, dict[str, Any]],
         "covidxray_version": __version__,
         "complete": True,
         "layout": plan.layout,
-        "source": plan.source,
+        "source": shown(plan.source),
         "size": plan.options["size"],
         "fit": plan.options["fit"],
         "val": plan.options["val"],
@@ -889,9 +958,10 @@ def _finish(plan: Plan, out: Path, job: Job, records: dict[str, dict[str, Any]],
         "images_kept": len(rows),
         "images_without_mask": len(rows) - with_mask,
         "ignored_files": plan.ignored_files,
+        "unreadable_folders": plan.unreadable_folders,
         "patients": len({patients[r[4]] for r in rows if r[4] in patients}),
-        "metadata_files": plan.metadata_files,
-        "notes": plan.notes,
+        "metadata_files": [shown(m) for m in plan.metadata_files],
+        "notes": [shown(n) for n in plan.notes],
     }
     if plan.synthetic:
         info["per_class"] = plan.options["per_class"]
@@ -903,7 +973,8 @@ def _remake(job: Job, task: Task, rec: dict[str, Any]) -> None:
     """Re-stage a finished item whose staged file vanished (e.g. deleted by hand)."""
     again = process_task(job, task)
     if again.get("pix") != rec.get("pix"):
-        raise CovidXrayError(f"source file {task.rel} changed during the preparation", "Delete OUT and run again")
+        raise CovidXrayError(f"source file {shown(task.rel)} changed during the preparation",
+                             "Prepare into a new OUT (or delete this one) and run again")
 
 
 # --------------------------------------------------------------------------------------------
@@ -939,7 +1010,7 @@ def prepare(
     """
     workers = _validate(size, fit, val, test, workers)
     val, test = float(val), float(test)  # 0 and 0.0 must record (and compare) the same
-    out = Path(out).expanduser()
+    out = _check_output(out, inputs=[Path(src).expanduser()])
     plan = _plan_real(src, out, size=size, fit=fit, val=val, test=test, seed=seed, classes=classes, masks=masks)
     return _execute(plan, out, workers, progress, console)
 
@@ -967,5 +1038,17 @@ def prepare_demo(
     workers = _validate(size, "stretch", val, test, workers)
     if not isinstance(per_class, int) or per_class < 1:
         raise CovidXrayError(f"--per-class {per_class} must be at least 1", "e.g. --per-class 120")
+    if not isinstance(seed, int) or seed < 0:
+        raise CovidXrayError(f"--seed {seed} must be a whole number >= 0", "e.g. --seed 0")
+    out = _check_output(out, inputs=[])
     plan = _plan_demo(per_class=per_class, size=size, seed=seed, val=float(val), test=float(test))
-    return _execute(plan, Path(out).expanduser(), workers, progress, console)
+    return _execute(plan, out, workers, progress, console)
+
+
+def _check_output(out: str | os.PathLike, inputs: Sequence[Path]) -> Path:
+    """The output-folder policy, before any work: OUT is new, empty or a preparation (this one's to
+    resume, or one to refuse later with its own message), not SRC, inside it nor holding it. Then the
+    temporaries a killed earlier run left in OUT are removed."""
+    out = check_output_dir(Path(out).expanduser(), OUT_KIND, legacy=OUT_LEGACY, inputs=inputs, option="OUT")
+    sweep_stale_temps(out, recursive=True)
+    return out

@@ -41,8 +41,12 @@ def _manifest_rows(root: Path) -> list[dict[str, str]]:
     path = root / "manifest.csv"
     if not path.is_file():
         return []
-    with path.open(newline="", encoding="utf-8") as fh:
-        return list(csv.DictReader(fh))
+    try:
+        with path.open(newline="", encoding="utf-8") as fh:
+            return list(csv.DictReader(fh))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise CovidXrayError(f"{path} is damaged ({type(exc).__name__})",
+                             "Run `covidxray prepare` again into a new folder") from None
 
 
 def overlap_with_training(train_root: str, train_split: str, eval_root: Path, eval_split: str,
@@ -51,7 +55,10 @@ def overlap_with_training(train_root: str, train_split: str, eval_root: Path, ev
     train_root_p = Path(train_root) if train_root else None
     if train_root_p is None or not (train_root_p / "manifest.csv").is_file():
         return {"checked": False, "reason": f"the training data folder {train_root or '?'} is not available"}
-    train = [r for r in _manifest_rows(train_root_p) if r.get("split") == train_split and r.get("class") in classes]
+    try:
+        train = [r for r in _manifest_rows(train_root_p) if r.get("split") == train_split and r.get("class") in classes]
+    except CovidXrayError as exc:  # the training data are the run's, not this command's input: say, do not stop
+        return {"checked": False, "reason": str(exc)}
     evald = [r for r in _manifest_rows(eval_root) if r.get("split") == eval_split and r.get("class") in classes]
     hashes = {r["pixel_sha256"] for r in train if r.get("pixel_sha256")}
     patients = {r["patient_id"] for r in train if r.get("patient_id")}

@@ -69,7 +69,11 @@ def test_demo_default_size_is_128(invoke, tmp_path):
     (["SRC", "OUT", "--classes", "covid,tb"],
      "unknown class 'tb' in --classes. Classes found in the source: covid, normal"),
     (["SRC", "OUT", "--val", "0.6", "--test", "0.5"], "leaves nothing for training"),
-    (["SRC", "OUT", "--workers", "0"], "must be at least 1"),
+    (["SRC", "OUT", "--workers", "0"], "Invalid value for '--workers': '0' is not a whole number >= 1"),
+    (["SRC", "OUT", "--size", "4"], "Invalid value for '--size': '4' is not a whole number >= 8 and <= 8192"),
+    (["SRC", "OUT", "--val", "1.5"], "Invalid value for '--val': '1.5' is not a finite number >= 0 and < 1"),
+    (["--demo", "OUT", "--per-class", "0"], "Invalid value for '--per-class': '0' is not a whole number >= 1"),
+    (["SRC", "SRC/OUT"], "lies inside the input folder"),
     (["MISSING", "OUT"], "does not exist"),
     (["EMPTY", "OUT"], "found 0 images"),
 ])
@@ -77,7 +81,7 @@ def test_user_errors_are_one_line_exit_2(invoke, tmp_path, args, message):
     make_source_tree(tmp_path / "src", {"covid": 3, "normal": 3})
     (tmp_path / "empty").mkdir()
     names = {"SRC": tmp_path / "src", "OUT": tmp_path / "out", "MISSING": tmp_path / "missing",
-             "EMPTY": tmp_path / "empty", "EXTRA": tmp_path / "extra"}
+             "EMPTY": tmp_path / "empty", "EXTRA": tmp_path / "extra", "SRC/OUT": tmp_path / "src" / "out"}
     result, out, err = invoke("prepare", *[names.get(a, a) for a in args])
     assert result.exit_code == 2, (out, err)
     lines = err.strip().splitlines()

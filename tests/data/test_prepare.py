@@ -75,7 +75,9 @@ def test_output_follows_the_contract(make_tree, tmp_path):
     assert (out / "rejected.csv").read_text() == "path,reason\n"
     assert not (out / P.STAGING_DIR).exists()
     assert sorted(p.name for p in out.iterdir()) == [
-        ".prepare-state.json", "manifest.csv", "prepare.json", "rejected.csv", "test", "train", "val"]
+        ".covidxray-output.json", ".prepare-state.json", "manifest.csv", "prepare.json", "rejected.csv", "test",
+        "train", "val"]
+    assert json.loads((out / ".covidxray-output.json").read_text())["kind"] == "prepare"
 
 
 def test_rerun_on_complete_output_changes_nothing(make_tree, tmp_path):
@@ -317,7 +319,8 @@ def test_output_names_are_sanitised_and_unique():
     ("missing_src", "does not exist"),
     ("different_out", "different options \\(size\\)"),
     ("different_source", "different source"),
-    ("foreign_out", "holds no covidxray preparation"),
+    ("foreign_out", "holds files covidxray did not write there \\(e.g. something.txt\\); nothing was changed"),
+    ("prepared_names_only", "holds no covidxray preparation"),
     ("out_is_file", "is not a folder"),
 ])
 def test_user_errors(make_tree, tmp_path, case, message):
@@ -351,6 +354,8 @@ def test_user_errors(make_tree, tmp_path, case, message):
     elif case == "foreign_out":
         out.mkdir()
         (out / "something.txt").write_text("x")
+    elif case == "prepared_names_only":
+        (out / "train").mkdir(parents=True)
     elif case == "out_is_file":
         out.write_text("x")
     with pytest.raises(CovidXrayError, match=message):
