@@ -63,6 +63,11 @@ def low_subset(src: Path, dst: Path, fraction: float, seed: int) -> int:
     (dst / "manifest.csv").write_text(buf.getvalue(), encoding="utf-8")
     info = json.loads((src / "prepare.json").read_text())
     info["low_fraction"] = fraction
+    counts: dict[str, dict[str, int]] = {}  # the manifest's rows, as a prepared folder's counts must be
+    for r in out:
+        counts.setdefault(r["split"], {}).setdefault(r["class"], 0)
+        counts[r["split"]][r["class"]] += 1
+    info["counts"] = counts
     (dst / "prepare.json").write_text(json.dumps(info, indent=2))
     return len(keep)
 

@@ -165,27 +165,25 @@ class OutputDir:
 
     def __init__(self, out: str | os.PathLike, kind: str, *, legacy: Sequence[str] = (),
                  inputs: Iterable[str | os.PathLike] = (), option: str = "OUT", command: str = ""):
-        self.kind = kind
+        self.kind, self.legacy, self.option = kind, tuple(legacy), option
         self.command = command or kind.split("-")[0]
         self.path = check_output_dir(out, kind, legacy=legacy, inputs=inputs, option=option)
 
+    @contextlib.contextmanager
     def writing(self, last: Sequence[str] = ("metrics.json",)):
-        @contextlib.contextmanager
-        def ctx():
-            sweep_stale_temps(self.path)
-            # re-checked: another process may have written OUT meanwhile
-            check_output_dir(self.path, self.kind, legacy=("*",) if read_marker(self.path) else (), option="OUT")
-            created = not self.path.exists()
-            self.path.mkdir(parents=True, exist_ok=True)
-            tmp = make_temp_dir(self.path / "t")  # .t.<pid>.<random>.tmp inside OUT
-            try:
-                yield tmp
-                publish(tmp, self.path, self.kind, self.command, last)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                if created:  # leave no empty folder behind a failed first run
-                    with contextlib.suppress(OSError):
-                        self.path.rmdir()
-                raise
-
-        return ctx()
+        """Yield a temporary folder inside OUT; publish its files into OUT on success (see the class doc)."""
+        sweep_stale_temps(self.path)
+        # checked again: another process may have written into OUT during the long work
+        check_output_dir(self.path, self.kind, legacy=self.legacy, option=self.option)
+        created = not self.path.exists()
+        self.path.mkdir(parents=True, exist_ok=True)
+        tmp = make_temp_dir(self.path / "t")  # .t.<pid>.<random>.tmp inside OUT
+        try:
+            yield tmp
+            publish(tmp, self.path, self.kind, self.command, last)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if created:  # leave no empty folder behind a failed first run
+                with contextlib.suppress(OSError):
+                    self.path.rmdir()
+            raise

@@ -123,6 +123,33 @@ def cli(monkeypatch):
     return invoke
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Torch on one thread for a module (its tiny nets gain nothing from more, and tests stay steady)."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def interrupt_after(monkeypatch, module, name: str, k: int) -> list[int]:
+    """Make ``module.<name>`` raise KeyboardInterrupt on its k-th call (a Ctrl-C at that point of the work);
+    returns the call counter."""
+    real = getattr(module, name)
+    calls = [0]
+
+    def wrapper(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == k:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, wrapper)
+    return calls
+
+
 #: A tiny, fast classifier configuration for tests (same code paths as a real run).
 TINY_CLF_SETS = ["train.batch_size=8", "train.log_every=2", "train.checkpoint_every=1", "train.num_threads=1"]
 

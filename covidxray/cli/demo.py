@@ -9,7 +9,7 @@ from pathlib import Path
 
 import typer
 
-from covidxray.cli._common import console, user_errors
+from covidxray.cli._common import Number, console, user_errors
 
 # Small enough to finish in well under two minutes on a 2-core CPU, large enough
 # to show a GAN learning the outline of a chest.
@@ -28,10 +28,15 @@ DEMO_UNET_SETS = ["arch.width=16", "train.batch_size=16"]
 DEMO_SEGMENT_N = 6
 
 
+#: What the demo writes into OUT (also the names of a demo folder written before the output-folder marker).
+DEMO_OUTPUTS = ("data", "runs", "samples", "progress.gif", "evaluate", "evaluate-gan", "evaluate-unet", "segment",
+                "segment-input")
+
+
 @user_errors
 def demo_cmd(
     out: Path = typer.Argument(Path("covidxray-demo"), help="Folder for everything the demo writes."),
-    epochs: int = typer.Option(DEMO_EPOCHS, "--epochs", help="Training epochs."),
+    epochs: int = typer.Option(DEMO_EPOCHS, "--epochs", help="Training epochs.", parser=Number(int, ge=1)),
     seed: int = typer.Option(0, "--seed", help="Seed for the phantoms and the training."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
 ) -> None:
@@ -47,6 +52,11 @@ def demo_cmd(
     from covidxray.train.loop import start_run
     from covidxray.utils import resolve_device
 
+    from covidxray.outdir import check_output_dir, claim
+
+    # OUT is new or an earlier demo's (it replaces segment-input/ and its own files there, nothing else)
+    check_output_dir(out, "demo", legacy=DEMO_OUTPUTS, option="OUT")
+    claim(out, "demo", "demo")
     con = console()
     t0 = time.perf_counter()
     data = out / "data"

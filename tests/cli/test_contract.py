@@ -40,12 +40,7 @@ REPO = Path(__file__).resolve().parents[2]
 ROOT = os.geteuid() == 0 if hasattr(os, "geteuid") else False
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ------------------------------------------------------------------------------------------ the checks
@@ -256,6 +251,10 @@ BAD = [
     Bad("gif-every-zero", ["gif", "{gan}", "-o", "g.gif", "--every", "0"], ("--every",)),
     Bad("gif-output-is-dir", ["gif", "{gan}", "-o", "mythesis"], ("mythesis",)),
     Bad("gif-output-is-users-file", ["gif", "{gan}", "-o", "notes.txt"], ("notes.txt",)),
+    # demo
+    Bad("demo-out-foreign", ["demo", "mythesis"], ("mythesis",)),
+    Bad("demo-out-file", ["demo", "notes.txt"], ("notes.txt",)),
+    Bad("demo-epochs-zero", ["demo", "d", "--epochs", "0"], ("--epochs",)),
     # evaluate
     Bad("evaluate-out-foreign", ["evaluate", "{clf}", "--data", "{data}", "--out", "mythesis"], ("mythesis",)),
     Bad("evaluate-out-file", ["evaluate", "{clf}", "--data", "{data}", "--out", "notes.txt"], ("notes.txt",)),

@@ -29,12 +29,7 @@ NAMES = {"wide.png": "wide.png", "tall.png": "tall.png", "deep16.png": "deep16.p
          "sub/inner.png": "sub/inner.png", "dup/x.png": "dup/x.png.png", "dup/x.jpg": "dup/x.jpg.png"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

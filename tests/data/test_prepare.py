@@ -20,6 +20,7 @@ import covidxray.data.prepare as P
 from covidxray.data.prepare import MANIFEST_COLUMNS, assign_splits, output_names, prepare, prepare_demo, sanitize_stem
 from covidxray.errors import CovidXrayError
 from tests.conftest import REPO, make_source_tree, noise_array, write_image
+from tests.fixtures import interrupt_after
 
 CONTRACT_KEYS = {"format", "format_version", "covidxray_version", "complete", "layout", "source", "size", "fit",
                  "val", "test", "seed", "masks", "classes", "synthetic", "counts", "masks_counts", "rejected",
@@ -376,17 +377,7 @@ def test_classes_subset_skips_an_empty_folder(make_tree, tmp_path):
 
 def _interrupt_after(monkeypatch, name: str, k: int) -> list[int]:
     """Make ``P.<name>`` raise KeyboardInterrupt on its k-th call; returns the call counter."""
-    real = getattr(P, name)
-    calls = [0]
-
-    def wrapper(*args, **kwargs):
-        calls[0] += 1
-        if calls[0] == k:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(P, name, wrapper)
-    return calls
+    return interrupt_after(monkeypatch, P, name, k)
 
 
 def _source_with_masks(tmp_path) -> Path:

@@ -21,6 +21,7 @@ import covidxray.data.prepare as P
 from covidxray.data.datasets import PreparedDataset, load_tensor_data, read_records
 from covidxray.errors import CovidXrayError
 from tests.conftest import REPO, make_source_tree, noise_array, write_image
+from tests.fixtures import interrupt_after
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
@@ -127,16 +128,8 @@ def test_undecodable_names_resume_bit_exactly(make_tree, tmp_path, monkeypatch):
         write_image(_bytes_name(src / "covid", b"x\xe9%d.png" % i), noise_array(f"x{i}"))
     run(src, tmp_path / "clean")
     out = tmp_path / "out"
-    real, calls = P.process_task, [0]
-
-    def interrupt(*args):
-        calls[0] += 1
-        if calls[0] == 5:
-            raise KeyboardInterrupt
-        return real(*args)
-
     with monkeypatch.context() as m:
-        m.setattr(P, "process_task", interrupt)
+        interrupt_after(m, P, "process_task", 5)
         with pytest.raises(KeyboardInterrupt):
             run(src, out)
     run(src, out)
@@ -351,16 +344,8 @@ def test_older_unmarked_preparation_still_resumes(make_tree, tmp_path, monkeypat
     src = make_tree({"covid": 6, "normal": 5})
     run(src, tmp_path / "clean")
     out = tmp_path / "out"
-    real, calls = P._place, [0]
-
-    def interrupt(*args):
-        calls[0] += 1
-        if calls[0] == 4:
-            raise KeyboardInterrupt
-        return real(*args)
-
     with monkeypatch.context() as m:
-        m.setattr(P, "_place", interrupt)
+        interrupt_after(m, P, "_place", 4)
         with pytest.raises(KeyboardInterrupt):
             run(src, out)
     (out / ".covidxray-output.json").unlink()  # as an older covidxray left it
@@ -379,15 +364,7 @@ def test_temporaries_of_a_killed_run_are_swept(make_tree, tmp_path, monkeypatch)
     run(src, tmp_path / "clean")
     out = tmp_path / "out"
     with monkeypatch.context() as m:
-        real, calls = P.process_task, [0]
-
-        def interrupt(*args):
-            calls[0] += 1
-            if calls[0] == 6:
-                raise KeyboardInterrupt
-            return real(*args)
-
-        m.setattr(P, "process_task", interrupt)
+        interrupt_after(m, P, "process_task", 6)
         with pytest.raises(KeyboardInterrupt):
             run(src, out)
     pid = _dead_pid()
