@@ -207,7 +207,7 @@ def segment_plain(run: Path, folder: Path, out: Path, dev: torch.device) -> dict
     import numpy as np
     from PIL import Image
 
-    from covidxray.predict import load_segmenter
+    from covidxray.infer.predict import load_segmenter
 
     loaded = load_segmenter(run)
     net, size, thr = loaded.net.to(dev).eval(), loaded.image_size, loaded.threshold
@@ -231,7 +231,7 @@ def segment_plain(run: Path, folder: Path, out: Path, dev: torch.device) -> dict
 
 
 def segment_ours(run: Path, folder: Path, out: Path, dev: torch.device, batch: int, overlay: bool) -> dict[str, Any]:
-    from covidxray.segment import segment_images
+    from covidxray.infer.segment import segment_images
 
     t0 = time.perf_counter()
     res = segment_images(run, folder, out, batch_size=batch, device=str(dev), overwrite=True, overlay=overlay)
@@ -254,7 +254,7 @@ def nets_rows(size: int, batch: int, dev: torch.device) -> list[dict[str, Any]]:
                                                         act="relu", upsample="nontrainable")
     except Exception:
         pass
-    from covidxray.predict import inference_settings
+    from covidxray.infer.predict import inference_settings
 
     amp = inference_settings(dev)[1]
     rows = []

@@ -90,7 +90,7 @@ def train_and_score(data: Path, seed: int, args, runs: Path) -> dict[str, Any]:
 def run_regime(name: str, data: Path, pix2pix: Path, args, tmp: Path, log) -> dict[str, Any]:
     from covidxray.evaluate.downstream import paired_delta
     from covidxray.evaluate.report import mean_std
-    from covidxray.synthesize import synthesize_pairs
+    from covidxray.infer.synthesize import synthesize_pairs
 
     per: dict[str, list[dict[str, Any]]] = {a: [] for a in ARMS}
     for seed in range(args.seeds):

@@ -48,13 +48,23 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
     return path
 
 
-def resolve_checkpoint_path(path: str | os.PathLike, prefer_best: bool = False) -> Path:
-    """Accept a checkpoint file or a run folder (then ``checkpoints/last.pt``, or ``best.pt`` when
-    ``prefer_best`` and the run has one)."""
+def resolve_checkpoint_path(path: str | os.PathLike, resume: bool = False) -> Path:
+    """**The loader rule**, the same for every command: which file a run folder means.
+
+    * Every use of a trained model (``sample``, ``evaluate``, ``segment``, ``gif``'s model, the downstream
+      classifiers, ``data.synthetic``, ``--cxr-features``...) reads ``checkpoints/best.pt`` when the run
+      has one (its family selected it on the validation metric, ``eval.metric``), else ``checkpoints/last.pt``
+      (families without a validation metric, such as the GANs, write no ``best.pt``).
+    * Resuming a run (``train --resume``, ``resume=True``) continues ``checkpoints/last.pt``.
+    * A ``.pt`` file is read as given.
+
+    Every output names the file it used (``checkpoint`` in ``metrics.json``, ``segment.json``, the sample
+    folder's marker).
+    """
     path = Path(path)
     if path.is_dir():
         best = path / "checkpoints" / "best.pt"
-        if prefer_best and best.is_file():
+        if not resume and best.is_file():
             return best
         candidate = path / "checkpoints" / "last.pt"
         if not candidate.is_file():
@@ -91,12 +101,13 @@ def _sibling_hint(path: Path) -> str:
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu",
-                    prefer_best: bool = False) -> dict[str, Any]:
-    """Load and check a checkpoint (file or run folder); clear errors for anything else.
+                    resume: bool = False) -> dict[str, Any]:
+    """Load and check a checkpoint (file, or run folder by :func:`resolve_checkpoint_path`'s rule); clear
+    errors for anything else.
 
     A format-1 checkpoint (covidxray 0.1.0) gets ``family = "gan"``; ``path`` is set to the file read.
     """
-    path = resolve_checkpoint_path(path, prefer_best)
+    path = resolve_checkpoint_path(path, resume)
     try:
         with warnings.catch_warnings():  # torch warns about the pickle protocol of files it then refuses
             warnings.simplefilter("ignore")

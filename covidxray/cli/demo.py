@@ -47,8 +47,8 @@ def demo_cmd(
     from covidxray.data.grids import save_grid
     from covidxray.evaluate.classifier import evaluate_classifier
     from covidxray.data.prepare import prepare_demo
-    from covidxray.generate import load_generator, write_samples
-    from covidxray.gif import make_gif
+    from covidxray.infer.generate import load_generator, write_samples
+    from covidxray.infer.gif import make_gif
     from covidxray.train.loop import start_run
     from covidxray.utils import resolve_device
 
@@ -113,7 +113,7 @@ def demo_cmd(
 
     from covidxray.data.datasets import read_records
     from covidxray.evaluate.segmentation import evaluate_segmenter
-    from covidxray.segment import segment_images
+    from covidxray.infer.segment import segment_images
 
     xrays = out / "segment-input"
     shutil.rmtree(xrays, ignore_errors=True)

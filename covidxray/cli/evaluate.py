@@ -135,9 +135,9 @@ def evaluate_cmd(
         raise CovidXrayError("nothing to evaluate", "Pass a run folder or checkpoint, or --fake FOLDER")
     ckpt = None
     if fake is None:  # read once: its family picks the evaluation, which then uses it as loaded
-        from covidxray.checkpoint import load_checkpoint, resolve_checkpoint_path
+        from covidxray.checkpoint import load_checkpoint
 
-        ckpt = load_checkpoint(target, prefer_best=True)
+        ckpt = load_checkpoint(target)
         family = ckpt.get("family", "gan")
         kind = family if family in ("segmentation", "classifier") else "generator"
         _check_options(ctx, kind, ckpt["path"], family)
@@ -151,8 +151,6 @@ def evaluate_cmd(
             raise CovidXrayError("--data is required", "Pass the prepared folder with the real images")
         if ckpt.get("family", "gan") == "classifier":
             return _classifier(con, target, data, split, out, device, batch_size or 256, mc_samples, ckpt)
-        if Path(ckpt["path"]) != resolve_checkpoint_path(target):  # generators read last.pt, not best.pt
-            ckpt = None
     _generator(con, log, target, ckpt, fake, data, split, n, repeats, metrics, class_, inception_weights, cxr_features,
                out, device, batch_size or 64, seed, skip_unreadable, save_samples,
                dict(classifier=classifier, seeds=seeds, synthetic_ratio=synthetic_ratio, epochs=epochs,

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from covidxray.cli._common import Number, console, user_errors
-from covidxray.gif import MAX_FPS, MIN_SIDE
+from covidxray.infer.gif import MAX_FPS, MIN_SIDE
 
 
 @user_errors
@@ -29,7 +29,7 @@ def gif_cmd(
     The output must end in .gif: an existing .gif is replaced (atomically), anything else - a folder, a
     file of another kind, a missing or read-only folder - is refused, so no other file is overwritten.
     """
-    from covidxray.gif import make_gif
+    from covidxray.infer.gif import make_gif
 
     path, n = make_gif(run_dir, output or Path(run_dir) / "progress.gif", fps=fps, every=every, max_side=max_side)
     console().print(f"wrote {path} ({n} frames at {fps:g} fps)", highlight=False)

@@ -14,7 +14,7 @@ from covidxray.errors import CovidXrayError
 
 @user_errors
 def sample_cmd(
-    checkpoint: Path = typer.Argument(..., help="Checkpoint .pt file, or a run folder (uses checkpoints/last.pt) of a GAN, vae or cvae."),
+    checkpoint: Path = typer.Argument(..., help="Checkpoint .pt file, or a run folder (best.pt when the run selected one, else last.pt) of a GAN, vae, cvae or pix2pix."),
     out: Path = typer.Argument(..., help="Folder for the PNGs."),
     n: int = typer.Option(64, "-n", "--num", help="Number of images.", parser=Number(int, ge=1)),
     seed: int = typer.Option(0, "--seed", help="Latent seed: the same seed gives the same images."),
@@ -53,12 +53,12 @@ def sample_cmd(
     import torch
 
     from covidxray.data.grids import grid_nrow, save_grid
-    from covidxray.generate import load_generator, sample_name, write_samples
+    from covidxray.infer.generate import load_generator, sample_name, write_samples
     from covidxray.outdir import check_output_dir, claim, read_marker
     from covidxray.utils import resolve_device, sweep_stale_temps
 
     if images is not None:
-        from covidxray.synthesize import colorize_folder
+        from covidxray.infer.synthesize import colorize_folder
 
         res = colorize_folder(checkpoint, images, out, batch_size=min(batch_size, 64), device=device, seed=seed,
                               log=lambda msg: console().print(msg, highlight=False, markup=False))
@@ -68,7 +68,7 @@ def sample_cmd(
                         soft_wrap=True)
         return
     if from_data is not None or masks is not None:
-        from covidxray.synthesize import synthesize_pairs
+        from covidxray.infer.synthesize import synthesize_pairs
 
         res = synthesize_pairs(checkpoint, out, from_data=from_data, split=split, masks=masks, deform=deform,
                                copies=copies, mix=mix, seed=seed, batch_size=min(batch_size, 64), device=device,
@@ -124,8 +124,8 @@ def sample_cmd(
             write_samples(images, folder, indices=chunk)
         what = f"class {name}, " if name else ""
         resumed = f", {n - len(todo)} already there" if len(todo) < n else ""
-        msg = (f"wrote {len(todo)} images{resumed} ({what}{loaded.cfg.data.image_size} px, weights {loaded.weights}, "
-               f"seed {seed}) to {folder}")
+        msg = (f"wrote {len(todo)} images{resumed} ({what}{loaded.cfg.data.image_size} px, {settings['checkpoint']} "
+               f"weights {loaded.weights}, seed {seed}) to {folder}")
         if grid:
             import numpy as np
             from PIL import Image
@@ -137,7 +137,7 @@ def sample_cmd(
 
 
 def _reconstruct(checkpoint, folder, out, class_, batch_size, device, grid, temperature) -> None:
-    from covidxray.reconstruct import reconstruct_folder
+    from covidxray.infer.reconstruct import reconstruct_folder
 
     if grid or temperature != 1.0:
         raise CovidXrayError("--grid and --temperature do not go with --reconstruct",
@@ -145,7 +145,8 @@ def _reconstruct(checkpoint, folder, out, class_, batch_size, device, grid, temp
     res = reconstruct_folder(checkpoint, folder, out, class_name=class_, batch_size=batch_size, device=device)
     bad = res["unreadable"]
     mean = (f"; mean PSNR {res['mean_psnr']:.2f} dB, SSIM {res['mean_ssim']:.3f}" if res["reconstructed"] else "")
-    console().print(f"reconstructed {res['reconstructed']} images with {res['model']} into {res['out']}{mean}; "
+    console().print(f"reconstructed {res['reconstructed']} images with {res['model']} ({res['checkpoint']}) into "
+                    f"{res['out']}{mean}; "
                     f"table {res['csv']}", highlight=False, markup=False, soft_wrap=True)
     if bad:
         shown = "; ".join(f"{f} ({why})" for f, why in bad[:5])

@@ -42,7 +42,7 @@ def segment_cmd(
     suspicious: ..., unreadable: ...). A rerun into the same OUT (also after a kill) skips the images
     already done.
     """
-    from covidxray.segment import segment_images, shown
+    from covidxray.infer.segment import segment_images, shown
 
     con = console()
     res = segment_images(checkpoint, inputs, out, batch_size=batch_size, threshold=threshold, overlay=overlay,

@@ -55,7 +55,7 @@ def train_cmd(
             from covidxray.checkpoint import load_checkpoint
             import yaml
 
-            ckpt = load_checkpoint(resume)
+            ckpt = load_checkpoint(resume, resume=True)
             con.print(yaml.safe_dump(ckpt["config"], sort_keys=False), highlight=False)
             return
         _, finished = resume_run(resume, epochs=epochs, data=str(data) if data else None, device=device, console=con)

@@ -32,6 +32,7 @@ from typing import Any, Callable, ClassVar, Mapping
 import yaml
 
 from covidxray.errors import CovidXrayError
+from covidxray.models.registry import get_model
 
 #: Folder holding one YAML of overrides per registered model.
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
@@ -343,8 +344,6 @@ def get_family(name: str) -> Family:
 
 def family_of(model: str) -> Family:
     """The family of a registered model (looked up in the model registry)."""
-    from covidxray.models.registry import get_model  # the registry sits above this module: import late
-
     return get_family(get_model(model).family)
 
 

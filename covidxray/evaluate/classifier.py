@@ -32,7 +32,7 @@ from covidxray.checkpoint import load_checkpoint
 from covidxray.data.datasets import load_tensor_data, read_prepared_info, resize_u8
 from covidxray.errors import CovidXrayError
 from covidxray.metrics import classification as M
-from covidxray.predict import load_classifier, predict_probs
+from covidxray.infer.predict import load_classifier, predict_probs
 from covidxray.outdir import OutputDir
 from covidxray.utils import resolve_device
 
@@ -96,8 +96,8 @@ def evaluate_classifier(checkpoint: str | Path, data: str | Path, split: str = "
         batch_size: images per forward pass.
         mc_samples: Monte-Carlo dropout passes (default: the run's ``eval.mc_samples``; 1 without MC dropout).
         log: callable for one-line notes.
-        checkpoint_data: the checkpoint already loaded by the caller (``load_checkpoint(checkpoint,
-            prefer_best=True)``), so that it is not read twice.
+        checkpoint_data: the checkpoint already loaded by the caller (``load_checkpoint(checkpoint)``),
+            so that it is not read twice.
 
     Returns:
         The report written to ``metrics.json`` (plus ``out``: the folder written).
@@ -105,7 +105,7 @@ def evaluate_classifier(checkpoint: str | Path, data: str | Path, split: str = "
     log = log or (lambda msg: None)
     if split not in ("train", "val", "test"):
         raise CovidXrayError(f"--split must be train, val or test; got '{split}'")
-    ckpt = checkpoint_data if checkpoint_data is not None else load_checkpoint(checkpoint, prefer_best=True)
+    ckpt = checkpoint_data if checkpoint_data is not None else load_checkpoint(checkpoint)
     if ckpt["family"] != "classifier":
         raise CovidXrayError(f"{ckpt['path']} holds a {ckpt['family']} model ({ckpt.get('model')}), not a classifier",
                              "Score generators with `covidxray evaluate RUN --data PREPARED` "

@@ -39,7 +39,7 @@ ARMS = ("real", "real+synthetic", "synthetic")
 def _score(run_dir: Path, test, device) -> dict[str, Any]:
     from covidxray.data.datasets import resize_u8
     from covidxray.metrics import classification as M
-    from covidxray.predict import load_classifier, predict_probs
+    from covidxray.infer.predict import load_classifier, predict_probs
     from covidxray.utils import resolve_device
 
     loaded = load_classifier(run_dir)
@@ -102,7 +102,7 @@ def run_downstream(source, data: str | Path, out: Path, *, classifier: str = "re
     from covidxray.config import resolve_config
     from covidxray.data.datasets import load_tensor_data, resize_u8
     from covidxray.evaluate.figures import save_confusion_png
-    from covidxray.predict import predict_probs
+    from covidxray.infer.predict import predict_probs
     from covidxray.train.loop import start_run
     from covidxray.utils import resolve_device
 

@@ -140,7 +140,8 @@ def evaluate_generator(run_or_checkpoint: str | Path | None, data: str | Path, *
     """
     from covidxray.evaluate.report import write_generator_report
     from covidxray.metrics import generative as G
-    from covidxray.metrics.features import ClassifierFeatures, InceptionFeatures, cached_features
+    from covidxray.infer.predict import classifier_features
+    from covidxray.metrics.features import InceptionFeatures, cached_features
 
     log = log or (lambda msg: None)
     t_start = time.perf_counter()
@@ -281,7 +282,7 @@ def evaluate_generator(run_or_checkpoint: str | Path | None, data: str | Path, *
     if needs_features:
         extractors.append(InceptionFeatures(inception_weights, dev, batch_size))
     if cxr_features:
-        extractors.append(ClassifierFeatures(cxr_features, dev, batch_size))
+        extractors.append(classifier_features(cxr_features, dev, batch_size))
     cache_dir = data / CACHE_DIR
     feats: dict[str, dict[str, Any]] = {}
     total = sum(len(d[0]) for d in draws) * len(extractors)
@@ -390,7 +391,7 @@ def evaluate_generator(run_or_checkpoint: str | Path | None, data: str | Path, *
 
     def finish(tmp: Path) -> None:
         if save_samples:
-            from covidxray.generate import write_samples
+            from covidxray.infer.generate import write_samples
 
             imgs0, lab0 = draws[0]
             if lab0 is None:

@@ -45,7 +45,7 @@ from covidxray.errors import CovidXrayError
 from covidxray.evaluate.classifier import default_out, overlap_with_training
 from covidxray.metrics.segmentation import segmentation_report, summarize
 from covidxray.outdir import OutputDir
-from covidxray.predict import inference_settings, iter_mask_probs, load_segmenter
+from covidxray.infer.predict import inference_settings, iter_mask_probs, load_segmenter
 from covidxray.utils import resolve_device
 
 #: Cases shown in worst.png.
@@ -152,7 +152,7 @@ def evaluate_segmenter(checkpoint: str | Path, data: str | Path | None = None, s
         raise CovidXrayError(f"--split must be train, val or test; got '{split}'")
     if batch_size < 1:
         raise CovidXrayError(f"--batch-size must be at least 1, got {batch_size}")
-    ckpt = checkpoint_data if checkpoint_data is not None else load_checkpoint(checkpoint, prefer_best=True)
+    ckpt = checkpoint_data if checkpoint_data is not None else load_checkpoint(checkpoint)
     ckpt_path = Path(ckpt["path"])
     if out is None:
         tag = split if images is None else "folder"
@@ -189,7 +189,7 @@ def evaluate_segmenter(checkpoint: str | Path, data: str | Path | None = None, s
             log(f"warning: split '{split}' is the model's training split: this is not a held-out score")
         pred_list, truth_list = list(preds), list(truths)
     else:
-        from covidxray.segment import segment_array
+        from covidxray.infer.segment import segment_array
 
         pairs, unpaired, orphans = pair_folders(Path(images), Path(masks))
         for what, files in (("images without a mask", unpaired), ("masks without an image", orphans)):

@@ -55,7 +55,7 @@ class GeneratorSource(Source):
     """Samples of a trained GAN (EMA weights when present), drawn with ``seed``."""
 
     def __init__(self, checkpoint: str | os.PathLike, checkpoint_data: dict | None = None):
-        from covidxray.generate import load_generator
+        from covidxray.infer.generate import load_generator
 
         g = load_generator(checkpoint, checkpoint_data)
         ck = g.checkpoint
@@ -173,7 +173,7 @@ class Pix2PixSource(Source):
 
     def __init__(self, checkpoint: str | os.PathLike):
         from covidxray.data.datasets import load_tensor_data, resize_masks
-        from covidxray.synthesize import conditioning_classes, load_pix2pix
+        from covidxray.infer.synthesize import conditioning_classes, load_pix2pix
 
         G, cfg, ck = load_pix2pix(checkpoint)
         if cfg.model.task != "mask2xray":
@@ -209,7 +209,7 @@ class Pix2PixSource(Source):
 
     def draw(self, counts, seed, device, batch_size=256):
         from covidxray.models.pix2pix import draw_xrays
-        from covidxray.synthesize import deform_masks
+        from covidxray.data.transforms import deform_masks
 
         gen = torch.Generator().manual_seed(seed)
         if isinstance(counts, int):
@@ -236,7 +236,7 @@ def mask_consistency(images_u8: torch.Tensor, masks: torch.Tensor, segmenter: st
 
     from covidxray.data.datasets import resize_u8
     from covidxray.metrics.segmentation import dice, summarize
-    from covidxray.predict import iter_mask_probs, load_segmenter
+    from covidxray.infer.predict import iter_mask_probs, load_segmenter
 
     seg = load_segmenter(segmenter)
     side, size = int(images_u8.shape[-1]), seg.image_size

@@ -181,17 +181,11 @@ class ClassifierFeatures(FeatureExtractor):
     name = "cxr"
     fd_name, kd_name = "fd_cxr", "kd_cxr"
 
-    def __init__(self, run: str | os.PathLike, device: str | torch.device = "cpu", batch_size: int = 64):
-        from covidxray.checkpoint import load_checkpoint
-        from covidxray.predict import load_classifier
-
+    def __init__(self, loaded, device: str | torch.device = "cpu", batch_size: int = 64):
+        """``loaded``: a trained classifier (:func:`covidxray.infer.predict.classifier_features` loads one):
+        its ``net`` (with ``features(x)``), ``image_size``, ``cfg`` and ``checkpoint``."""
         super().__init__(device, batch_size)
-        ckpt = load_checkpoint(run, prefer_best=True)
-        if ckpt.get("family") != "classifier":
-            raise CovidXrayError(f"--cxr-features needs a classifier run; {ckpt['path']} holds a "
-                                 f"{ckpt.get('family')} model ('{ckpt.get('model')}')",
-                                 "Train one on real data first, e.g. `covidxray train --model resnet18 --data ...`")
-        loaded = load_classifier(run, ckpt)
+        ckpt = loaded.checkpoint
         self.net = loaded.net.eval().to(self.device, memory_format=torch.channels_last)
         self.size = loaded.image_size
         self.sha1 = file_sha1(ckpt["path"])

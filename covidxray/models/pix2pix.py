@@ -164,3 +164,11 @@ def build_pix2pix(cfg, data):
     init_weights(G)
     init_weights(D)
     return {"G": G, "D": D}
+
+
+def sampling_mode(G: nn.Module) -> None:
+    """G as pix2pix samples: BatchNorm on its running statistics, dropout on (the paper's noise)."""
+    G.eval()
+    for m in G.modules():
+        if isinstance(m, nn.Dropout):
+            m.train()

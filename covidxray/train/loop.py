@@ -793,7 +793,7 @@ def resume_run(run_dir: str | Path, epochs: int | None = None, data: str | None 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise CovidXrayError(f"run folder {run_dir} does not exist", "Pass the folder printed by `covidxray train`")
-    ckpt = load_checkpoint(run_dir / "checkpoints" / "last.pt" if (run_dir / "checkpoints").is_dir() else run_dir)
+    ckpt = load_checkpoint(run_dir, resume=True)
     cfg = config_from_dict(ckpt["config"], family=ckpt.get("family"))
     if epochs is not None:
         cfg.train.epochs = epochs

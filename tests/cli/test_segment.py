@@ -17,8 +17,8 @@ from PIL import Image
 from torch import nn
 
 from covidxray.data.masks import bounding_box
-from covidxray.predict import LoadedSegmenter
-from covidxray.segment import CSV_COLUMNS, output_names, segment_array, segment_images
+from covidxray.infer.predict import LoadedSegmenter
+from covidxray.infer.segment import CSV_COLUMNS, output_names, segment_array, segment_images
 from tests.fixtures import train_tiny_unet
 
 #: The readable inputs of the test folder, with their upright (width, height).
@@ -160,7 +160,7 @@ def test_rerun_skips_what_is_done_and_refuses_other_settings(cli, seg_run, xrays
 
 
 def test_an_interrupted_run_leaves_a_whole_csv_and_resumes(cli, seg_run, xrays, tmp_path, monkeypatch):
-    import covidxray.segment as seg
+    import covidxray.infer.segment as seg
 
     real, calls = seg.save_png, []
 
@@ -430,7 +430,7 @@ def test_a_killed_run_resumes_exactly_where_its_durable_rows_stop(cli, seg_run, 
 
 
 def test_an_interrupted_and_resumed_run_counts_the_whole_output(cli, seg_run, xrays, tmp_path, monkeypatch):
-    import covidxray.segment as seg
+    import covidxray.infer.segment as seg
 
     real, calls = seg.save_png, []
 

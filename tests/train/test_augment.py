@@ -1,9 +1,9 @@
-"""Tests of DiffAugment for grayscale X-rays (covidxray.train.diffaugment)."""
+"""Tests of DiffAugment for grayscale X-rays (covidxray.data.diffaugment)."""
 
 import pytest
 import torch
 
-from covidxray.train.diffaugment import DEFAULT_POLICY, FILL, POLICIES, diff_augment, parse_policy
+from covidxray.data.diffaugment import DEFAULT_POLICY, FILL, POLICIES, diff_augment, parse_policy
 
 
 def _gen(seed=0):

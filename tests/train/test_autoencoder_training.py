@@ -10,7 +10,7 @@ from covidxray.checkpoint import load_checkpoint
 from covidxray.cli import app
 from covidxray.config import resolve_config
 from covidxray.errors import CovidXrayError
-from covidxray.generate import load_generator
+from covidxray.infer.generate import load_generator
 from covidxray.train.loop import resume_run, start_run
 from tests.evaluate.test_generator_eval import standin, unverified  # noqa: F401  (the stand-in FID network)
 
@@ -47,7 +47,7 @@ def test_a_vae_run_validates_reconstructions_and_warms_the_kl_up(ae_cfg):
     assert t.task.current_beta() == pytest.approx(0.25)
     t.state.step = 5 * t.batches_per_epoch
     assert t.task.current_beta() == pytest.approx(0.5)
-    ckpt = load_checkpoint(trainer.run_dir, prefer_best=True)
+    ckpt = load_checkpoint(trainer.run_dir)
     assert ckpt["family"] == "autoencoder" and ckpt["eval_metric"] == "mse"
     assert ckpt["best_metric"] == pytest.approx(min(r["val_mse"] for r in evals), abs=1e-5)
     assert (trainer.run_dir / "samples" / "epoch_0004.png").is_file()

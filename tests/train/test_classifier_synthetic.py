@@ -11,7 +11,7 @@ from covidxray.checkpoint import load_checkpoint
 from covidxray.config import resolve_config
 from covidxray.data.datasets import TensorData, resize_u8, to_float
 from covidxray.errors import CovidXrayError
-from covidxray.generate import generate_images, load_generator
+from covidxray.infer.generate import generate_images, load_generator
 from covidxray.train.loop import Trainer, new_run_dir, resume_run, start_run
 from covidxray.train.tasks import classifier as clf_task
 from covidxray.train.tasks.classifier import ClassifierTask, class_cdf, sample_labels, synthetic_count

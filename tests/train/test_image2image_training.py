@@ -38,7 +38,7 @@ def test_pix2pix_learns_xrays_from_masks(p2p_cfg):
     assert all(0 < r["val_l1"] < 1 for r in evals)
     epochs = _records(trainer.run_dir, "epoch")
     assert epochs[-1]["l1"] < 0.85 * epochs[0]["l1"]  # G's X-rays move towards the real ones
-    ckpt = load_checkpoint(trainer.run_dir, prefer_best=True)
+    ckpt = load_checkpoint(trainer.run_dir)
     assert ckpt["family"] == "image2image" and ckpt["eval_metric"] == "l1" and set(ckpt["models"]) == {"G", "D"}
     assert (trainer.run_dir / "samples" / "epoch_0006.png").is_file()
     # the phantoms' three classes join the mask as class maps (G's and D's condition: 1 + 3 channels)
@@ -163,7 +163,7 @@ def test_sample_from_data_writes_paired_synthetic_data_that_a_unet_trains_on(p2p
 
 def test_deformed_masks_stay_binary_with_about_the_same_area(demo_prepared):
     from covidxray.data.datasets import load_tensor_data
-    from covidxray.synthesize import deform_masks
+    from covidxray.data.transforms import deform_masks
 
     m = load_tensor_data(demo_prepared, "train", masks=True).masks[:16]
     d = deform_masks(m, torch.Generator().manual_seed(0))

@@ -9,7 +9,7 @@ import torch
 from covidxray.checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint
 from covidxray.config import config_from_dict
 from covidxray.errors import CovidXrayError
-from covidxray.generate import load_generator
+from covidxray.infer.generate import load_generator
 from covidxray.train.loop import resume_run, start_run
 
 ASSET = Path(__file__).resolve().parents[1] / "assets" / "ckpt_v1_cgan.pt"

@@ -7,7 +7,7 @@ import torch
 
 from covidxray.config import resolve_config
 from covidxray.data.prepare import prepare
-from covidxray.generate import load_generator
+from covidxray.infer.generate import load_generator
 from covidxray.train.loop import start_run
 from tests.fixtures import TINY_SETS
 

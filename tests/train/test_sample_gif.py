@@ -4,8 +4,8 @@ import torch
 from PIL import Image
 
 from covidxray.errors import CovidXrayError
-from covidxray.generate import load_generator
-from covidxray.gif import make_gif
+from covidxray.infer.generate import load_generator
+from covidxray.infer.gif import make_gif
 from covidxray.train.loop import start_run
 
 
@@ -180,7 +180,7 @@ def test_gif_output_in_a_read_only_folder_is_refused(cli, snap_run, tmp_path):
 
 def test_gif_output_folder_that_cannot_be_written_is_refused(cli, snap_run, tmp_path, monkeypatch):
     # The same check as above, where the tests run as root (which os.access answers for).
-    import covidxray.gif as gif_module
+    import covidxray.infer.gif as gif_module
 
     real_access = gif_module.os.access
     monkeypatch.setattr(gif_module.os, "access",

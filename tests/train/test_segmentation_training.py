@@ -14,7 +14,7 @@ from covidxray.cli import app
 from covidxray.config import resolve_config
 from covidxray.data.datasets import load_tensor_data
 from covidxray.errors import CovidXrayError
-from covidxray.train.augment import augment_pair
+from covidxray.data.transforms import augment_pair
 from covidxray.train.loop import resume_run, start_run
 from covidxray.train.tasks.segmentation import hard_scores, soft_dice_loss
 
@@ -109,7 +109,7 @@ def test_a_run_learns_the_lungs_of_the_phantoms_well_above_both_baselines(seg_cf
     all_lung = float((2 * f / (1 + f)).mean())  # Dice of predicting lung everywhere; no lung scores 0
     best = max(r["val_dice"] for r in evals)
     assert best > all_lung + 0.25 and best > 0.7, (best, all_lung)
-    ckpt = load_checkpoint(run, prefer_best=True)
+    ckpt = load_checkpoint(run)
     assert ckpt["family"] == "segmentation" and ckpt["eval_metric"] == "dice" and ckpt["fit"] == "stretch"
     assert ckpt["best_metric"] == pytest.approx(best, abs=1e-4)
     for r in evals:

@@ -1,11 +1,11 @@
-"""On-device augmentation of the supervised tasks (covidxray.train.augment) and the learning-rate schedule."""
+"""On-device augmentation of the supervised tasks (covidxray.data.transforms) and the learning-rate schedule."""
 
 import math
 
 import pytest
 import torch
 
-from covidxray.train.augment import affine_matrices, augment_batch, jitter, warp
+from covidxray.data.transforms import affine_matrices, augment_batch, jitter, warp
 from covidxray.train.optim import schedule_factor
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from covidxray.config import resolve_config
-from covidxray.generate import load_generator
+from covidxray.infer.generate import load_generator
 from covidxray.models import DataSpec, get_model, list_models
 from covidxray.outdir import MARKER
 from covidxray.checkpoint import load_checkpoint

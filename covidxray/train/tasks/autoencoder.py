@@ -164,7 +164,7 @@ class AutoencoderTask(SupervisedTask):
         t = self.trainer
         path = t.run_dir / "samples" / f"epoch_{t.epoch:04d}.png"
         if self.variational:
-            from covidxray.generate import generate_images
+            from covidxray.infer.generate import generate_images
 
             images = generate_images(self.net.decoder, self.fixed_z, self.fixed_y, self.device,
                                      self.cfg.eval.batch_size)

@@ -1,7 +1,7 @@
 """The classifier task: cross-entropy on augmented batches, validation metrics every ``eval.every`` epochs.
 
 One step: the uint8 batch (already on the device) becomes float in [-1, 1], gets a random affine warp
-and brightness/contrast jitter on the device (:mod:`covidxray.train.augment`, drawn from a generator
+and brightness/contrast jitter on the device (:mod:`covidxray.data.transforms`, drawn from a generator
 saved with the run), goes through the network under the run's precision, and one optimizer step
 follows on the cross-entropy (optional class weights and label smoothing). The learning rate follows
 ``optim.schedule`` per step (linear warm-up, then cosine or step), set on the host before the step;
@@ -48,12 +48,12 @@ import torch.nn.functional as F
 from covidxray.config.classifier import parse_class_weights
 from covidxray.data.datasets import resize_u8, to_float, to_uint8
 from covidxray.errors import CovidXrayError
-from covidxray.generate import load_generator
+from covidxray.infer.generate import load_generator
 from covidxray.metrics import classification as M
 from covidxray.models.classifiers import load_pretrained
 from covidxray.models.registry import list_models
-from covidxray.predict import predict_probs
-from covidxray.train.augment import augment_batch
+from covidxray.infer.predict import predict_probs
+from covidxray.data.transforms import augment_batch
 from covidxray.train.optim import lr_stat
 from covidxray.train.tasks.supervised import SupervisedTask
 

@@ -3,7 +3,7 @@
 Every GAN shares this task; what differs is declared by its outputs and config:
 ``DOutput.class_logits`` (ACGAN auxiliary loss), ``DOutput.pixel_logits`` (U-Net D, CutMix),
 ``loss.uncertainty`` (MC-dropout regulariser). The formulas are in ``docs/training.md``; the
-GAN-only arithmetic lives in :mod:`covidxray.train.gan_losses`, :mod:`covidxray.train.diffaugment`
+GAN-only arithmetic lives in :mod:`covidxray.train.gan_losses`, :mod:`covidxray.data.diffaugment`
 and :mod:`covidxray.train.unetgan_cutmix`.
 
 Checkpoint entries it adds (format of version 0.1.0, kept): ``models`` ``G``, ``D``, ``G_ema``;
@@ -22,11 +22,11 @@ from torch import nn
 from covidxray.data.datasets import to_float
 from covidxray.data.grids import save_grid
 from covidxray.errors import CovidXrayError
-from covidxray.generate import generate_images
+from covidxray.infer.generate import generate_images
 from covidxray.models.registry import list_models
 from covidxray.train import gan_losses as losses
 from covidxray.train import unetgan_cutmix
-from covidxray.train.diffaugment import diff_augment, parse_policy
+from covidxray.data.diffaugment import diff_augment, parse_policy
 from covidxray.train.ema import EMA, decay_for
 from covidxray.train.tasks.base import Task
 

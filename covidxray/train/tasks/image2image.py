@@ -6,7 +6,7 @@ so the same network shows a colorization target; the rest of this docstring is w
 
 Trains on the images that have a lung mask (the loop gives the batch's masks, as for the segmenters). One
 step: the uint8 X-rays become float in [-1, 1]; X-ray and mask get one shared random warp on the device
-(:func:`~covidxray.train.augment.augment_pair`, ``aug.*``; a generator saved with the run); the condition is
+(:func:`~covidxray.data.transforms.augment_pair`, ``aug.*``; a generator saved with the run); the condition is
 the mask in [-1, 1]. D (a PatchGAN on the condition and an image) takes one Adam step on the mean of its
 losses on (c, x) and (c, G(c)); then G takes one Adam step on ``adversarial + loss.l1_weight * L1(G(c), x)``
 (Isola et al. 2017). G's dropout draws from the default generator, whose state the loop saves, so a resumed
@@ -28,9 +28,9 @@ import torch
 from torch import nn
 
 from covidxray.data.datasets import to_float, to_uint8
-from covidxray.models.pix2pix import condition, uses_class_maps
+from covidxray.models.pix2pix import condition, sampling_mode, uses_class_maps
 from covidxray.train import gan_losses as losses
-from covidxray.train.augment import augment_pair
+from covidxray.data.transforms import augment_pair
 from covidxray.train.tasks.base import Task
 
 
@@ -50,14 +50,6 @@ def colorize_target(x: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     body = (1 - lung) * (v > BODY_LEVEL).float()
     colours = [lung * c1 + body * c2 for c1, c2 in zip(LUNG_RGB, BODY_RGB)]
     return torch.cat([v * c for c in colours], 1) * 2 - 1
-
-
-def sampling_mode(G: nn.Module) -> None:
-    """G as pix2pix samples: BatchNorm on its running statistics, dropout on (the paper's noise)."""
-    G.eval()
-    for m in G.modules():
-        if isinstance(m, nn.Dropout):
-            m.train()
 
 
 class Image2ImageTask(Task):

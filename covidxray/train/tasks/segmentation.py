@@ -4,7 +4,7 @@ Only images with a lung mask are trained on (the loop loads them with their mask
 images, on the GPU when there is one) and the step gets the batch's masks instead of class labels. One
 step: the uint8 batch becomes float in [-1, 1]; image and mask get **one shared** random affine warp
 (rotation, zoom, shift; optionally an elastic deformation) on the device, the image bilinearly, the mask
-bilinearly then thresholded at 0.5, so they stay aligned (:func:`~covidxray.train.augment.augment_pair`);
+bilinearly then thresholded at 0.5, so they stay aligned (:func:`~covidxray.data.transforms.augment_pair`);
 brightness/contrast jitter touches the image only. The network gives one logit map; the loss is
 ``loss.bce_weight * BCE(logits, mask) + loss.dice_weight * (1 - soft Dice)`` with the soft Dice of the
 sigmoid computed per image and averaged over the batch (so that every image weighs the same whatever its
@@ -31,8 +31,8 @@ import torch.nn.functional as F
 
 from covidxray.data.datasets import read_prepared_info, to_float
 from covidxray.errors import CovidXrayError
-from covidxray.predict import iter_mask_probs
-from covidxray.train.augment import augment_pair
+from covidxray.infer.predict import iter_mask_probs
+from covidxray.data.transforms import augment_pair
 from covidxray.train.optim import lr_stat
 from covidxray.train.tasks.supervised import SupervisedTask
 

@@ -46,17 +46,15 @@ import torch
 from covidxray import __version__
 from covidxray.checkpoint import load_checkpoint
 from covidxray.data.datasets import load_tensor_data, read_prepared_info, resize_masks, to_uint8
-from covidxray.data.masks import postprocess
 from covidxray.errors import CovidXrayError
-from covidxray.models.pix2pix import draw_xrays
-from covidxray.models.registry import build_from_checkpoint
+from covidxray.data.transforms import DEFORM, deform_masks
+from covidxray.models.pix2pix import draw_xrays, sampling_mode
+from covidxray.infer.load import build_from_checkpoint
 from covidxray.outdir import MARKER, OutputDir
 from covidxray.utils import resolve_device
 
 MANIFEST_COLUMNS = ("split", "class", "file", "mask", "source", "source_sha256", "pixel_sha256",
                     "orig_width", "orig_height", "orig_mode", "patient_id", "synthetic")
-#: The deformation of ``--deform`` (module docstring).
-DEFORM = {"rotate": 8.0, "scale": 0.08, "translate": 0.05, "elastic": 0.02}
 
 
 def conditioning_classes(cfg, ckpt: dict) -> list[str]:
@@ -94,9 +92,7 @@ def pair_jobs(conditioned: list[str], class_name: str | None, own: list[str] | N
 
 def load_pix2pix(checkpoint: str | os.PathLike):
     """G of a pix2pix run (best.pt when the run has one) in sampling mode, its config and checkpoint."""
-    from covidxray.train.tasks.image2image import sampling_mode
-
-    ckpt = load_checkpoint(checkpoint, prefer_best=True)
+    ckpt = load_checkpoint(checkpoint)
     if ckpt.get("family") != "image2image":
         raise CovidXrayError(f"{ckpt['path']} holds a {ckpt.get('family')} model ('{ckpt.get('model')}'); "
                              f"--from-data/--masks need a pix2pix run", "Train one: covidxray train --model pix2pix")
@@ -105,16 +101,6 @@ def load_pix2pix(checkpoint: str | os.PathLike):
     G.load_state_dict(ckpt["models"]["G"])
     sampling_mode(G)
     return G, cfg, ckpt
-
-
-def deform_masks(masks: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Random smooth deformations of 0/1 masks (N x 1 x S x S) -> 0/1 uint8 masks, two components, no holes."""
-    from covidxray.train.augment import augment_pair
-
-    x = torch.zeros(masks.shape, dtype=torch.float32)
-    _, m = augment_pair(x, masks, generator, **DEFORM)
-    out = torch.stack([torch.from_numpy(postprocess(mi[0].numpy() > 0.5))[None] for mi in m])
-    return out.to(torch.uint8)
 
 
 def _read_mask_folder(folder: Path, size: int, log: Callable[[str], None]) -> tuple[torch.Tensor, list[str]]:

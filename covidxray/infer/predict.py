@@ -14,7 +14,8 @@ from covidxray.checkpoint import load_checkpoint
 from covidxray.config import Config
 from covidxray.data.datasets import to_float
 from covidxray.errors import CovidXrayError
-from covidxray.models.registry import build_from_checkpoint
+from covidxray.infer.load import build_from_checkpoint
+from covidxray.metrics.features import ClassifierFeatures
 from covidxray.utils import cpu_has_native_bf16, resolve_device
 
 
@@ -94,6 +95,17 @@ def load_classifier(checkpoint: str | os.PathLike, checkpoint_data: dict[str, An
     net.load_state_dict(ckpt["models"]["net"])
     net.eval()
     return LoadedClassifier(net, cfg, ckpt)
+
+
+def classifier_features(run: str | os.PathLike, device: str | torch.device = "cpu",
+                        batch_size: int = 64) -> ClassifierFeatures:
+    """The in-domain feature space of ``evaluate --cxr-features RUN``: a classifier run's pooled features."""
+    ckpt = load_checkpoint(run)
+    if ckpt.get("family") != "classifier":
+        raise CovidXrayError(f"--cxr-features needs a classifier run; {ckpt['path']} holds a "
+                             f"{ckpt.get('family')} model ('{ckpt.get('model')}')",
+                             "Train one on real data first, e.g. `covidxray train --model resnet18 --data ...`")
+    return ClassifierFeatures(load_classifier(run, ckpt), device, batch_size)
 
 
 # ------------------------------------------------------------------------------------------ segmenters
@@ -178,7 +190,7 @@ class LoadedSegmenter:
 def load_segmenter(checkpoint: str | os.PathLike, checkpoint_data: dict[str, Any] | None = None) -> LoadedSegmenter:
     """Rebuild a trained segmenter from a checkpoint (a file, or a run folder: its ``best.pt`` when there is
     one, else ``last.pt``)."""
-    ckpt = checkpoint_data if checkpoint_data is not None else load_checkpoint(checkpoint, prefer_best=True)
+    ckpt = checkpoint_data if checkpoint_data is not None else load_checkpoint(checkpoint)
     family = ckpt.get("family", "gan")
     if family != "segmentation":
         raise CovidXrayError(f"{ckpt['path']} holds a {family} model ('{ckpt.get('model')}'), not a segmenter",

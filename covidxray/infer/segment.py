@@ -9,7 +9,7 @@ to folders are not followed):
    palette images);
 2. fit the image into the checkpoint's S x S square exactly as ``prepare`` fitted the training X-rays
    (:func:`~covidxray.data.imaging.fit_image` with the checkpoint's ``fit``: stretch, pad or crop);
-3. predict the lung probability in batches (:func:`~covidxray.predict.iter_mask_probs`: on the GPU when
+3. predict the lung probability in batches (:func:`~covidxray.infer.predict.iter_mask_probs`: on the GPU when
    there is one, in bf16; on the CPU in bf16 where it is native, else float32; ``channels_last``;
    optionally with left-right test-time augmentation); decoding, post-processing and writing run in a
    small thread pool so that the model is kept busy;
@@ -82,7 +82,7 @@ from covidxray.data.overlays import overlay as draw_overlay
 from covidxray.data.overlays import save_rgb
 from covidxray.errors import CovidXrayError
 from covidxray.outdir import check_output_dir, claim
-from covidxray.predict import LoadedSegmenter, inference_settings, iter_mask_probs, load_segmenter
+from covidxray.infer.predict import LoadedSegmenter, inference_settings, iter_mask_probs, load_segmenter
 from covidxray.utils import atomic_path, atomic_write_text, sweep_stale_temps
 
 #: The columns of ``segment.csv``, in order.
@@ -181,7 +181,7 @@ def segment_array(loaded: LoadedSegmenter, gray_list: Iterable[Any], batch_size:
     """Lung masks of in-memory grayscale X-rays, at their own sizes (for benchmarks and ``evaluate``).
 
     Args:
-        loaded: from :func:`~covidxray.predict.load_segmenter`.
+        loaded: from :func:`~covidxray.infer.predict.load_segmenter`.
         gray_list: H x W uint8 arrays or ``L`` Pillow images, of any sizes (upright already).
         batch_size: images per forward pass.
         device: ``auto``, ``cpu``, ``cuda``... or a ``torch.device``.
@@ -474,7 +474,7 @@ def segment_images(checkpoint: str | os.PathLike | LoadedSegmenter, inputs: str 
 
     Args:
         checkpoint: a segmenter's run folder (its ``best.pt``, else ``last.pt``) or ``.pt`` file, or an
-            already loaded :class:`~covidxray.predict.LoadedSegmenter`.
+            already loaded :class:`~covidxray.infer.predict.LoadedSegmenter`.
         inputs: an image file, or a folder searched recursively.
         out: the output folder: new, empty, or an earlier ``segment`` output (resumed); neither the input
             folder nor inside it.

@@ -14,7 +14,8 @@ from covidxray.checkpoint import load_checkpoint
 from covidxray.config import Config
 from covidxray.data.datasets import to_uint8
 from covidxray.errors import CovidXrayError
-from covidxray.models.registry import build_from_checkpoint, get_model
+from covidxray.infer.load import build_from_checkpoint
+from covidxray.models.registry import get_model
 
 
 @dataclass

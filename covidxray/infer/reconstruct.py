@@ -24,7 +24,7 @@ from covidxray.checkpoint import load_checkpoint
 from covidxray.data.datasets import to_float, to_uint8
 from covidxray.errors import CovidXrayError
 from covidxray.metrics import image as IM
-from covidxray.models.registry import build_from_checkpoint
+from covidxray.infer.load import build_from_checkpoint
 from covidxray.outdir import OutputDir
 from covidxray.utils import resolve_device
 
@@ -33,7 +33,7 @@ CSV_COLUMNS = ("file", "mse", "psnr", "ssim", "status")
 
 def load_autoencoder(checkpoint: str | os.PathLike):
     """The network (eval mode), config and checkpoint of a trained autoencoder (run folder: best.pt first)."""
-    ckpt = load_checkpoint(checkpoint, prefer_best=True)
+    ckpt = load_checkpoint(checkpoint)
     if ckpt.get("family") != "autoencoder":
         raise CovidXrayError(f"{ckpt['path']} holds a {ckpt.get('family')} model ('{ckpt.get('model')}'); "
                              f"--reconstruct needs an autoencoder", "Pass a run of autoencoder, vae or cvae")
@@ -115,5 +115,6 @@ def reconstruct_folder(checkpoint: str | os.PathLike, inputs: str | os.PathLike,
     bad = [(r["file"], r["status"][len("unreadable: "):]) for r in rows.values() if r["status"] != "ok"]
     done = [r for r in rows.values() if r["status"] == "ok"]
     return {"reconstructed": len(done), "unreadable": bad, "csv": csv_path, "out": out, "model": cfg.model.name,
+            "checkpoint": str(Path(ckpt["path"]).resolve()),
             "mean_psnr": float(np.mean([float(r["psnr"]) for r in done])) if done else None,
             "mean_ssim": float(np.mean([float(r["ssim"]) for r in done])) if done else None}

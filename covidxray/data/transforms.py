@@ -26,6 +26,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from covidxray.data.masks import postprocess
+
 __all__ = ["affine_matrices", "elastic_displacement", "warp", "jitter", "augment_pair", "augment_batch"]
 
 
@@ -120,3 +122,15 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator | None = None, rot
     if brightness or contrast:
         x = jitter(x, generator, brightness, contrast)
     return x
+
+
+#: The deformation of ``sample --deform`` (pix2pix pairs): a small rotation, zoom, shift and elastic warp of a mask.
+DEFORM = {"rotate": 8.0, "scale": 0.08, "translate": 0.05, "elastic": 0.02}
+
+
+def deform_masks(masks: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random smooth deformations of 0/1 masks (N x 1 x S x S) -> 0/1 uint8 masks, two components, no holes."""
+    x = torch.zeros(masks.shape, dtype=torch.float32)
+    _, m = augment_pair(x, masks, generator, **DEFORM)
+    out = torch.stack([torch.from_numpy(postprocess(mi[0].numpy() > 0.5))[None] for mi in m])
+    return out.to(torch.uint8)
