@@ -25,9 +25,16 @@ def test_registering_a_name_twice_fails():
         register_model("rawgan", family="gan", paper="x", summary="x")(lambda cfg, data: {})
 
 
-def test_registering_under_an_unknown_family_fails():
-    with pytest.raises(ValueError, match="unknown family 'diffusion'; declared families: autoencoder, classifier, gan, image2image, segmentation"):
-        register_model("ddpm", family="diffusion", paper="x", summary="x")
+def test_a_model_of_an_undeclared_family_is_refused_when_its_config_is_resolved(monkeypatch):
+    from covidxray.config import resolve_config
+    from covidxray.errors import CovidXrayError
+    from covidxray.models import registry
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))  # the registration ends with the test
+    register_model("ddpm", family="diffusion", paper="x", summary="x")(lambda cfg, data: {})
+    with pytest.raises(CovidXrayError, match="unknown model family 'diffusion'; known families: autoencoder, "
+                                             "classifier, gan, image2image, segmentation"):
+        resolve_config("ddpm")
 
 
 def test_every_family_has_models_a_task_and_a_shape_check():

@@ -47,7 +47,7 @@ def test_a_vae_run_validates_reconstructions_and_warms_the_kl_up(ae_cfg):
     assert t.task.current_beta() == pytest.approx(0.25)
     t.state.step = 5 * t.batches_per_epoch
     assert t.task.current_beta() == pytest.approx(0.5)
-    ckpt = load_checkpoint(trainer.run_dir)
+    ckpt = load_checkpoint(trainer.run_dir, resume=True)
     assert ckpt["family"] == "autoencoder" and ckpt["eval_metric"] == "mse"
     assert ckpt["best_metric"] == pytest.approx(min(r["val_mse"] for r in evals), abs=1e-5)
     assert (trainer.run_dir / "samples" / "epoch_0004.png").is_file()

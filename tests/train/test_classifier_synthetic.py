@@ -99,8 +99,8 @@ def test_half_synthetic_adds_b_generated_images_to_every_step(clf_cfg, cgan_run,
         assert torch.equal(rec["loss_labels"][i], torch.cat([rec["real_labels"][i], y]))
     assert len({int(c) for y in expected for c in y[1]}) == 3        # every class gets drawn
 
-    ckpt = load_checkpoint(trainer.run_dir)
-    gan = load_checkpoint(cgan_run)
+    ckpt = load_checkpoint(trainer.run_dir, resume=True)
+    gan = load_checkpoint(cgan_run, resume=True)
     assert set(ckpt["models"]) == {"net"} and "synthetic" in ckpt["rng"]  # G is not saved with the classifier
     assert ckpt["synthetic"] == {"path": str(gan["path"]), "model": "cgan", "weights": "G_ema",
                                  "step": gan["step"], "epoch": 1}
@@ -212,7 +212,7 @@ def test_resume_with_synthetic_data_equals_uninterrupted(clf_cfg, cgan_run, stop
             trainer.request_stop()
 
     part, finished = start_run(_syn_cfg(clf_cfg, cgan_run, ratio, epochs=2), on_step=stop)
-    assert not finished and load_checkpoint(part.run_dir)["step"] == stop_at
+    assert not finished and load_checkpoint(part.run_dir, resume=True)["step"] == stop_at
     resumed, finished = resume_run(part.run_dir)
     assert finished and resumed.step == ref.step == 14
     for key, value in ref.task.net.state_dict().items():
@@ -223,7 +223,7 @@ def test_resume_with_synthetic_data_equals_uninterrupted(clf_cfg, cgan_run, stop
 
 
 def test_a_resume_whose_generator_changed_says_so(clf_cfg, cgan_run, tmp_path):
-    gan = load_checkpoint(cgan_run)
+    gan = load_checkpoint(cgan_run, resume=True)
     path = tmp_path / "gan.pt"
     torch.save({k: v for k, v in gan.items() if k != "path"}, path)
     part, finished = start_run(_syn_cfg(clf_cfg, path, 0.5, epochs=2), on_step=lambda t: t.request_stop())

@@ -30,7 +30,7 @@ def test_a_classifier_run_trains_validates_and_checkpoints(clf_cfg):
         assert 0 <= r["val_balanced_accuracy"] <= 1
     steps = _records(run, "interval")
     assert steps and all({"loss", "acc", "lr"} <= set(r) for r in steps)
-    ckpt = load_checkpoint(run)
+    ckpt = load_checkpoint(run, resume=True)
     assert ckpt["family"] == "classifier" and ckpt["image_size"] == 64 and ckpt["eval_metric"] == "loss"
     assert set(ckpt["models"]) == {"net"} and set(ckpt["rng"]) >= {"shuffle", "aug", "torch_cpu"}
     assert "image_size: 64" in (run / "config.yaml").read_text()  # 0 (= prepared size) resolved
@@ -53,13 +53,13 @@ def test_classifier_resume_mid_epoch_equals_uninterrupted(clf_cfg, stop_at):
             trainer.request_stop()
 
     part, finished = start_run(clf_cfg(epochs=2, extra=extra), on_step=stop)
-    assert not finished and load_checkpoint(part.run_dir)["step"] == stop_at
+    assert not finished and load_checkpoint(part.run_dir, resume=True)["step"] == stop_at
     resumed, finished = resume_run(part.run_dir)
     assert finished and resumed.step == ref.step == 14
     for key, value in ref.task.net.state_dict().items():
         assert torch.equal(value, resumed.task.net.state_dict()[key]), key
     assert _records(ref.run_dir) == _records(part.run_dir)
-    a, b = load_checkpoint(ref.run_dir), load_checkpoint(part.run_dir)
+    a, b = load_checkpoint(ref.run_dir, resume=True), load_checkpoint(part.run_dir, resume=True)
     assert a["epoch"] == b["epoch"] and a["best_metric"] == b["best_metric"]
 
 
@@ -87,7 +87,7 @@ def test_early_stopping_stops_and_a_resume_is_refused(clf_cfg):
     # min_delta larger than any change: only the first evaluation counts as an improvement
     trainer, finished = start_run(clf_cfg(epochs=10, extra=["eval.patience=2", "eval.min_delta=1e9"]))
     assert finished and trainer.epoch == 3
-    ckpt = load_checkpoint(trainer.run_dir)
+    ckpt = load_checkpoint(trainer.run_dir, resume=True)
     assert ckpt["stopped_early"] and ckpt["best_epoch"] == 1 and ckpt["evals_since_best"] == 2
     assert load_checkpoint(trainer.run_dir / "checkpoints" / "best.pt")["epoch"] == 1
     assert "early stopping at epoch 3" in (trainer.run_dir / "log.txt").read_text()
@@ -111,7 +111,7 @@ def test_images_are_resized_on_the_device_when_asked(clf_cfg):
     trainer, finished = start_run(cfg)
     assert finished and trainer.data.images.shape[-1] == 96 and trainer.eval_data.images.shape[-1] == 96
     assert "resized to 96 px" in (trainer.run_dir / "log.txt").read_text()
-    assert load_checkpoint(trainer.run_dir)["image_size"] == 96
+    assert load_checkpoint(trainer.run_dir, resume=True)["image_size"] == 96
     assert load_classifier(trainer.run_dir).net(torch.zeros(1, 1, 96, 96)).shape == (1, 3)
 
 

@@ -135,7 +135,7 @@ def test_resume_with_graphs_equals_uninterrupted(tiny_cfg):
             trainer.request_stop()
 
     part, finished = start_run(_gpu_cfg(tiny_cfg, "cgan"), on_step=stop)
-    assert not finished and load_checkpoint(part.run_dir)["step"] == stop_at
+    assert not finished and load_checkpoint(part.run_dir, resume=True)["step"] == stop_at
     resumed, finished = resume_run(part.run_dir)
     assert finished and resumed.state.step == ref.state.step
     for key, value in ref.task.G.state_dict().items():

@@ -40,7 +40,7 @@ def test_one_training_step_of_every_model(name, family, demo_at_size, tmp_path):
     for key, net in trainer.task.models.items():
         changed = [not torch.equal(t, before[key][n]) for n, t in net.state_dict().items()]
         assert any(changed), f"{key} did not change"
-    ckpt = load_checkpoint(trainer.run_dir)
+    ckpt = load_checkpoint(trainer.run_dir, resume=True)
     assert ckpt["family"] == family and ckpt["model"] == name and ckpt["image_size"] == size
     assert set(ckpt["models"]) >= set(trainer.task.models)
     stats = (trainer.run_dir / "stats.jsonl").read_text()

@@ -29,7 +29,7 @@ def test_run_folder_contents(tiny_cfg):
     assert stats[-1]["step"] == 2 * (n_train // 16)
     with Image.open(run / "samples" / "epoch_0002.png") as im:
         assert im.mode == "L" and im.width == 4 * 64 + 5 * 2  # 16 images in a 4x4 grid, 2 px padding
-    ckpt = load_checkpoint(run)
+    ckpt = load_checkpoint(run, resume=True)
     assert ckpt["epoch"] == 2 and ckpt["step"] == stats[-1]["step"]
     assert set(ckpt["models"]) == {"G", "D", "G_ema"} and set(ckpt["optimizers"]) == {"G", "D"}
     assert ckpt["config"]["train"]["seed"] == 0
@@ -57,7 +57,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(tiny_cfg, stop_at):
 
     part, finished = start_run(tiny_cfg(epochs=2), on_step=stop)
     assert not finished
-    assert load_checkpoint(part.run_dir)["step"] == stop_at
+    assert load_checkpoint(part.run_dir, resume=True)["step"] == stop_at
     resumed, finished = resume_run(part.run_dir)
     assert finished
     for key, value in ref.task.G.state_dict().items():

@@ -38,7 +38,7 @@ def test_pix2pix_learns_xrays_from_masks(p2p_cfg):
     assert all(0 < r["val_l1"] < 1 for r in evals)
     epochs = _records(trainer.run_dir, "epoch")
     assert epochs[-1]["l1"] < 0.85 * epochs[0]["l1"]  # G's X-rays move towards the real ones
-    ckpt = load_checkpoint(trainer.run_dir)
+    ckpt = load_checkpoint(trainer.run_dir, resume=True)
     assert ckpt["family"] == "image2image" and ckpt["eval_metric"] == "l1" and set(ckpt["models"]) == {"G", "D"}
     assert (trainer.run_dir / "samples" / "epoch_0006.png").is_file()
     # the phantoms' three classes join the mask as class maps (G's and D's condition: 1 + 3 channels)

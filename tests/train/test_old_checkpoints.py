@@ -57,7 +57,7 @@ def test_a_0_1_0_checkpoint_resumes_exactly(v1_data, tmp_path):
             torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6, msg=f"{name}.{key}")
     for key, value in ref.task.ema.state_dict().items():
         torch.testing.assert_close(value, resumed.task.ema.state_dict()[key], rtol=1e-4, atol=1e-6, msg=f"G_ema.{key}")
-    new = load_checkpoint(run)
+    new = load_checkpoint(run, resume=True)
     assert new["format_version"] == FORMAT_VERSION and new["family"] == "gan" and new["config"]["model"] == {"name": "cgan"}
 
 

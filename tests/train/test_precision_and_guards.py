@@ -24,7 +24,7 @@ def test_fp16_needs_cuda(tiny_cfg):
 
 def test_nan_losses_stop_with_a_hint_and_keep_the_last_checkpoint(tiny_cfg, monkeypatch):
     trainer, _ = start_run(tiny_cfg(epochs=1))
-    good = load_checkpoint(trainer.run_dir)
+    good = load_checkpoint(trainer.run_dir, resume=True)
     real_step = Trainer.train_step
 
     def diverging(self, real, labels):
@@ -38,7 +38,7 @@ def test_nan_losses_stop_with_a_hint_and_keep_the_last_checkpoint(tiny_cfg, monk
     with pytest.raises(CovidXrayError, match=r"diverged at step \d+: loss_d became NaN/inf") as err:
         resume_run(trainer.run_dir, epochs=2)
     assert "learning rate" in str(err.value)
-    assert load_checkpoint(trainer.run_dir)["step"] == good["step"]  # no NaN checkpoint written
+    assert load_checkpoint(trainer.run_dir, resume=True)["step"] == good["step"]  # no NaN checkpoint written
 
 
 def test_compile_failure_falls_back_to_eager_with_a_warning(tiny_cfg, monkeypatch):

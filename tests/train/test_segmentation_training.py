@@ -109,7 +109,7 @@ def test_a_run_learns_the_lungs_of_the_phantoms_well_above_both_baselines(seg_cf
     all_lung = float((2 * f / (1 + f)).mean())  # Dice of predicting lung everywhere; no lung scores 0
     best = max(r["val_dice"] for r in evals)
     assert best > all_lung + 0.25 and best > 0.7, (best, all_lung)
-    ckpt = load_checkpoint(run)
+    ckpt = load_checkpoint(run, resume=True)
     assert ckpt["family"] == "segmentation" and ckpt["eval_metric"] == "dice" and ckpt["fit"] == "stretch"
     assert ckpt["best_metric"] == pytest.approx(best, abs=1e-4)
     for r in evals:
@@ -127,7 +127,7 @@ def test_segmentation_resume_equals_uninterrupted(seg_cfg, stop_at):
             trainer.request_stop()
 
     part, finished = start_run(seg_cfg(epochs=2, extra=extra), on_step=stop)
-    assert not finished and load_checkpoint(part.run_dir)["step"] == stop_at
+    assert not finished and load_checkpoint(part.run_dir, resume=True)["step"] == stop_at
     resumed, finished = resume_run(part.run_dir)
     assert finished and resumed.step == ref.step
     for key, value in ref.task.net.state_dict().items():
@@ -148,7 +148,7 @@ def test_data_are_resized_on_the_device_with_their_masks(seg_cfg):
     assert finished
     assert trainer.data.images.shape[-1] == 96 and trainer.data.masks.shape[-1] == 96
     assert set(trainer.data.masks.unique().tolist()) == {0, 1}
-    assert load_checkpoint(trainer.run_dir)["image_size"] == 96
+    assert load_checkpoint(trainer.run_dir, resume=True)["image_size"] == 96
 
 
 def test_bad_settings_and_data_for_a_segmenter(seg_cfg, demo_prepared, tmp_path):

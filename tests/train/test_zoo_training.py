@@ -40,7 +40,7 @@ def test_one_training_step_at_each_size(name, size, demo_at_size, tmp_path):
         assert "acc_real" in stats and "acc_fake" in stats
     changed = [not torch.equal(a, b) for a, b in zip(before["G"].state_dict().values(), trainer.task.G.state_dict().values())]
     assert any(changed)
-    ckpt = load_checkpoint(trainer.run_dir)
+    ckpt = load_checkpoint(trainer.run_dir, resume=True)
     assert {"G", "D", "G_ema"} <= set(ckpt["models"])
     with torch.no_grad():
         img = trainer.task.generate(torch.randn(2, cfg.arch.latent_dim),
