@@ -111,7 +111,7 @@ def _check_writable(out: Path, option: str) -> None:
                              f"Choose another {option}")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise CovidXrayError(f"{option} {_show(out)} is not writable ({_show(probe)}: permission denied)",
-                             f"Choose a folder you can write, or fix its permissions")
+                             "Choose a folder you can write, or fix its permissions")
 
 
 def claim(out: Path, kind: str, command: str, settings: dict | None = None) -> None:

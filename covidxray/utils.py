@@ -192,6 +192,18 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def import_submodules(package: str, path, skip: tuple[str, ...] = ()) -> list[str]:
+    """Import every module of ``package`` (its ``__path__``) but ``skip``: the registries' discovery, so that a
+    family's module registers itself by being there (no hand-kept import list)."""
+    import importlib
+    import pkgutil
+
+    names = [info.name for info in pkgutil.iter_modules(path) if info.name not in skip]
+    for name in names:
+        importlib.import_module(f"{package}.{name}")
+    return names
+
+
 def make_console(stderr: bool = False):
     """A rich Console; created on demand so that tests can set TERM/COLUMNS first."""
     from rich.console import Console

@@ -167,3 +167,29 @@ def clf_cfg(demo_prepared, tmp_path):
         return cfg
 
     return make
+
+
+# The FID network's stand-in: the real Inception is 87 MB and slow on a CPU; the code around it is the same.
+@pytest.fixture(scope="session")
+def standin(tmp_path_factory) -> Path:
+    """A deterministic 'Inception' as TorchScript: 6 x 6 average pooling of the 299-px input, 108-d."""
+    import torch
+    import torch.nn.functional as F
+
+    class StandIn(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.adaptive_avg_pool2d(x, 6).flatten(1)
+
+    path = tmp_path_factory.mktemp("standin") / "standin.pt"
+    torch.jit.script(StandIn()).save(str(path))
+    return path
+
+
+@pytest.fixture()
+def unverified(standin, monkeypatch):
+    """The stand-in as the FID network, allowed though unverified (its scores are fd_unverified, never FID)."""
+    from covidxray.metrics import features as FE
+
+    monkeypatch.setenv(FE.ENV_WEIGHTS, str(standin))
+    monkeypatch.setenv(FE.ENV_ALLOW_UNVERIFIED, "1")
+    return standin

@@ -19,7 +19,6 @@ from covidxray.checkpoint import resolve_checkpoint_path
 from covidxray.config import resolve_config
 from covidxray.outdir import read_marker
 from covidxray.train.loop import start_run
-from tests.evaluate.test_generator_eval import standin, unverified  # noqa: F401  (the stand-in FID network)
 from tests.fixtures import TINY_CLF_SETS, TINY_UNET_SETS, train_tiny_gan
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

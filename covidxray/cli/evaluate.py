@@ -133,31 +133,31 @@ def evaluate_cmd(
     target = targets[0] if targets else None
     if fake is None and target is None:
         raise CovidXrayError("nothing to evaluate", "Pass a run folder or checkpoint, or --fake FOLDER")
-    ckpt = None
-    if fake is None:  # read once: its family picks the evaluation, which then uses it as loaded
-        from covidxray.checkpoint import load_checkpoint
+    loaded = None
+    if fake is None:  # loaded once: what the model can do picks the evaluation, which then uses it as loaded
+        from covidxray.infer.protocol import Classifier, Segmenter, load
 
-        ckpt = load_checkpoint(target)
-        family = ckpt.get("family", "gan")
-        kind = family if family in ("segmentation", "classifier") else "generator"
-        _check_options(ctx, kind, ckpt["path"], family)
-        if family == "segmentation":
+        loaded = load(target)
+        kind = ("segmentation" if isinstance(loaded, Segmenter) else
+                "classifier" if isinstance(loaded, Classifier) else "generator")
+        _check_options(ctx, kind, loaded.path, loaded.family)
+        if kind == "segmentation":
             return _segmenter(con, log, target, data, split, images, masks, out, device, batch_size or 32, threshold,
-                              tta, postprocess, ckpt)
+                              tta, postprocess, loaded)
         if images is not None or masks is not None:
-            raise CovidXrayError("--images/--masks score segmenters; this checkpoint holds a "
-                                 f"{ckpt.get('family', 'gan')} model", "Pass a U-Net run, or drop --images/--masks")
+            raise CovidXrayError(f"--images/--masks score segmenters; this checkpoint holds a {loaded.family} model",
+                                 "Pass a U-Net run, or drop --images/--masks")
         if data is None:
             raise CovidXrayError("--data is required", "Pass the prepared folder with the real images")
-        if ckpt.get("family", "gan") == "classifier":
-            return _classifier(con, target, data, split, out, device, batch_size or 256, mc_samples, ckpt)
-    _generator(con, log, target, ckpt, fake, data, split, n, repeats, metrics, class_, inception_weights, cxr_features,
+        if kind == "classifier":
+            return _classifier(con, target, data, split, out, device, batch_size or 256, mc_samples, loaded)
+    _generator(con, log, target, loaded, fake, data, split, n, repeats, metrics, class_, inception_weights, cxr_features,
                out, device, batch_size or 64, seed, skip_unreadable, save_samples,
                dict(classifier=classifier, seeds=seeds, synthetic_ratio=synthetic_ratio, epochs=epochs,
                     sets=list(set_ or [])) if downstream else None, segmenter)
 
 
-def _generator(con, log, target, ckpt, fake, data, split, n, repeats, metrics, class_, inception_weights, cxr_features,
+def _generator(con, log, target, loaded, fake, data, split, n, repeats, metrics, class_, inception_weights, cxr_features,
                out, device, batch_size, seed, skip_unreadable, save_samples, downstream, segmenter=None) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
     from rich.table import Table
@@ -179,7 +179,7 @@ def _generator(con, log, target, ckpt, fake, data, split, n, repeats, metrics, c
                              inception_weights=str(inception_weights) if inception_weights else None,
                              cxr_features=str(cxr_features) if cxr_features else None, out=out, device=device,
                              batch_size=batch_size, seed=seed, skip_unreadable=skip_unreadable,
-                             downstream=downstream, save_samples=save_samples, checkpoint_data=ckpt, log=log,
+                             downstream=downstream, save_samples=save_samples, loaded=loaded, log=log,
                              progress=progress, segmenter=str(segmenter) if segmenter else None)
     feats = res["features"]
     title = (f"{res['model']} vs the {res['split']} split of {res['data']} (N = {res['reference_n']}): "
@@ -220,7 +220,7 @@ def _generator(con, log, target, ckpt, fake, data, split, n, repeats, metrics, c
     log(f"wrote {res['out']}/report.md and metrics.json ({len(res.get('figures', []))} figures)")
 
 
-def _classifier(con, checkpoint, data, split, out, device, batch_size, mc_samples, ckpt) -> None:
+def _classifier(con, checkpoint, data, split, out, device, batch_size, mc_samples, loaded) -> None:
     from rich.table import Table
 
     from covidxray.evaluate.classifier import evaluate_classifier
@@ -228,7 +228,7 @@ def _classifier(con, checkpoint, data, split, out, device, batch_size, mc_sample
     if mc_samples is not None and mc_samples < 1:
         raise CovidXrayError(f"--mc-samples must be at least 1, got {mc_samples}")
     res = evaluate_classifier(checkpoint, data, split, out, device, batch_size, mc_samples,
-                              log=lambda msg: con.print(msg, highlight=False, soft_wrap=True), checkpoint_data=ckpt)
+                              log=lambda msg: con.print(msg, highlight=False, soft_wrap=True), loaded=loaded)
     m = res["metrics"]
     title = (f"{res['model']} ({Path(res['checkpoint']).name}, epoch {res['checkpoint_epoch']}) on {res['split']} of "
              f"{res['data']}: N = {m['n']}, {res['image_size']} px"
@@ -258,13 +258,13 @@ def _classifier(con, checkpoint, data, split, out, device, batch_size, mc_sample
 
 
 def _segmenter(con, log, target, data, split, images, masks, out, device, batch_size, threshold, tta, postprocess,
-               ckpt) -> None:
+               loaded) -> None:
     from rich.table import Table
 
     from covidxray.evaluate.segmentation import LABELS, METRICS, evaluate_segmenter
 
     res = evaluate_segmenter(target, data, split, images, masks, out, device, batch_size, threshold, tta, postprocess,
-                             log=log, checkpoint_data=ckpt)
+                             log=log, loaded=loaded)
     where = f"{res['split']} of {res['data']}" if "data" in res else f"{res['images']} vs {res['masks']}"
     title = (f"{res['model']} (epoch {res['checkpoint_epoch']}) on {where}: N = {res['n']}, threshold "
              f"{res['threshold']:g}, post-processing {res['postprocess']}, TTA {res['tta']}")

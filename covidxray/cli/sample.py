@@ -124,7 +124,7 @@ def sample_cmd(
             write_samples(images, folder, indices=chunk)
         what = f"class {name}, " if name else ""
         resumed = f", {n - len(todo)} already there" if len(todo) < n else ""
-        msg = (f"wrote {len(todo)} images{resumed} ({what}{loaded.cfg.data.image_size} px, {settings['checkpoint']} "
+        msg = (f"wrote {len(todo)} images{resumed} ({what}{loaded.image_size} px, {settings['checkpoint']} "
                f"weights {loaded.weights}, seed {seed}) to {folder}")
         if grid:
             import numpy as np

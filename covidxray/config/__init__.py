@@ -15,6 +15,7 @@ from covidxray.config.core import (
     CONFIG_DIR,
     FAMILIES,
     GENERIC_BOUNDS,
+    GENERIC_CHOICES,
     Config,
     DataConfig,
     EvalConfig,
@@ -36,14 +37,19 @@ from covidxray.config.core import (
     resolve_config,
     validate,
 )
-from covidxray.config.gan import GANConfig  # noqa: E402  (registers the family)
-from covidxray.config.classifier import ClassifierConfig  # noqa: E402  (registers the family)
-from covidxray.config.segmentation import SegmentationConfig  # noqa: E402  (registers the family)
-from covidxray.config.autoencoder import AutoencoderConfig  # noqa: E402  (registers the family)
-from covidxray.config.image2image import Image2ImageConfig  # noqa: E402  (registers the family)
+from covidxray.utils import import_submodules  # noqa: E402
+
+# Every module of this package but core declares one family (register_family): importing them all registers
+# them, so that a new family is its own file here, with no list to extend.
+import_submodules(__name__, __path__, skip=("core",))
+from covidxray.config.autoencoder import AutoencoderConfig  # noqa: E402  (exported names)
+from covidxray.config.classifier import ClassifierConfig  # noqa: E402
+from covidxray.config.gan import GANConfig  # noqa: E402
+from covidxray.config.image2image import Image2ImageConfig  # noqa: E402
+from covidxray.config.segmentation import SegmentationConfig  # noqa: E402
 
 __all__ = [
-    "CONFIG_DIR", "FAMILIES", "GENERIC_BOUNDS", "Interval", "Config", "DataConfig", "EvalConfig", "Family", "ModelConfig", "OptimConfig",
+    "CONFIG_DIR", "FAMILIES", "GENERIC_BOUNDS", "GENERIC_CHOICES", "Interval", "Config", "DataConfig", "EvalConfig", "Family", "ModelConfig", "OptimConfig",
     "TrainConfig", "GANConfig", "ClassifierConfig", "SegmentationConfig", "AutoencoderConfig", "Image2ImageConfig", "apply_overrides", "config_from_dict", "eval_metric",
     "family_of", "get_family", "load_yaml", "model_config_path", "new_config", "parse_set", "register_family",
     "resolve_config", "validate",

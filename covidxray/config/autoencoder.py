@@ -75,7 +75,7 @@ class AutoencoderEvalConfig(EvalConfig):
 
 @dataclass
 class AutoencoderConfig(Config):
-    """Configuration of an autoencoder run (``family == "autoencoder"``)."""
+    """Configuration of an autoencoder run (the ``autoencoder`` family)."""
 
     data: AutoencoderDataConfig = field(default_factory=AutoencoderDataConfig)
     train: AutoencoderTrainConfig = field(default_factory=AutoencoderTrainConfig)

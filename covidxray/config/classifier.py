@@ -101,7 +101,7 @@ class ClassifierEvalConfig(EvalConfig):
 
 @dataclass
 class ClassifierConfig(Config):
-    """Configuration of a classifier run (``family == "classifier"``)."""
+    """Configuration of a classifier run (the ``classifier`` family)."""
 
     model: ClassifierModelConfig = field(default_factory=ClassifierModelConfig)
     data: ClassifierDataConfig = field(default_factory=ClassifierDataConfig)

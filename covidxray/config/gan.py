@@ -73,7 +73,7 @@ class AugConfig:
 
 @dataclass
 class GANConfig(Config):
-    """Configuration of a GAN run (``family == "gan"``)."""
+    """Configuration of a GAN run (the ``gan`` family)."""
 
     train: GANTrainConfig = field(default_factory=GANTrainConfig)
     optim: GANOptimConfig = field(default_factory=GANOptimConfig)

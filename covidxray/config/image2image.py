@@ -87,7 +87,7 @@ class Image2ImageEvalConfig(EvalConfig):
 
 @dataclass
 class Image2ImageConfig(Config):
-    """Configuration of an image-to-image run (``family == "image2image"``)."""
+    """Configuration of an image-to-image run (the ``image2image`` family)."""
 
     model: Image2ImageModelConfig = field(default_factory=Image2ImageModelConfig)
     data: Image2ImageDataConfig = field(default_factory=Image2ImageDataConfig)

@@ -87,7 +87,7 @@ class SegmentationEvalConfig(EvalConfig):
 
 @dataclass
 class SegmentationConfig(Config):
-    """Configuration of a segmentation run (``family == "segmentation"``)."""
+    """Configuration of a segmentation run (the ``segmentation`` family)."""
 
     data: SegmentationDataConfig = field(default_factory=SegmentationDataConfig)
     train: SegmentationTrainConfig = field(default_factory=SegmentationTrainConfig)

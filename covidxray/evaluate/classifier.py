@@ -28,7 +28,7 @@ from typing import Any, Callable
 import torch
 
 from covidxray import __version__
-from covidxray.checkpoint import load_checkpoint
+from covidxray.infer.protocol import Loaded
 from covidxray.data.datasets import load_tensor_data, read_prepared_info, resize_u8
 from covidxray.errors import CovidXrayError
 from covidxray.metrics import classification as M
@@ -83,7 +83,7 @@ def default_out(checkpoint_path: Path, split: str) -> Path:
 def evaluate_classifier(checkpoint: str | Path, data: str | Path, split: str = "test", out: str | Path | None = None,
                         device: str = "auto", batch_size: int = 256, mc_samples: int | None = None,
                         log: Callable[[str], None] | None = None,
-                        checkpoint_data: dict[str, Any] | None = None) -> dict[str, Any]:
+                        loaded: Loaded | None = None) -> dict[str, Any]:
     """Score a classifier checkpoint (file, or run folder: ``best.pt`` when present) on ``split`` of ``data``.
 
     Args:
@@ -96,8 +96,7 @@ def evaluate_classifier(checkpoint: str | Path, data: str | Path, split: str = "
         batch_size: images per forward pass.
         mc_samples: Monte-Carlo dropout passes (default: the run's ``eval.mc_samples``; 1 without MC dropout).
         log: callable for one-line notes.
-        checkpoint_data: the checkpoint already loaded by the caller (``load_checkpoint(checkpoint)``),
-            so that it is not read twice.
+        loaded: the model, when the caller loaded it already (``covidxray.infer.protocol.load``).
 
     Returns:
         The report written to ``metrics.json`` (plus ``out``: the folder written).
@@ -105,15 +104,11 @@ def evaluate_classifier(checkpoint: str | Path, data: str | Path, split: str = "
     log = log or (lambda msg: None)
     if split not in ("train", "val", "test"):
         raise CovidXrayError(f"--split must be train, val or test; got '{split}'")
-    ckpt = checkpoint_data if checkpoint_data is not None else load_checkpoint(checkpoint)
-    if ckpt["family"] != "classifier":
-        raise CovidXrayError(f"{ckpt['path']} holds a {ckpt['family']} model ({ckpt.get('model')}), not a classifier",
-                             "Score generators with `covidxray evaluate RUN --data PREPARED` "
-                             "(covidxray.evaluate.generator.evaluate_generator)")
+    loaded = load_classifier(checkpoint if loaded is None else loaded, "evaluate")
+    ckpt = loaded.checkpoint
     data = Path(data)
     od = OutputDir(Path(out) if out is not None else default_out(Path(ckpt["path"]), split), "evaluate-classifier",
                    legacy=CLASSIFIER_OUTPUTS, inputs=[data], option="--out")
-    loaded = load_classifier(checkpoint, ckpt)
     classes = loaded.classes
     info = read_prepared_info(data)
     missing = [c for c in classes if c not in info.get("classes", [])]

@@ -42,7 +42,7 @@ def _score(run_dir: Path, test, device) -> dict[str, Any]:
     from covidxray.infer.predict import load_classifier, predict_probs
     from covidxray.utils import resolve_device
 
-    loaded = load_classifier(run_dir)
+    loaded = load_classifier(run_dir, "the downstream test")
     dev = resolve_device(device)
     probs = predict_probs(loaded.net.to(dev), resize_u8(test.images, loaded.image_size).to(dev), dev, 256,
                           loaded.mc_samples)["probs"]
@@ -68,11 +68,13 @@ def paired_delta(b: list[float], a: list[float]) -> dict[str, Any]:
 def check_downstream_args(classifier: str = "resnet18", seeds: int = 3, synthetic_ratio: float = 0.5,
                           epochs: int | None = None, **_: Any) -> None:
     """Refuse bad --downstream options before any expensive work (one line each)."""
+    from covidxray.infer.protocol import Classifier, having
     from covidxray.models.registry import get_model
 
     spec = get_model(classifier)
-    if spec.family != "classifier":
-        raise CovidXrayError(f"--classifier {classifier} is a {spec.family} model", "Choose a classifier, e.g. resnet18")
+    if spec.name not in having(Classifier):
+        raise CovidXrayError(f"--classifier {classifier} is a {spec.family} model",
+                             f"Choose a classifier: {', '.join(having(Classifier))}")
     if seeds < 1:
         raise CovidXrayError(f"--seeds must be at least 1, got {seeds}")
     if not 0 < synthetic_ratio < 1:

@@ -39,12 +39,12 @@ import numpy as np
 import torch
 
 from covidxray import __version__
-from covidxray.checkpoint import load_checkpoint
+from covidxray.infer.protocol import Generator, Loaded, MaskTranslator, load, require
 from covidxray.data.datasets import CACHE_DIR, load_tensor_data, read_prepared_info
 from covidxray.errors import CovidXrayError
 from covidxray.outdir import OutputDir
 from covidxray.evaluate.report import mean_std
-from covidxray.evaluate.sources import (FolderSource, GeneratorSource, Pix2PixSource, Source, class_counts,
+from covidxray.evaluate.sources import (FolderSource, GeneratorSource, MaskSource, Source, class_counts,
                                         mask_consistency)
 from covidxray.utils import resolve_device
 
@@ -87,15 +87,16 @@ def _aggregate(per_draw: list[dict[str, float]]) -> dict[str, dict[str, Any]]:
 
 
 def load_source(run_or_checkpoint: str | Path | None, fake: str | Path | None, data_classes: list[str],
-                skip_unreadable: bool, log: Callable[[str], None], checkpoint_data: dict | None = None) -> Source:
+                skip_unreadable: bool, log: Callable[[str], None], loaded: Loaded | None = None) -> Source:
     if (run_or_checkpoint is None) == (fake is None):
         raise CovidXrayError("give either RUN_OR_CHECKPOINT or --fake FOLDER (not both)")
     if fake is not None:
         return FolderSource(fake, data_classes, skip_unreadable, log)
-    ckpt = checkpoint_data or load_checkpoint(run_or_checkpoint)  # read once: its family picks the source
-    if ckpt.get("family") == "image2image":
-        return Pix2PixSource(run_or_checkpoint)
-    return GeneratorSource(run_or_checkpoint, ckpt)
+    loaded = load(run_or_checkpoint if loaded is None else loaded)
+    if isinstance(loaded, MaskTranslator):  # X-rays from the masks of its training data
+        return MaskSource(loaded)
+    return GeneratorSource(require(loaded, Generator, "evaluate", "Score classifiers and segmenters with "
+                                   "`covidxray evaluate RUN --data PREPARED` too: pass one of their runs"))
 
 
 def evaluate_generator(run_or_checkpoint: str | Path | None, data: str | Path, *, fake: str | Path | None = None,
@@ -104,7 +105,7 @@ def evaluate_generator(run_or_checkpoint: str | Path | None, data: str | Path, *
                        inception_weights: str | None = None, cxr_features: str | None = None,
                        out: str | Path | None = None, device: str = "auto", batch_size: int = 64, seed: int = 0,
                        skip_unreadable: bool = False, downstream: dict[str, Any] | None = None,
-                       save_samples: bool = False, checkpoint_data: dict[str, Any] | None = None,
+                       save_samples: bool = False, loaded: Loaded | None = None,
                        segmenter: str | Path | None = None,
                        log: Callable[[str], None] | None = None, progress=None) -> dict[str, Any]:
     """Score generated images against ``split`` of the prepared folder ``data`` (see the module docstring).
@@ -130,7 +131,7 @@ def evaluate_generator(run_or_checkpoint: str | Path | None, data: str | Path, *
         downstream: options of :func:`covidxray.evaluate.downstream.run_downstream`, or None.
         save_samples: also write the first draw as PNGs into ``out/samples/`` (``<class>/`` sub-folders for a
             conditional source); otherwise generated images never reach the disk.
-        checkpoint_data: the generator's checkpoint, when the caller already loaded it (not read twice).
+        loaded: the generator, when the caller loaded it already (not read twice).
         segmenter: a pix2pix run only: a U-Net run whose masks of the drawn X-rays are compared with the masks
             they were drawn from (``mask_consistency``: Dice over the first draw).
         log: callable for one-line notes.
@@ -162,8 +163,8 @@ def evaluate_generator(run_or_checkpoint: str | Path | None, data: str | Path, *
             raise CovidXrayError("--downstream needs a generator checkpoint (it generates images on the fly); "
                                  "a --fake folder cannot be used", "Pass the GAN's run folder")
         check_downstream_args(**downstream)
-    source = load_source(run_or_checkpoint, fake, data_classes, skip_unreadable, log, checkpoint_data)
-    if segmenter is not None and not isinstance(source, Pix2PixSource):
+    source = load_source(run_or_checkpoint, fake, data_classes, skip_unreadable, log, loaded)
+    if segmenter is not None and not isinstance(source, MaskSource):
         raise CovidXrayError("--segmenter scores the mask consistency of a pix2pix run; this source is "
                              f"'{source.name}'", "Drop --segmenter, or pass a pix2pix run")
     od = generator_output(out, source, split, data, fake)

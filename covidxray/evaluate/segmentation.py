@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from covidxray import __version__
-from covidxray.checkpoint import load_checkpoint
+from covidxray.infer.protocol import Loaded
 from covidxray.data.datasets import load_tensor_data, resize_u8
 from covidxray.data.layouts import MASK_SUFFIX
 from covidxray.data.masks import postprocess as postprocess_mask
@@ -138,7 +138,7 @@ def evaluate_segmenter(checkpoint: str | Path, data: str | Path | None = None, s
                        out: str | Path | None = None, device: str = "auto", batch_size: int = 32,
                        threshold: float | None = None, tta: bool = False, postprocess: bool = True,
                        log: Callable[[str], None] | None = None,
-                       checkpoint_data: dict[str, Any] | None = None) -> dict[str, Any]:
+                       loaded: Loaded | None = None) -> dict[str, Any]:
     """Score a segmenter (run folder: ``best.pt`` when present) against prepared masks or a mask folder.
 
     Returns the report written to ``metrics.json`` (plus ``out``). See the module docstring.
@@ -152,14 +152,14 @@ def evaluate_segmenter(checkpoint: str | Path, data: str | Path | None = None, s
         raise CovidXrayError(f"--split must be train, val or test; got '{split}'")
     if batch_size < 1:
         raise CovidXrayError(f"--batch-size must be at least 1, got {batch_size}")
-    ckpt = checkpoint_data if checkpoint_data is not None else load_checkpoint(checkpoint)
+    loaded = load_segmenter(checkpoint if loaded is None else loaded, "evaluate")
+    ckpt = loaded.checkpoint
     ckpt_path = Path(ckpt["path"])
     if out is None:
         tag = split if images is None else "folder"
         out = default_out(ckpt_path, tag).with_name(f"eval-seg-{tag}-{ckpt_path.stem}")
     od = OutputDir(out, "evaluate-segmenter", legacy=SEGMENTER_OUTPUTS, option="--out",
                    inputs=[p for p in (data, images, masks) if p is not None])
-    loaded = load_segmenter(checkpoint, ckpt)
     thr = loaded.threshold if threshold is None else float(threshold)
     if tta and loaded.tta_note():
         log(loaded.tta_note())

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from covidxray.errors import CovidXrayError
+from covidxray.infer.protocol import Generator, LatentGenerator, MaskTranslator
 
 
 def class_counts(n: int, weights: list[float]) -> list[int]:
@@ -52,33 +53,26 @@ class Source:
 
 
 class GeneratorSource(Source):
-    """Samples of a trained GAN (EMA weights when present), drawn with ``seed``."""
+    """Samples of a trained :class:`~covidxray.infer.protocol.Generator` (a GAN's EMA weights when present, a
+    VAE's decoder...), drawn with ``seed``."""
 
-    def __init__(self, checkpoint: str | os.PathLike, checkpoint_data: dict | None = None):
-        from covidxray.infer.generate import load_generator
-
-        g = load_generator(checkpoint, checkpoint_data)
+    def __init__(self, g: Generator):
         ck = g.checkpoint
         info = {"checkpoint": str(Path(ck["path"]).resolve()), "epoch": int(ck.get("epoch", 0)),
                 "step": int(ck.get("step", 0)), "weights": g.weights,
                 "kimg": round(float(ck.get("images_seen", 0)) / 1000, 1) if ck.get("images_seen") else None,
                 "training_data": g.cfg.data.path}
-        super().__init__("checkpoint", g.cfg.model.name, info["checkpoint"], int(g.G.image_size),
+        super().__init__("checkpoint", g.cfg.model.name, info["checkpoint"], g.image_size,
                          g.classes, g.conditional, info)
         self.loaded = g
+        if not isinstance(g, LatentGenerator):
+            #: Why the downstream arms (b) and (c) cannot take this source (run_downstream reports it).
+            self.not_on_the_fly = (f"{g.model} is not a latent generator, and the classifier's data.synthetic "
+                                   f"draws on the fly from one only, so arms (b) and (c) do not run here (GAN-test "
+                                   f"and the class mix do); train on real + `covidxray sample` images instead")
 
     def draw(self, counts, seed, device, batch_size=256):
-        if isinstance(counts, int):
-            if self.conditional:
-                raise ValueError("a conditional generator needs per-class counts")
-            return self.loaded.sample(counts, seed=seed, batch_size=batch_size, device=device), None
-        images, labels = [], []
-        for k, n in enumerate(counts):
-            if n:  # one latent stream per class and seed: adding a class does not change the others
-                images.append(self.loaded.sample(n, seed=seed * 1000 + k, batch_size=batch_size, device=device,
-                                                 label=k))
-                labels.append(torch.full((n,), k, dtype=torch.long))
-        return torch.cat(images), torch.cat(labels)
+        return self.loaded.draw(counts, seed, device, batch_size)
 
 
 class FolderSource(Source):
@@ -163,23 +157,19 @@ class FolderSource(Source):
         return self.images[idx], self.labels[idx]
 
 
-class Pix2PixSource(Source):
-    """X-rays of a pix2pix ``mask2xray`` run, drawn from the lung masks of its training split: each draw picks
+class MaskSource(Source):
+    """X-rays of a model that draws them from lung masks (a :class:`~covidxray.infer.protocol.MaskTranslator`,
+    such as a pix2pix ``mask2xray`` run), drawn from the lung masks of its training split: each draw picks
     masks at random (``seed``), deforms each smoothly (as ``sample --deform``) so that a draw of any size has new
     anatomies, and translates them with G's dropout noise seeded too. A class-conditional run (class maps) is a
     conditional source: the images of class k come from masks of class-k training images (all masks when that
     class has none), with class k's maps. ``last_masks`` keeps the masks of the latest draw (for the
     mask-consistency score)."""
 
-    def __init__(self, checkpoint: str | os.PathLike):
+    def __init__(self, loaded: MaskTranslator):
         from covidxray.data.datasets import load_tensor_data, resize_masks
-        from covidxray.infer.synthesize import conditioning_classes, load_pix2pix
 
-        G, cfg, ck = load_pix2pix(checkpoint)
-        if cfg.model.task != "mask2xray":
-            raise CovidXrayError(f"{ck['path']} is a pix2pix {cfg.model.task} run: its outputs are pseudo-colour "
-                                 f"renderings, not X-rays, so there is nothing to compare with real X-rays",
-                                 "Evaluate a mask2xray run; look at a colorize run's renderings with sample --images")
+        cfg, ck = loaded.cfg, loaded.checkpoint
         size = int(ck["image_size"])
         try:
             td = load_tensor_data(cfg.data.path, cfg.data.split, cfg.data.classes or None, None, True, masks=True)
@@ -187,14 +177,14 @@ class Pix2PixSource(Source):
             raise CovidXrayError(f"the masks pix2pix draws from are unavailable: {exc.message}",
                                  "Evaluate where the run's training data (data.path in its config.yaml) are") from None
         masks = td.masks if td.masks.shape[-1] == size else resize_masks(td.masks, size)
-        conditioned = conditioning_classes(cfg, ck)
+        conditioned = loaded.conditioning
         info = {"checkpoint": str(Path(ck["path"]).resolve()), "epoch": int(ck.get("epoch", 0)),
                 "step": int(ck.get("step", 0)), "weights": "G (dropout on)", "training_data": cfg.data.path,
                 "masks": f"{len(masks)} masks of the {cfg.data.split} split, deformed per draw"
                          + (", of the class drawn" if conditioned else "")}
         super().__init__("checkpoint", cfg.model.name, info["checkpoint"], size,
                          conditioned or list(td.classes), bool(conditioned), info)
-        self.G, self.masks = G, masks
+        self.loaded, self.masks = loaded, masks
         #: Why the downstream arms (b) and (c) cannot take this source (run_downstream reports it).
         self.not_on_the_fly = (
             f"{cfg.model.name} draws X-rays from masks, and the classifier's data.synthetic generates on the fly "
@@ -208,7 +198,6 @@ class Pix2PixSource(Source):
         self.last_masks: torch.Tensor | None = None
 
     def draw(self, counts, seed, device, batch_size=256):
-        from covidxray.models.pix2pix import draw_xrays
         from covidxray.data.transforms import deform_masks
 
         gen = torch.Generator().manual_seed(seed)
@@ -223,7 +212,7 @@ class Pix2PixSource(Source):
         masks = deform_masks(self.masks[idx], gen)
         with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
             torch.manual_seed(seed)
-            images = draw_xrays(self.G.to(device), masks, labels, len(self.pools), device, batch_size)
+            images = self.loaded.translate_masks(masks, labels, device, batch_size)
         self.last_masks = masks
         return images, labels
 
@@ -238,7 +227,7 @@ def mask_consistency(images_u8: torch.Tensor, masks: torch.Tensor, segmenter: st
     from covidxray.metrics.segmentation import dice, summarize
     from covidxray.infer.predict import iter_mask_probs, load_segmenter
 
-    seg = load_segmenter(segmenter)
+    seg = load_segmenter(segmenter, "--segmenter")
     side, size = int(images_u8.shape[-1]), seg.image_size
     x = images_u8 if side == size else resize_u8(images_u8, size)
     net = seg.net.to(device)

@@ -4,47 +4,28 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from covidxray.checkpoint import load_checkpoint
 from covidxray.config import Config
 from covidxray.data.datasets import to_uint8
 from covidxray.errors import CovidXrayError
 from covidxray.infer.load import build_from_checkpoint
+from covidxray.infer.protocol import Generator, LatentGenerator, Reconstructor, register_loader, require
 from covidxray.models.registry import get_model
 
 
-@dataclass
-class LoadedGenerator:
+class LoadedGenerator(LatentGenerator):
     """A generator ready to sample: the network (eval mode), its config and which weights were used."""
 
-    G: nn.Module
-    cfg: Config
-    weights: str  # "G_ema" or "G"
-    checkpoint: dict
-
-    @property
-    def classes(self) -> list[str]:
-        return list(self.checkpoint.get("classes", []))
+    def __init__(self, G: nn.Module, cfg: Config, weights: str, checkpoint: dict):
+        self.G, self.cfg, self.weights, self.checkpoint = G, cfg, weights, checkpoint
 
     @property
     def conditional(self) -> bool:
         return getattr(self.G, "n_classes", 0) > 0
-
-    def label_index(self, name: str) -> int:
-        """Index of a class name of a conditional model; a clear error lists the valid names."""
-        if not self.conditional:
-            raise CovidXrayError(
-                f"model '{self.cfg.model.name}' is not class-conditional (trained on {', '.join(self.classes)} merged)",
-                "Drop --class, or train a conditional model such as cgan",
-            )
-        if name not in self.classes:
-            raise CovidXrayError(f"unknown class '{name}'; this model knows: {', '.join(self.classes)} (or all)")
-        return self.classes.index(name)
 
     @torch.no_grad()
     def sample(self, n: int, seed: int = 0, batch_size: int = 256, device: str | torch.device = "cpu",
@@ -98,18 +79,17 @@ def generate_images(G: nn.Module, z: torch.Tensor, y: torch.Tensor | None, devic
     return torch.cat(out)
 
 
-def load_generator(checkpoint: str | os.PathLike, checkpoint_data: dict | None = None) -> LoadedGenerator:
-    """Rebuild G from a checkpoint (file or run folder; or ``checkpoint_data``, the checkpoint the caller
-    already loaded from it); prefers the EMA weights when present."""
-    ckpt = checkpoint_data if checkpoint_data is not None else load_checkpoint(checkpoint)
-    if ckpt["family"] == "autoencoder":
-        return _load_vae_decoder(ckpt)
-    if ckpt["family"] == "image2image":
-        raise CovidXrayError(f"{ckpt['path']} holds a pix2pix model: it translates masks, it has no latent to sample",
-                             "Pass --from-data PREPARED (its masks, optionally --deform) or --masks FOLDER")
-    if ckpt["family"] != "gan":
-        raise CovidXrayError(f"{ckpt['path']} holds a {ckpt['family']} model ('{ckpt.get('model')}'); "
-                             f"`sample` needs a GAN or a VAE")
+def load_generator(checkpoint: str | os.PathLike | dict, what: str = "`sample`") -> Generator:
+    """The generator of a checkpoint (file, run folder, or a checkpoint dict already read): the GANs' G (their EMA
+    weights when present), a VAE's decoder, any family's :class:`~covidxray.infer.protocol.Generator`."""
+    return require(checkpoint, Generator, what,
+                   "A pix2pix run translates masks: pass --from-data PREPARED or --masks FOLDER; an autoencoder "
+                   "reconstructs: --reconstruct FOLDER")
+
+
+@register_loader("gan", LatentGenerator)
+def load_gan(ckpt: dict) -> LoadedGenerator:
+    """G of a GAN checkpoint, with its EMA weights when the run kept them."""
     nets, cfg = build_from_checkpoint(ckpt, "gan")
     G = nets["G"]
     weights = "G_ema" if "G_ema" in ckpt["models"] else "G"
@@ -118,20 +98,34 @@ def load_generator(checkpoint: str | os.PathLike, checkpoint_data: dict | None =
     return LoadedGenerator(G, cfg, weights, ckpt)
 
 
-def _load_vae_decoder(ckpt: dict) -> LoadedGenerator:
-    """A VAE's decoder as a generator: it maps prior draws z ~ N(0, I) (and classes, for a cVAE) to images."""
-    nets, cfg = build_from_checkpoint(ckpt, "autoencoder")
-    spec = get_model(cfg.model.name)
-    if "prior" not in spec.features:
-        from covidxray.models.registry import list_models
+class LoadedAutoencoder(Reconstructor):
+    """An autoencoder ready to reconstruct: ``net(x, y)`` -> (reconstruction, mu, logvar)."""
 
-        priors = ", ".join(m.name for m in list_models("autoencoder") if "prior" in m.features)
-        raise CovidXrayError(f"{ckpt['path']} holds a '{spec.name}', which has no prior to sample from",
-                             f"Train a model with a prior ({priors}) to generate images")
+    def __init__(self, net: nn.Module, cfg: Config, checkpoint: dict):
+        self.net, self.cfg, self.checkpoint = net, cfg, checkpoint
+
+    def lacks(self, capability: type) -> str:
+        return "it has no prior to sample from" if issubclass(capability, Generator) else ""
+
+
+class LoadedVAE(LoadedGenerator, Reconstructor):
+    """A VAE: its decoder generates from prior draws z ~ N(0, I) (and classes, for a cVAE); it reconstructs too."""
+
+    def __init__(self, net: nn.Module, cfg: Config, checkpoint: dict):
+        super().__init__(net.decoder, cfg, "net", checkpoint)
+        self.net = net
+
+
+@register_loader("autoencoder", Reconstructor, (LatentGenerator, "prior"))
+def load_autoencoder(ckpt: dict) -> LoadedAutoencoder | LoadedVAE:
+    """An autoencoder checkpoint's network (eval mode); a model with a prior (vae, cvae) generates too."""
+    nets, cfg = build_from_checkpoint(ckpt, "autoencoder")
     net = nets["net"]
     net.load_state_dict(ckpt["models"]["net"])
     net.eval()
-    return LoadedGenerator(net.decoder, cfg, "net", ckpt)
+    if "prior" in get_model(cfg.model.name).features:
+        return LoadedVAE(net, cfg, ckpt)
+    return LoadedAutoencoder(net, cfg, ckpt)
 
 
 def sample_name(i: int, prefix: str = "sample") -> str:

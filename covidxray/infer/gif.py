@@ -19,16 +19,14 @@ MAX_FPS = 100.0
 MIN_SIDE = 16
 
 
-def _family_of_run(run_dir: Path) -> str | None:
-    """The model family of a run folder, from its config.yaml (None when it cannot be told)."""
+def _model_of_run(run_dir: Path) -> str | None:
+    """The model name of a run folder, from its config.yaml (None when it cannot be told)."""
     try:
         import yaml
 
-        from covidxray.models.registry import get_model
-
         model = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))["model"]
-        return get_model(model["name"] if isinstance(model, dict) else model).family
-    except Exception:  # no or unreadable config, unknown model: say nothing about the family
+        return str(model["name"] if isinstance(model, dict) else model)
+    except Exception:  # no or unreadable config: say nothing about the model
         return None
 
 
@@ -45,13 +43,11 @@ def list_snapshots(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
             if m:
                 found.append((int(m.group(1)), p))
     if not found:
-        family = _family_of_run(run_dir)
-        if family not in (None, "gan"):
-            raise CovidXrayError(f"run folder {run_dir} is a {family} run: it has no sample grids to animate",
-                                 "`covidxray gif` animates the snapshots of GAN runs")
+        model = _model_of_run(run_dir)
         raise CovidXrayError(
-            f"run folder {run_dir} has no snapshots (samples/epoch_XXXX.png)",
-            "Train it first (`covidxray train`); snapshots are saved every train.snapshot_every epochs",
+            f"run folder {run_dir}{f' ({model})' if model else ''} has no snapshots (samples/epoch_XXXX.png)",
+            "Train it first (`covidxray train`): generators save them every train.snapshot_every epochs; "
+            "classifiers and segmenters write none",
         )
     return sorted(found)
 

@@ -10,11 +10,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from covidxray.checkpoint import load_checkpoint
 from covidxray.config import Config
 from covidxray.data.datasets import to_float
-from covidxray.errors import CovidXrayError
 from covidxray.infer.load import build_from_checkpoint
+from covidxray.infer.protocol import Classifier, Segmenter, register_loader, require
 from covidxray.metrics.features import ClassifierFeatures
 from covidxray.utils import cpu_has_native_bf16, resolve_device
 
@@ -62,7 +61,7 @@ def predict_probs(net: nn.Module, images_u8: torch.Tensor, device: torch.device 
 
 
 @dataclass
-class LoadedClassifier:
+class LoadedClassifier(Classifier):
     """A classifier ready to predict: the network (eval mode), its config, which weights and the checkpoint."""
 
     net: nn.Module
@@ -83,29 +82,26 @@ class LoadedClassifier:
         return self.cfg.eval.mc_samples if getattr(self.net, "mc_dropout", False) else 1
 
 
-def load_classifier(checkpoint: str | os.PathLike, checkpoint_data: dict[str, Any] | None = None) -> LoadedClassifier:
-    """Rebuild a trained classifier from a checkpoint (file or run folder; a run folder means its
-    ``best.pt`` when there is one, else ``last.pt``)."""
-    ckpt = checkpoint_data if checkpoint_data is not None else load_checkpoint(checkpoint)
-    family = ckpt.get("family", "gan")
-    if family != "classifier":
-        raise CovidXrayError(f"{ckpt['path']} holds a {family} model ('{ckpt.get('model')}'), not a classifier")
-    nets, cfg = build_from_checkpoint(ckpt, family)
+@register_loader("classifier", Classifier)
+def _load_classifier(ckpt: dict[str, Any]) -> LoadedClassifier:
+    nets, cfg = build_from_checkpoint(ckpt, "classifier")
     net = nets["net"]
     net.load_state_dict(ckpt["models"]["net"])
     net.eval()
     return LoadedClassifier(net, cfg, ckpt)
 
 
+def load_classifier(checkpoint: str | os.PathLike | dict[str, Any], what: str = "this") -> LoadedClassifier:
+    """A trained classifier (a checkpoint file, a run folder by the loader rule, or a checkpoint dict read)."""
+    return require(checkpoint, Classifier, what)
+
+
 def classifier_features(run: str | os.PathLike, device: str | torch.device = "cpu",
                         batch_size: int = 64) -> ClassifierFeatures:
     """The in-domain feature space of ``evaluate --cxr-features RUN``: a classifier run's pooled features."""
-    ckpt = load_checkpoint(run)
-    if ckpt.get("family") != "classifier":
-        raise CovidXrayError(f"--cxr-features needs a classifier run; {ckpt['path']} holds a "
-                             f"{ckpt.get('family')} model ('{ckpt.get('model')}')",
-                             "Train one on real data first, e.g. `covidxray train --model resnet18 --data ...`")
-    return ClassifierFeatures(load_classifier(run, ckpt), device, batch_size)
+    loaded = require(run, Classifier, "--cxr-features",
+                     "Train one on real data first, e.g. `covidxray train --model resnet18 --data ...`")
+    return ClassifierFeatures(loaded, device, batch_size)
 
 
 # ------------------------------------------------------------------------------------------ segmenters
@@ -159,7 +155,7 @@ def iter_mask_probs(net: nn.Module, images_u8: torch.Tensor, device: torch.devic
 
 
 @dataclass
-class LoadedSegmenter:
+class LoadedSegmenter(Segmenter):
     """A segmenter ready to predict: the network (eval mode), its config and the checkpoint."""
 
     net: nn.Module
@@ -187,16 +183,16 @@ class LoadedSegmenter:
         return str(self.checkpoint.get("fit", "stretch"))
 
 
-def load_segmenter(checkpoint: str | os.PathLike, checkpoint_data: dict[str, Any] | None = None) -> LoadedSegmenter:
-    """Rebuild a trained segmenter from a checkpoint (a file, or a run folder: its ``best.pt`` when there is
-    one, else ``last.pt``)."""
-    ckpt = checkpoint_data if checkpoint_data is not None else load_checkpoint(checkpoint)
-    family = ckpt.get("family", "gan")
-    if family != "segmentation":
-        raise CovidXrayError(f"{ckpt['path']} holds a {family} model ('{ckpt.get('model')}'), not a segmenter",
-                             "Pass a run folder or checkpoint of `covidxray train --model unet` (or attention_unet)")
-    nets, cfg = build_from_checkpoint(ckpt, family)
+@register_loader("segmentation", Segmenter)
+def _load_segmenter(ckpt: dict[str, Any]) -> LoadedSegmenter:
+    nets, cfg = build_from_checkpoint(ckpt, "segmentation")
     net = nets["net"]
     net.load_state_dict(ckpt["models"]["net"])
     net.eval()
     return LoadedSegmenter(net, cfg, ckpt)
+
+
+def load_segmenter(checkpoint: str | os.PathLike | dict[str, Any], what: str = "this") -> LoadedSegmenter:
+    """A trained segmenter (a checkpoint file, a run folder by the loader rule, or a checkpoint dict read)."""
+    return require(checkpoint, Segmenter, what,
+                   "Pass a run folder or checkpoint of `covidxray train --model unet` (or attention_unet)")

@@ -20,27 +20,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from covidxray.checkpoint import load_checkpoint
 from covidxray.data.datasets import to_float, to_uint8
 from covidxray.errors import CovidXrayError
+from covidxray.infer.protocol import Reconstructor, require
 from covidxray.metrics import image as IM
-from covidxray.infer.load import build_from_checkpoint
 from covidxray.outdir import OutputDir
 from covidxray.utils import resolve_device
 
 CSV_COLUMNS = ("file", "mse", "psnr", "ssim", "status")
-
-
-def load_autoencoder(checkpoint: str | os.PathLike):
-    """The network (eval mode), config and checkpoint of a trained autoencoder (run folder: best.pt first)."""
-    ckpt = load_checkpoint(checkpoint)
-    if ckpt.get("family") != "autoencoder":
-        raise CovidXrayError(f"{ckpt['path']} holds a {ckpt.get('family')} model ('{ckpt.get('model')}'); "
-                             f"--reconstruct needs an autoencoder", "Pass a run of autoencoder, vae or cvae")
-    nets, cfg = build_from_checkpoint(ckpt, "autoencoder")
-    net = nets["net"]
-    net.load_state_dict(ckpt["models"]["net"])
-    return net.eval(), cfg, ckpt
 
 
 def reconstruct_folder(checkpoint: str | os.PathLike, inputs: str | os.PathLike, out: str | os.PathLike,
@@ -57,7 +44,8 @@ def reconstruct_folder(checkpoint: str | os.PathLike, inputs: str | os.PathLike,
         raise CovidXrayError(f"--reconstruct {inputs} does not exist", "Pass a folder (or file) of X-rays")
     od = OutputDir(out, "reconstruct", legacy=("reconstruct.csv",), inputs=[inputs] if inputs.is_dir() else [],
                    command="sample")
-    net, cfg, ckpt = load_autoencoder(checkpoint)
+    loaded = require(checkpoint, Reconstructor, "--reconstruct", "Pass a run of autoencoder, vae or cvae")
+    net, cfg, ckpt = loaded.net, loaded.cfg, loaded.checkpoint
     classes = list(ckpt.get("classes", []))
     label = None
     if net.n_classes:

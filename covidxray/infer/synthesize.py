@@ -44,11 +44,11 @@ import numpy as np
 import torch
 
 from covidxray import __version__
-from covidxray.checkpoint import load_checkpoint
 from covidxray.data.datasets import load_tensor_data, read_prepared_info, resize_masks, to_uint8
 from covidxray.errors import CovidXrayError
 from covidxray.data.transforms import DEFORM, deform_masks
-from covidxray.models.pix2pix import draw_xrays, sampling_mode
+from covidxray.infer.protocol import Generator, MaskTranslator, Translator, register_loader, require
+from covidxray.models.pix2pix import draw_xrays, sampling_mode, uses_class_maps
 from covidxray.infer.load import build_from_checkpoint
 from covidxray.outdir import MARKER, OutputDir
 from covidxray.utils import resolve_device
@@ -59,10 +59,46 @@ MANIFEST_COLUMNS = ("split", "class", "file", "mask", "source", "source_sha256",
 
 def conditioning_classes(cfg, ckpt: dict) -> list[str]:
     """The classes a pix2pix run's G is conditioned on (its class maps, in label order); [] when unconditional."""
-    from covidxray.models.pix2pix import uses_class_maps
-
     classes = list(ckpt.get("classes", ()))
     return classes if uses_class_maps(cfg, len(classes)) else []
+
+
+class LoadedPix2Pix(Translator):
+    """A pix2pix run's G in sampling mode (BatchNorm on running statistics, dropout on: the paper's noise)."""
+
+    def __init__(self, G: torch.nn.Module, cfg, checkpoint: dict):
+        self.G, self.cfg, self.checkpoint = G, cfg, checkpoint
+
+    def lacks(self, capability: type) -> str:
+        return (f"a pix2pix {self.cfg.model.task} run renders X-rays in pseudo-colour, it makes no X-rays "
+                f"(sample --images FOLDER)")
+
+
+class LoadedMask2Xray(LoadedPix2Pix, MaskTranslator):
+    """A ``mask2xray`` pix2pix run: lung masks (and classes, with class maps) -> X-rays."""
+
+    @property
+    def conditioning(self) -> list[str]:
+        return conditioning_classes(self.cfg, self.checkpoint)
+
+    def lacks(self, capability: type) -> str:
+        if issubclass(capability, Generator):
+            return ("it draws X-rays from masks and has no latent to sample: pass --from-data PREPARED or "
+                    "--masks FOLDER")
+        return super().lacks(capability)
+
+    def translate_masks(self, masks, labels, device, batch_size):
+        return draw_xrays(self.G.to(device), masks, labels, len(self.conditioning), device, batch_size)
+
+
+@register_loader("image2image", Translator, MaskTranslator)
+def load_pix2pix(ckpt: dict) -> LoadedPix2Pix:
+    """G of a pix2pix checkpoint in sampling mode: a mask -> X-ray run draws X-rays from masks."""
+    nets, cfg = build_from_checkpoint(ckpt, "image2image")
+    G = nets["G"]
+    G.load_state_dict(ckpt["models"]["G"])
+    sampling_mode(G)
+    return (LoadedMask2Xray if cfg.model.task == "mask2xray" else LoadedPix2Pix)(G, cfg, ckpt)
 
 
 def pair_jobs(conditioned: list[str], class_name: str | None, own: list[str] | None, n: int,
@@ -88,19 +124,6 @@ def pair_jobs(conditioned: list[str], class_name: str | None, own: list[str] | N
         raise CovidXrayError(f"the masks' classes {', '.join(missing)} are not among those {path} was trained on "
                              f"({', '.join(conditioned)})", "Pass --class NAME to draw them as one of those")
     return [(i, c) for i, c in enumerate(own)]
-
-
-def load_pix2pix(checkpoint: str | os.PathLike):
-    """G of a pix2pix run (best.pt when the run has one) in sampling mode, its config and checkpoint."""
-    ckpt = load_checkpoint(checkpoint)
-    if ckpt.get("family") != "image2image":
-        raise CovidXrayError(f"{ckpt['path']} holds a {ckpt.get('family')} model ('{ckpt.get('model')}'); "
-                             f"--from-data/--masks need a pix2pix run", "Train one: covidxray train --model pix2pix")
-    nets, cfg = build_from_checkpoint(ckpt, "image2image")
-    G = nets["G"]
-    G.load_state_dict(ckpt["models"]["G"])
-    sampling_mode(G)
-    return G, cfg, ckpt
 
 
 def _read_mask_folder(folder: Path, size: int, log: Callable[[str], None]) -> tuple[torch.Tensor, list[str]]:
@@ -164,12 +187,11 @@ def synthesize_pairs(checkpoint: str | os.PathLike, out: str | os.PathLike, *, f
     out = od.path
     if not overwrite and any(p.name != MARKER for p in out.glob("*")):
         raise CovidXrayError(f"{out} already holds synthetic pairs", "Choose another OUT or pass --overwrite")
-    G, cfg, ckpt = load_pix2pix(checkpoint)
-    if cfg.model.task != "mask2xray":
-        raise CovidXrayError(f"{ckpt['path']} is a pix2pix {cfg.model.task} run; --from-data/--masks need mask2xray",
-                             "For colorize pass --images FOLDER")
+    loaded = require(checkpoint, MaskTranslator, "--from-data/--masks",
+                     "Train one: covidxray train --model pix2pix")
+    cfg, ckpt = loaded.cfg, loaded.checkpoint
     size = int(ckpt["image_size"])
-    conditioned = conditioning_classes(cfg, ckpt)
+    conditioned = loaded.conditioning
     if from_data is not None:
         src = Path(from_data)
         info = read_prepared_info(src)
@@ -192,7 +214,6 @@ def synthesize_pairs(checkpoint: str | os.PathLike, out: str | os.PathLike, *, f
         log(f"class-conditional G ({', '.join(conditioned)}): "
             + ", ".join(f"{sum(1 for p in pairs if p[1] == c)} x {c}" for c in conditioned) + " per copy")
     dev = resolve_device(device)
-    G = G.to(dev)
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # G's dropout noise
     ckpt_ref = f"pix2pix:{Path(ckpt['path']).resolve()}"
@@ -204,7 +225,7 @@ def synthesize_pairs(checkpoint: str | os.PathLike, out: str | os.PathLike, *, f
             mk = deform_masks(m, gen) if deform else m
             batch = mk[torch.tensor([p[0] for p in pairs])]
             labels = torch.tensor([conditioned.index(p[1]) for p in pairs]) if conditioned else None
-            fake = draw_xrays(G, batch, labels, len(conditioned), dev, batch_size)
+            fake = loaded.translate_masks(batch, labels, dev, batch_size)
             for j, (idx, asked, cls) in enumerate(pairs):
                 tag = f"_{asked}" if asked is not None and (own is None or asked != own[idx]) else ""
                 stem = f"syn_{names[idx]}{tag}_{k:02d}"
@@ -270,8 +291,10 @@ def colorize_folder(checkpoint: str | os.PathLike, images: str | os.PathLike, ou
     from covidxray.data.overlays import save_rgb
 
     log = log or (lambda msg: None)
-    G, cfg, ckpt = load_pix2pix(checkpoint)
-    if cfg.model.task != "colorize":
+    loaded = require(checkpoint, Translator, "--images", "Train one: covidxray train --model pix2pix "
+                     "--set model.task=colorize")
+    G, cfg, ckpt = loaded.G, loaded.cfg, loaded.checkpoint
+    if cfg.model.task != "colorize":  # the family's own tasks: mask2xray translates masks, not X-rays
         raise CovidXrayError(f"{ckpt['path']} is a pix2pix {cfg.model.task} run; --images needs a colorize run",
                              "For mask2xray pass --from-data PREPARED or --masks FOLDER")
     folder, out = Path(images), Path(out)

@@ -99,14 +99,11 @@ def register_model(name: str, *, family: str, paper: str, summary: str, conditio
 
 
 def _load_families() -> None:
-    # Importing the families runs their @register_model decorators.
-    import covidxray.models.autoencoders  # noqa: F401
-    import covidxray.models.classifiers  # noqa: F401
-    import covidxray.models.conditional  # noqa: F401
-    import covidxray.models.dcgan  # noqa: F401
-    import covidxray.models.pix2pix  # noqa: F401
-    import covidxray.models.segmentation  # noqa: F401
-    import covidxray.models.unetgan  # noqa: F401
+    # Importing the package's modules runs their @register_model decorators (a new family: a new file).
+    import covidxray.models as package
+    from covidxray.utils import import_submodules
+
+    import_submodules(package.__name__, package.__path__, skip=("registry", "common"))
 
 
 def get_model(name: str) -> ModelSpec:

@@ -125,6 +125,6 @@ def test_end_to_end_gan_commands_still_work_beside_classifiers(cli, demo_prepare
 
 def test_gan_only_commands_on_a_classifier_run_say_so(cli, clf_run, tmp_path):
     r = cli("sample", clf_run, tmp_path / "s", "-n", "2")
-    assert r.exit_code == 2 and "holds a classifier model ('smallcnn'); `sample` needs a GAN" in r.clean_stderr
+    assert r.exit_code == 2 and "holds a classifier model ('smallcnn'); `sample` needs a generator" in r.clean_stderr
     r = cli("gif", clf_run, "-o", tmp_path / "x.gif")
-    assert r.exit_code == 2 and "is a classifier run: it has no sample grids to animate" in r.clean_stderr
+    assert r.exit_code == 2 and "(smallcnn) has no snapshots" in r.clean_stderr

@@ -200,7 +200,7 @@ def test_help_lists_the_options(cli):
 @pytest.mark.parametrize("case, message", [
     ("missing-checkpoint", "does not exist"),
     ("random-pt", "is not a readable covidxray checkpoint"),
-    ("classifier", "not a segmenter"),
+    ("classifier", "needs a segmenter"),
     ("empty-folder", "no images in"),
     ("missing-input", "input"),
     ("batch-size", "'0' is not a whole number >= 1"),

@@ -21,27 +21,6 @@ from covidxray.train.loop import start_run
 from tests.fixtures import train_tiny_gan
 
 
-class _StandIn(torch.nn.Module):
-    """A deterministic 'Inception': 6 x 6 average pooling of the 299-px input, 108-d."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.adaptive_avg_pool2d(x, 6).flatten(1)
-
-
-@pytest.fixture(scope="module")
-def standin(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("standin") / "standin.pt"
-    torch.jit.script(_StandIn()).save(str(path))
-    return path
-
-
-@pytest.fixture()
-def unverified(standin, monkeypatch):
-    monkeypatch.setenv(FE.ENV_WEIGHTS, str(standin))
-    monkeypatch.setenv(FE.ENV_ALLOW_UNVERIFIED, "1")
-    return standin
-
-
 @pytest.fixture(scope="module")
 def gan_runs(demo_prepared, tmp_path_factory):
     out = tmp_path_factory.mktemp("gans")
@@ -333,7 +312,7 @@ def test_in_domain_classifier_features_are_fd_cxr(unverified, gan_runs, demo_pre
         assert key in m and m[key]["mean"] is not None
     assert "fid" not in m and res["features"]["cxr"]["sha1"]
     assert "FD_cxr" in (tmp_path / "c" / "report.md").read_text()
-    with pytest.raises(CovidXrayError, match="--cxr-features needs a classifier run"):
+    with pytest.raises(CovidXrayError, match="--cxr-features needs a classifier"):
         evaluate_generator(gan_runs["rawgan"], demo_prepared, n=24, repeats=1, metrics=["fid"],
                            cxr_features=str(gan_runs["cgan"]), out=tmp_path / "c2", device="cpu")
 

@@ -13,7 +13,6 @@ import pytest
 
 from covidxray.data.prepare import prepare
 from covidxray.metrics import features as FE
-from tests.evaluate.test_generator_eval import standin  # noqa: F401 - the fixture
 
 pytestmark = [pytest.mark.realdata, pytest.mark.slow]
 

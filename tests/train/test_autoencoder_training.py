@@ -12,7 +12,6 @@ from covidxray.config import resolve_config
 from covidxray.errors import CovidXrayError
 from covidxray.infer.generate import load_generator
 from covidxray.train.loop import resume_run, start_run
-from tests.evaluate.test_generator_eval import standin, unverified  # noqa: F401  (the stand-in FID network)
 
 TINY_AE = ["arch.channels=8", "arch.latent_dim=16", "train.batch_size=8", "train.log_every=2", "train.grid_size=9",
            "train.num_threads=1"]

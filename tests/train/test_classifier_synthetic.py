@@ -158,8 +158,8 @@ def test_an_unconditional_generator_is_refused(clf_cfg, demo_prepared, tmp_path)
         start_run(_syn_cfg(clf_cfg, raw, 0.5))
     msg = str(err.value)
     assert "data.synthetic: unconditional generators cannot add labelled images" in msg
-    assert "'rawgan', which is not class-conditional" in msg and "Train a class-conditional GAN (" in msg
-    assert "cgan" in msg.split("Train a class-conditional GAN (")[1]
+    assert "'rawgan', which is not class-conditional" in msg and "Train a class-conditional generator (" in msg
+    assert "cgan" in msg.split("Train a class-conditional generator (")[1]
     assert not (tmp_path / "runs").exists()  # no run folder left behind, nor the runs/ folder made for it
 
 

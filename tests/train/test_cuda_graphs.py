@@ -25,7 +25,8 @@ def test_graphs_are_off_on_the_cpu_and_yes_says_why(tiny_cfg, tmp_path):
 
 
 def test_classifier_graphs_off_on_the_cpu_and_sgd_says_why(clf_cfg, tmp_path):
-    from covidxray.train.tasks import ClassifierTask, GANTask
+    from covidxray.train.tasks.classifier import ClassifierTask
+    from covidxray.train.tasks.gan import GANTask
 
     assert Trainer(clf_cfg(epochs=1), tmp_path / "auto").graphs is None
     # asked before the task is built: an SGD update keeps its lr on the host and cannot be captured

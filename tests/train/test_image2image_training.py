@@ -9,7 +9,6 @@ from covidxray.checkpoint import load_checkpoint
 from covidxray.config import resolve_config
 from covidxray.errors import CovidXrayError
 from covidxray.train.loop import resume_run, start_run
-from tests.evaluate.test_generator_eval import standin, unverified  # noqa: F401  (the stand-in FID network)
 
 TINY = ["arch.g_channels=8", "arch.d_channels=8", "arch.d_layers=2", "train.batch_size=8", "train.log_every=2",
         "train.grid_size=4", "train.num_threads=1"]
@@ -232,8 +231,9 @@ def test_evaluate_a_pix2pix_run_with_its_mask_consistency(p2p_cfg, demo_prepared
     assert mc["n"] == 12 and 0 <= mc["dice"]["mean"] <= 1 and mc["model"] == "unet"
     assert "Mask consistency" in (out / "report.md").read_text()
     # two draws with other seeds differ (new masks and new dropout noise)
-    from covidxray.evaluate.sources import Pix2PixSource
-    src = Pix2PixSource(run.run_dir)
+    from covidxray.evaluate.sources import MaskSource
+    from covidxray.infer.protocol import load
+    src = MaskSource(load(run.run_dir))
     assert src.conditional and src.classes == run.data.classes  # class maps: a labelled source
     cpu = torch.device("cpu")
     a, ya = src.draw([2, 1, 1], 0, cpu)
@@ -291,6 +291,6 @@ def test_colorize_trains_and_renders_a_folder(p2p_cfg, demo_prepared, tmp_path):
         assert im.mode == "RGB" and im.size == (64, 64) and np.asarray(im).std() > 0
     # a colorize run makes no X-rays: no pairs, no generator evaluation
     r = CliRunner().invoke(app, ["sample", str(run.run_dir), str(tmp_path / "p"), "--from-data", str(demo_prepared)])
-    assert r.exit_code == 2 and "need mask2xray" in r.output
+    assert r.exit_code == 2 and "needs a mask -> X-ray model" in r.output
     r = CliRunner().invoke(app, ["evaluate", str(run.run_dir), "--data", str(demo_prepared)])
     assert r.exit_code == 2 and "pseudo-colour" in r.output

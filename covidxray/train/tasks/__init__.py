@@ -1,20 +1,16 @@
 """One task per model family: the arithmetic of a training step, for the one loop in :mod:`covidxray.train.loop`.
 
-``TASKS`` maps each declared family (``covidxray.config.FAMILIES``) to its task class.
+``TASKS`` maps each declared family (``covidxray.config.FAMILIES``) to its task class: every module of this
+package is imported, and a :class:`Task` subclass that names its ``family`` registers itself.
 """
 
 from __future__ import annotations
 
 from covidxray.errors import CovidXrayError
-from covidxray.train.tasks.autoencoder import AutoencoderTask
-from covidxray.train.tasks.base import Task
-from covidxray.train.tasks.classifier import ClassifierTask
-from covidxray.train.tasks.gan import GANTask
-from covidxray.train.tasks.image2image import Image2ImageTask
-from covidxray.train.tasks.segmentation import SegmentationTask
+from covidxray.train.tasks.base import TASKS, Task
+from covidxray.utils import import_submodules
 
-TASKS: dict[str, type[Task]] = {"gan": GANTask, "classifier": ClassifierTask, "segmentation": SegmentationTask,
-                               "autoencoder": AutoencoderTask, "image2image": Image2ImageTask}
+import_submodules(__name__, __path__)
 
 
 def get_task(family: str) -> type[Task]:
@@ -26,4 +22,4 @@ def get_task(family: str) -> type[Task]:
                              f"{', '.join(sorted(TASKS))}") from None
 
 
-__all__ = ["TASKS", "Task", "GANTask", "ClassifierTask", "SegmentationTask", "AutoencoderTask", "Image2ImageTask", "get_task"]
+__all__ = ["TASKS", "Task", "get_task"]

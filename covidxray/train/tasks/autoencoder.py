@@ -33,7 +33,7 @@ from covidxray.train.tasks.supervised import SupervisedTask
 
 
 class AutoencoderTask(SupervisedTask):
-    """Trains a registered autoencoder (``family == "autoencoder"``); see the module docstring."""
+    """Trains a registered autoencoder (the ``autoencoder`` family); see the module docstring."""
 
     family = "autoencoder"
     resizes_data = True

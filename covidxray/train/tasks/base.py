@@ -25,8 +25,13 @@ if TYPE_CHECKING:  # pragma: no cover
     from covidxray.train.loop import Trainer
 
 
+#: family -> its task class; a subclass of :class:`Task` that names a ``family`` registers itself here.
+TASKS: dict[str, type["Task"]] = {}
+
+
 class Task:
-    """Base class of the per-family tasks; subclasses set the class attributes and the step.
+    """Base class of the per-family tasks; subclasses set the class attributes and the step. A subclass that
+    sets ``family`` is that family's task (:data:`TASKS`): defining it is its registration.
 
     Class attributes:
         family: the family this task trains.
@@ -64,6 +69,11 @@ class Task:
     shards_evaluation: ClassVar[bool] = False
     progress_keys: ClassVar[tuple[str, ...]] = ()
     bf16_on_native_cpu: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("family"):
+            TASKS[cls.family] = cls
 
     def __init__(self, trainer: "Trainer"):
         self.trainer = trainer

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from covidxray.config.classifier import parse_class_weights
 from covidxray.data.datasets import resize_u8, to_float, to_uint8
 from covidxray.errors import CovidXrayError
-from covidxray.infer.generate import load_generator
+from covidxray.infer.protocol import LatentGenerator, having, require
 from covidxray.metrics import classification as M
 from covidxray.models.classifiers import load_pretrained
 from covidxray.models.registry import list_models
@@ -79,7 +79,7 @@ def synthetic_count(batch_size: int, ratio: float) -> int:
 
 
 class ClassifierTask(SupervisedTask):
-    """Trains a registered classifier (``family == "classifier"``); see the module docstring."""
+    """Trains a registered classifier (the ``classifier`` family); see the module docstring."""
 
     family = "classifier"
     resizes_data = True
@@ -140,16 +140,16 @@ class ClassifierTask(SupervisedTask):
         # An absolute path, as data.path: config.yaml and the checkpoint then find it from anywhere.
         cfg.data.synthetic = str(Path(cfg.data.synthetic).expanduser().resolve())
         try:
-            loaded = load_generator(cfg.data.synthetic)
+            loaded = require(cfg.data.synthetic, LatentGenerator, "data.synthetic (drawn at every step)")
         except CovidXrayError as exc:  # no checkpoint there, not a GAN, ...: its own message, the key named
             raise CovidXrayError(f"data.synthetic: {exc.message}", exc.hint) from None
         ckpt = loaded.checkpoint
         path, model = str(ckpt["path"]), loaded.cfg.model.name
         if not loaded.conditional:
-            conditional = ", ".join(m.name for m in list_models("gan") if m.conditional)
+            conditional = ", ".join(m.name for m in list_models() if m.conditional and m.name in having(LatentGenerator))
             raise CovidXrayError(f"data.synthetic: unconditional generators cannot add labelled images; {path} holds "
                                  f"'{model}', which is not class-conditional",
-                                 f"Train a class-conditional GAN ({conditional}) on the classifier's classes and "
+                                 f"Train a class-conditional generator ({conditional}) on the classifier's classes and "
                                  f"pass its run")
         classes = list(t.data.classes)
         if loaded.classes != classes:
@@ -166,7 +166,7 @@ class ClassifierTask(SupervisedTask):
                                  "Raise data.synthetic_ratio or train.batch_size")
         self.G = loaded.G.to(dev, memory_format=t.memory_format).eval().requires_grad_(False)
         self.n_synthetic, self.synthetic_only = n, r >= 1
-        self.latent_dim = int(loaded.cfg.arch.latent_dim)
+        self.latent_dim = loaded.latent_dim
         self.synthetic_size = t.data_spec.image_size
         self.synthetic_cdf = class_cdf(counts).to(dev)  # the real training split's class frequencies
         self.synthetic_gen = torch.Generator(device=dev).manual_seed(cfg.train.seed + 5)

@@ -32,7 +32,7 @@ from covidxray.train.tasks.base import Task
 
 
 class GANTask(Task):
-    """Trains a registered GAN (``family == "gan"``); see the module docstring."""
+    """Trains a registered GAN (the ``gan`` family); see the module docstring."""
 
     family = "gan"
     train_forwards = (("G_train", "G"), ("D_train", "D"))

@@ -25,7 +25,6 @@ Checkpoint entries it adds: ``models`` ``G``, ``D``; ``optimizers``/``scalers`` 
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from covidxray.data.datasets import to_float, to_uint8
 from covidxray.models.pix2pix import condition, sampling_mode, uses_class_maps
@@ -53,7 +52,7 @@ def colorize_target(x: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
 
 
 class Image2ImageTask(Task):
-    """Trains a registered image-to-image model (``family == "image2image"``); see the module docstring."""
+    """Trains a registered image-to-image model (the ``image2image`` family); see the module docstring."""
 
     family = "image2image"
     train_forwards = (("G_train", "G"), ("D_train", "D"))

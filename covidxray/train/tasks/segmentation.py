@@ -60,7 +60,7 @@ def hard_scores(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor,
 
 
 class SegmentationTask(SupervisedTask):
-    """Trains a registered segmenter (``family == "segmentation"``); see the module docstring."""
+    """Trains a registered segmenter (the ``segmentation`` family); see the module docstring."""
 
     family = "segmentation"
     resizes_data = True
