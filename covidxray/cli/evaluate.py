@@ -103,7 +103,7 @@ def evaluate_cmd(
     Classifiers: accuracy, balanced accuracy, per-class precision/recall/F1, ROC-AUC, confusion matrix.
     Segmenters (U-Net runs): Dice, IoU, HD95, ASD per image and mean ± std, the worst cases, against the masks
     of --data or of --images/--masks folders.
-    Generators (GAN runs, checkpoints, --fake folders): FID, KID, precision/recall, density/coverage, each
+    Generators (GAN, VAE and pix2pix runs, checkpoints, --fake folders): FID, KID, precision/recall, density/coverage, each
     beside the real-vs-real floor at the same N; diversity; a memorisation check; with --downstream, the gain
     of a classifier trained with synthetic images. Writes OUT/metrics.json and a report.
     """
@@ -187,9 +187,9 @@ def _generator(con, log, target, loaded, fake, data, split, n, repeats, metrics,
     table = Table()
     for col in ("metric", "generated", "real-vs-real floor"):
         table.add_column(col, justify="left" if col == "metric" else "right")
-    from covidxray.evaluate.report import _metric_rows
+    from covidxray.evaluate.report import metric_rows
 
-    for a, b, c in _metric_rows(res):
+    for a, b, c in metric_rows(res):
         table.add_row(a, b, c)
     memo = res.get("memorization")
     if memo:

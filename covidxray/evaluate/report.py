@@ -142,7 +142,7 @@ def _save(fig, path: Path) -> Path:
 
 
 # ------------------------------------------------------------------------------------------ report.md
-def _metric_rows(result: dict[str, Any]) -> list[tuple[str, str, str]]:
+def metric_rows(result: dict[str, Any]) -> list[tuple[str, str, str]]:
     m = result["metrics"]
     rows = []
     for key, label, digits, scale in (("fid", "FID", 2, 1), ("kid", "KID × 10³", 2, 1e3), ("fd_cxr", "FD_cxr", 3, 1),
@@ -174,7 +174,7 @@ def generator_markdown(result: dict[str, Any], figures: dict[str, str]) -> str:
     for w in result["warnings"]:
         lines.append(f"- **warning**: {w}")
     lines += ["", "## Scores", "", "| metric | generated | real-vs-real floor |", "|---|---:|---:|"]
-    lines += [f"| {a} | {b} | {c} |" for a, b, c in _metric_rows(result)]
+    lines += [f"| {a} | {b} | {c} |" for a, b, c in metric_rows(result)]
     if result["per_class"]:
         verified = "fid" in result["metrics"] or "kid" in result["metrics"]
         fd, kd = ("fid", "kid") if verified else ("fd_unverified", "kd_unverified")

@@ -175,7 +175,8 @@ class LoadedSegmenter(Segmenter):
         if getattr(self.cfg.aug, "hflip", False):
             return ""
         return ("note: --tta averages with the mirror image, which this model never saw in training "
-                "(aug.hflip=false); on the developer set's test split it lowered a U-Net's Dice from 0.970 to 0.959")
+                "(aug.hflip=false): a mirrored chest (heart on the right) is new to it, and it lowered the Dice on real "
+                "X-rays (docs/segmentation.md)")
 
     @property
     def fit(self) -> str:

@@ -44,12 +44,14 @@ LOSS_KINDS: tuple[str, ...] = ("bce", "hinge", "lsgan")
 UNCERTAINTY_MODES: tuple[str, ...] = ("off", "min", "max")
 
 
-def _check_kind(kind: str) -> None:
+def check_kind(kind: str) -> None:
+    """Refuse a GAN loss kind that is not one of :data:`LOSS_KINDS` (also used by the U-Net GAN's CutMix loss)."""
     if kind not in LOSS_KINDS:
         raise ValueError(f"unknown GAN loss kind {kind!r}; valid kinds: {', '.join(LOSS_KINDS)}")
 
 
-def _check_float(name: str, t: torch.Tensor) -> None:
+def check_float(name: str, t: torch.Tensor) -> None:
+    """Refuse logits that are not floating point, naming them with their dtype and shape."""
     if not t.is_floating_point():
         raise ValueError(f"{name} must be a floating-point tensor, got dtype {t.dtype} with shape {tuple(t.shape)}")
 
@@ -86,9 +88,9 @@ def d_loss(kind: str, logits_real: torch.Tensor, logits_fake: torch.Tensor) -> t
         >>> float(d_loss("lsgan", torch.ones(4), torch.zeros(4)))
         0.0
     """
-    _check_kind(kind)
-    _check_float("logits_real", logits_real)
-    _check_float("logits_fake", logits_fake)
+    check_kind(kind)
+    check_float("logits_real", logits_real)
+    check_float("logits_fake", logits_fake)
     r, f = logits_real.float(), logits_fake.float()
     if kind == "bce":
         return F.softplus(-r).mean() + F.softplus(f).mean()
@@ -118,8 +120,8 @@ def g_loss(kind: str, logits_fake: torch.Tensor) -> torch.Tensor:
         >>> round(float(g_loss("bce", torch.zeros(3))), 4)  # ln 2
         0.6931
     """
-    _check_kind(kind)
-    _check_float("logits_fake", logits_fake)
+    check_kind(kind)
+    check_float("logits_fake", logits_fake)
     f = logits_fake.float()
     if kind == "bce":
         return F.softplus(-f).mean()
@@ -260,7 +262,7 @@ def mc_dropout_uncertainty(logits_k: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"logits_k must have shape (K, N) (K dropout passes), got {tuple(logits_k.shape)}")
     if logits_k.shape[0] < 2:
         raise ValueError(f"need K >= 2 Monte-Carlo passes to estimate a variance, got logits_k {tuple(logits_k.shape)}")
-    _check_float("logits_k", logits_k)
+    check_float("logits_k", logits_k)
     return torch.sigmoid(logits_k.float()).var(dim=0, correction=0).mean()
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from covidxray.train.gan_losses import _check_float, _check_kind
+from covidxray.train.gan_losses import check_float, check_kind
 
 __all__ = ["cutmix_masks", "cutmix", "cutmix_consistency", "mixed_pixel_d_loss"]
 
@@ -199,8 +199,8 @@ def mixed_pixel_d_loss(kind: str, pixel_logits_mixed: torch.Tensor, mask: torch.
         >>> float(mixed_pixel_d_loss("lsgan", torch.ones(1, 1, 2, 2), torch.ones(1, 1, 2, 2)))
         0.0
     """
-    _check_kind(kind)
-    _check_float("pixel_logits_mixed", pixel_logits_mixed)
+    check_kind(kind)
+    check_float("pixel_logits_mixed", pixel_logits_mixed)
     if pixel_logits_mixed.shape != mask.shape:
         raise ValueError(
             f"pixel_logits_mixed {tuple(pixel_logits_mixed.shape)} and mask {tuple(mask.shape)} must have the same shape"
