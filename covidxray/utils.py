@@ -204,6 +204,61 @@ def import_submodules(package: str, path, skip: tuple[str, ...] = ()) -> list[st
     return names
 
 
+class ProgressBar:
+    """The one progress bar of the package (the training loop, ``prepare``, ``segment``, ``evaluate``): one rich
+    task with its description, a bar, done/total, an optional rate and ETA and an optional info text; without a
+    console (tests, ranks > 0, nothing to do) it does nothing.
+
+    Use::
+
+        with ProgressBar(console, "segment", total=n) as bar:
+            for ...:
+                bar.advance()
+                bar.update(info="loss 0.3")       # with info=True
+    """
+
+    def __init__(self, console, description: str, total: int, *, completed: int = 0, rate: str = "",
+                 info: bool = False, elapsed: bool = False, transient: bool = False):
+        self.bar = None
+        if console is None or total <= 0:
+            return
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
+                                   TimeElapsedColumn, TimeRemainingColumn)
+        from rich.text import Text
+
+        class RateColumn(ProgressColumn):
+            def render(self, task) -> Text:
+                speed = task.finished_speed or task.speed
+                return Text(f"{speed:6.0f} {rate}" if speed else f"    - {rate}", style="progress.data.speed")
+
+        columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn()]
+        columns += [RateColumn()] if rate else []
+        columns += [TimeElapsedColumn(), TextColumn("ETA")] if elapsed else []
+        columns += [TimeRemainingColumn()]
+        columns += [TextColumn("{task.fields[info]}")] if info else []
+        self.bar = Progress(*columns, console=console, transient=transient)
+        self.task = self.bar.add_task(description, total=total, completed=completed, info="")
+
+    def __enter__(self) -> "ProgressBar":
+        if self.bar is not None:
+            self.bar.start()
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        if self.bar is not None:
+            self.bar.stop()
+        return False
+
+    def advance(self, k: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.advance(self.task, k)
+
+    def update(self, **fields) -> None:
+        """New ``description`` and/or ``info`` text."""
+        if self.bar is not None:
+            self.bar.update(self.task, **fields)
+
+
 def make_console(stderr: bool = False):
     """A rich Console; created on demand so that tests can set TERM/COLUMNS first."""
     from rich.console import Console

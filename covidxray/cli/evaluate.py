@@ -11,6 +11,7 @@ import typer
 
 from covidxray.cli._common import Number, console, user_errors
 from covidxray.errors import CovidXrayError
+from covidxray.utils import ProgressBar
 
 
 #: The options that apply to each kind of evaluation (beside --data, --split, --out, --device, --batch-size);
@@ -159,7 +160,6 @@ def evaluate_cmd(
 
 def _generator(con, log, target, loaded, fake, data, split, n, repeats, metrics, class_, inception_weights, cxr_features,
                out, device, batch_size, seed, skip_unreadable, save_samples, downstream, segmenter=None) -> None:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
     from rich.table import Table
 
     from covidxray.evaluate.generator import evaluate_generator, parse_metrics
@@ -167,10 +167,8 @@ def _generator(con, log, target, loaded, fake, data, split, n, repeats, metrics,
 
     @contextlib.contextmanager
     def progress(what: str, total: int):
-        with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                      TimeRemainingColumn(), console=con, transient=True) as p:
-            task = p.add_task(f"{what} of the generated images", total=total)
-            yield lambda k: p.advance(task, k)
+        with ProgressBar(con, f"{what} of the generated images", total, transient=True) as bar:
+            yield bar.advance
 
     if downstream is not None:
         downstream["console"] = con

@@ -57,7 +57,7 @@ from covidxray.data import imaging
 from covidxray.data.layouts import Layout, canonical_class_name, detect_layout, shown, unreadable_class_error
 from covidxray.errors import CovidXrayError
 from covidxray.outdir import MARKER, check_output_dir, claim
-from covidxray.utils import atomic_path, atomic_write_text, is_temp_name, make_console, sweep_stale_temps
+from covidxray.utils import ProgressBar, atomic_path, atomic_write_text, is_temp_name, make_console, sweep_stale_temps
 
 FORMAT = "covidxray-prepared"
 FORMAT_VERSION = 1
@@ -766,23 +766,6 @@ def _csv_text(columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def _progress(console, enabled: bool):
-    if not enabled:
-        return None
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
-                               TimeElapsedColumn, TimeRemainingColumn)
-    from rich.text import Text
-
-    class RateColumn(ProgressColumn):
-        def render(self, task) -> Text:
-            speed = task.finished_speed or task.speed
-            return Text(f"{speed:6.0f} img/s" if speed else "    - img/s", style="progress.data.speed")
-
-    return Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
-                    MofNCompleteColumn(), RateColumn(), TimeElapsedColumn(), TextColumn("ETA"),
-                    TimeRemainingColumn(), console=console)
-
-
 def _say(console, text: str) -> None:
     """Print a line (rich markup allowed: escape file names and other dynamic text)."""
     if console is not None:
@@ -831,10 +814,10 @@ def _execute(plan: Plan, out: Path, workers: int, progress: bool, console) -> di
         _say(console, f"resuming: {len(records)} of {len(plan.tasks)} images already done")
     atomic_write_text(journal_path, "".join(json.dumps(records[r]) + "\n" for r in sorted(records)))
 
-    bar = _progress(console, progress)
+    bar = ProgressBar((console or make_console()) if progress else None, "images", len(plan.tasks),
+                      completed=len(records), rate="img/s", elapsed=True)
     with _Runner(job, min(workers, max(1, len(todo)))) as runner, open(journal_path, "a", encoding="utf-8") as journal:
-        with bar if bar is not None else contextlib.nullcontext():
-            tid = bar.add_task("images", total=len(plan.tasks), completed=len(records)) if bar else None
+        with bar:
             for batch in runner.map(todo):
                 for rec in batch:
                     prev = old.get(rec["rel"])
@@ -846,8 +829,7 @@ def _execute(plan: Plan, out: Path, workers: int, progress: bool, console) -> di
                     journal.write(json.dumps(rec) + "\n")
                     journal.flush()  # one finished item = one durable line (survives kill -9)
                     records[rec["rel"]] = rec
-                if bar is not None:
-                    bar.advance(tid, len(batch))
+                bar.advance(len(batch))
 
     info = _finish(plan, out, job, records, console)
     shutil.rmtree(staging, ignore_errors=True)

@@ -83,7 +83,7 @@ from covidxray.data.overlays import save_rgb
 from covidxray.errors import CovidXrayError
 from covidxray.outdir import check_output_dir, claim
 from covidxray.infer.predict import LoadedSegmenter, inference_settings, iter_mask_probs, load_segmenter
-from covidxray.utils import atomic_path, atomic_write_text, sweep_stale_temps
+from covidxray.utils import ProgressBar, atomic_path, atomic_write_text, sweep_stale_temps
 
 #: The columns of ``segment.csv``, in order.
 CSV_COLUMNS = ("file", "width", "height", "lung_area_px", "lung_fraction", "image_left_px", "image_right_px",
@@ -598,7 +598,7 @@ def segment_images(checkpoint: str | os.PathLike | LoadedSegmenter, inputs: str 
         with _writing(CSV_NAME, out):
             journal.append(row)
 
-    progress = _progress(console, len(todo))
+    progress = ProgressBar(console, "segment", len(todo))
     pending: deque[Future] = deque()
     t0 = time.perf_counter()
 
@@ -692,38 +692,3 @@ def _previous_rows(json_path: Path, csv_path: Path, settings: dict[str, Any]) ->
         raise CovidXrayError(f"{shown(json_path.parent)} holds a segmentation with other settings "
                              f"({'; '.join(changed)})", hint)
     return _read_csv(csv_path)
-
-
-class _NoProgress:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def advance(self) -> None:
-        pass
-
-
-class _Progress(_NoProgress):
-    def __init__(self, console, total: int):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.bar = Progress(TextColumn("segment"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                            console=console)
-        self.task = self.bar.add_task("segment", total=total)
-
-    def __enter__(self):
-        self.bar.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.bar.stop()
-        return False
-
-    def advance(self) -> None:
-        self.bar.advance(self.task)
-
-
-def _progress(console, total: int) -> _NoProgress:
-    return _NoProgress() if console is None or total == 0 else _Progress(console, total)

@@ -51,7 +51,8 @@ from covidxray.train import distributed
 from covidxray.train.graphs import StepGraphs
 from covidxray.train.optim import load_optimizer
 from covidxray.train.tasks import get_task
-from covidxray.utils import atomic_write_text, cpu_has_native_bf16, resolve_device, seed_everything, sweep_stale_temps
+from covidxray.utils import (ProgressBar, atomic_write_text, cpu_has_native_bf16, resolve_device, seed_everything,
+                             sweep_stale_temps)
 
 
 def new_run_dir(out: str | Path, model: str) -> Path:
@@ -559,13 +560,12 @@ class Trainer:
         meter, epoch_meter = self.interval_meter, self.epoch_meter
         t_log = time.perf_counter()
         imgs_since_log = 0
-        progress = _progress(self.console if main else None)
+        progress = ProgressBar(self.console if main else None, "train", total * self.batches_per_epoch,
+                               completed=s.epoch * self.batches_per_epoch + s.batch_in_epoch, info=True)
         lo, hi = self.dist.rank * self.rank_batch_size, (self.dist.rank + 1) * self.rank_batch_size
         with self._signals(), progress:
-            task = progress.add_task("train", total=total * self.batches_per_epoch,
-                                     completed=s.epoch * self.batches_per_epoch + s.batch_in_epoch, info="")
             while s.epoch < total:
-                progress.update(task, description=f"epoch {s.epoch + 1}/{total}")
+                progress.update(description=f"epoch {s.epoch + 1}/{total}")
                 if s.perm is None:
                     s.perm = torch.randperm(len(self.data), generator=self.shuffle_gen)
                 perm = s.perm.to(self.data.images.device)
@@ -582,14 +582,14 @@ class Trainer:
                     s.batch_in_epoch = b + 1
                     s.images_seen += self.batch_size  # all ranks' images
                     imgs_since_log += self.batch_size
-                    progress.advance(task)
+                    progress.advance()
                     if s.step % cfg.train.log_every == 0:
                         now = time.perf_counter()
                         rec = self._stats_record(self._check_finite(self.dist.mean(meter.pop())),
                                                  imgs_since_log / max(now - t_log, 1e-9))
                         t_log, imgs_since_log = now, 0
                         self._write_stats(rec)
-                        progress.update(task, info=self._fmt_info(rec))
+                        progress.update(info=self._fmt_info(rec))
                     if self.on_step is not None:
                         self.on_step(self)
                     if self.dist.enabled:  # a stop asked on any rank stops every rank after this same step
@@ -713,32 +713,6 @@ class Trainer:
 def _fmt_value(v: float) -> str:
     """Three decimals, or three significant digits for small values (a learning rate)."""
     return f"{v:.3f}" if v == 0 or abs(v) >= 0.01 else f"{v:.2e}"
-
-
-class _NoProgress:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def add_task(self, *a, **k):
-        return 0
-
-    def advance(self, *a, **k):
-        pass
-
-    def update(self, *a, **k):
-        pass
-
-
-def _progress(console):
-    if console is None:
-        return _NoProgress()
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=console, transient=False)
 
 
 @contextmanager
