@@ -152,41 +152,38 @@ def evaluate_cmd(
             raise CovidXrayError("--data is required", "Pass the prepared folder with the real images")
         if kind == "classifier":
             return _classifier(con, target, data, split, out, device, batch_size or 256, mc_samples, loaded)
-    _generator(con, log, target, loaded, fake, data, split, n, repeats, metrics, class_, inception_weights, cxr_features,
-               out, device, batch_size or 64, seed, skip_unreadable, save_samples,
-               dict(classifier=classifier, seeds=seeds, synthetic_ratio=synthetic_ratio, epochs=epochs,
-                    sets=list(set_ or [])) if downstream else None, segmenter)
+    from covidxray.evaluate.generator import GeneratorEvaluation, parse_metrics
+
+    _generator(con, log, GeneratorEvaluation(
+        data=data, run=target, loaded=loaded, fake=fake, split=split, n=n, repeats=repeats,
+        metrics=parse_metrics(metrics), class_name=class_,
+        inception_weights=str(inception_weights) if inception_weights else None,
+        cxr_features=str(cxr_features) if cxr_features else None, out=out, device=device, batch_size=batch_size or 64,
+        seed=seed, skip_unreadable=skip_unreadable, save_samples=save_samples,
+        segmenter=str(segmenter) if segmenter else None,
+        downstream=dict(classifier=classifier, seeds=seeds, synthetic_ratio=synthetic_ratio, epochs=epochs,
+                        sets=list(set_ or []), console=con) if downstream else None))
 
 
-def _generator(con, log, target, loaded, fake, data, split, n, repeats, metrics, class_, inception_weights, cxr_features,
-               out, device, batch_size, seed, skip_unreadable, save_samples, downstream, segmenter=None) -> None:
+def _generator(con, log, req) -> None:
+    """Run a generator evaluation (its request filled from the options) and print its table."""
     from rich.table import Table
 
-    from covidxray.evaluate.generator import evaluate_generator, parse_metrics
-    from covidxray.evaluate.report import fmt
+    from covidxray.evaluate.generator import run_generator_evaluation
+    from covidxray.evaluate.report import fmt, metric_rows
 
     @contextlib.contextmanager
     def progress(what: str, total: int):
         with ProgressBar(con, f"{what} of the generated images", total, transient=True) as bar:
             yield bar.advance
 
-    if downstream is not None:
-        downstream["console"] = con
-    res = evaluate_generator(target, data, fake=fake, split=split, n=n, repeats=repeats,
-                             metrics=parse_metrics(metrics), class_name=class_,
-                             inception_weights=str(inception_weights) if inception_weights else None,
-                             cxr_features=str(cxr_features) if cxr_features else None, out=out, device=device,
-                             batch_size=batch_size, seed=seed, skip_unreadable=skip_unreadable,
-                             downstream=downstream, save_samples=save_samples, loaded=loaded, log=log,
-                             progress=progress, segmenter=str(segmenter) if segmenter else None)
+    res = run_generator_evaluation(req, log, progress)
     feats = res["features"]
     title = (f"{res['model']} vs the {res['split']} split of {res['data']} (N = {res['reference_n']}): "
              f"N = {res['n']} generated x {res['repeats']} draws, floor = {res['floor_n']} real training images")
     table = Table()
     for col in ("metric", "generated", "real-vs-real floor"):
         table.add_column(col, justify="left" if col == "metric" else "right")
-    from covidxray.evaluate.report import metric_rows
-
     for a, b, c in metric_rows(res):
         table.add_row(a, b, c)
     memo = res.get("memorization")

@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import platform
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -43,7 +44,12 @@ from covidxray.infer.protocol import Generator, Loaded, MaskTranslator, load, re
 from covidxray.data.datasets import CACHE_DIR, load_tensor_data, read_prepared_info
 from covidxray.errors import CovidXrayError
 from covidxray.outdir import OutputDir
-from covidxray.evaluate.report import mean_std
+from covidxray.evaluate.downstream import check_downstream_args, run_downstream
+from covidxray.evaluate.report import mean_std, write_generator_report
+from covidxray.infer.generate import write_samples
+from covidxray.infer.predict import classifier_features
+from covidxray.metrics import generative as G
+from covidxray.metrics.features import InceptionFeatures, cached_features
 from covidxray.evaluate.sources import (FolderSource, GeneratorSource, MaskSource, Source, class_counts,
                                         mask_consistency)
 from covidxray.utils import resolve_device
@@ -66,8 +72,6 @@ def parse_metrics(text: str) -> list[str]:
 def _set_metrics(fake: torch.Tensor, ref: torch.Tensor, wanted: list[str], seed: int,
                  fd_name: str = "fid", kd_name: str = "kid") -> dict[str, float]:
     """Every feature-space metric of one generated (or floor) set against the reference features."""
-    from covidxray.metrics import generative as G
-
     out: dict[str, float] = {}
     if "fid" in wanted:
         out[fd_name] = G.fid_from_features(fake, ref)
@@ -99,21 +103,15 @@ def load_source(run_or_checkpoint: str | Path | None, fake: str | Path | None, d
                                    "`covidxray evaluate RUN --data PREPARED` too: pass one of their runs"))
 
 
-def evaluate_generator(run_or_checkpoint: str | Path | None, data: str | Path, *, fake: str | Path | None = None,
-                       split: str = "test", n: int | None = None, repeats: int = 5,
-                       metrics: list[str] | None = None, class_name: str | None = None,
-                       inception_weights: str | None = None, cxr_features: str | None = None,
-                       out: str | Path | None = None, device: str = "auto", batch_size: int = 64, seed: int = 0,
-                       skip_unreadable: bool = False, downstream: dict[str, Any] | None = None,
-                       save_samples: bool = False, loaded: Loaded | None = None,
-                       segmenter: str | Path | None = None,
-                       log: Callable[[str], None] | None = None, progress=None) -> dict[str, Any]:
-    """Score generated images against ``split`` of the prepared folder ``data`` (see the module docstring).
+@dataclass
+class GeneratorEvaluation:
+    """What is asked of a generator evaluation (the CLI fills one from its options; see the module docstring).
 
-    Args:
-        run_or_checkpoint: a generator's run folder or checkpoint (or None with ``fake``).
+    Attributes:
         data: the prepared folder with the real images (its ``train`` split gives the floor and the
             memorisation reference; ``split`` the reference of every metric).
+        run: a generator's run folder or checkpoint (or None with ``fake``).
+        loaded: the generator, when the caller loaded it already (not read twice).
         fake: a folder of generated images instead of a checkpoint (per-class sub-folders allowed).
         split: the reference split: ``test`` (default), ``val`` or ``train``.
         n: generated images per draw (default: as many as the real training images of the evaluated
@@ -131,44 +129,84 @@ def evaluate_generator(run_or_checkpoint: str | Path | None, data: str | Path, *
         downstream: options of :func:`covidxray.evaluate.downstream.run_downstream`, or None.
         save_samples: also write the first draw as PNGs into ``out/samples/`` (``<class>/`` sub-folders for a
             conditional source); otherwise generated images never reach the disk.
-        loaded: the generator, when the caller loaded it already (not read twice).
-        segmenter: a pix2pix run only: a U-Net run whose masks of the drawn X-rays are compared with the masks
-            they were drawn from (``mask_consistency``: Dice over the first draw).
-        log: callable for one-line notes.
-
-    Returns:
-        The report written to ``metrics.json`` (plus ``out``).
+        segmenter: a mask -> X-ray model only: a U-Net run whose masks of the drawn X-rays are compared with the
+            masks they were drawn from (``mask_consistency``: Dice over the first draw).
     """
-    from covidxray.evaluate.report import write_generator_report
-    from covidxray.metrics import generative as G
-    from covidxray.infer.predict import classifier_features
-    from covidxray.metrics.features import InceptionFeatures, cached_features
 
-    log = log or (lambda msg: None)
-    t_start = time.perf_counter()
-    wanted = parse_metrics(",".join(metrics)) if metrics else list(ALL_METRICS)
+    data: str | Path
+    run: str | Path | None = None
+    loaded: Loaded | None = None
+    fake: str | Path | None = None
+    split: str = "test"
+    n: int | None = None
+    repeats: int = 5
+    metrics: list[str] | None = None
+    class_name: str | None = None
+    inception_weights: str | None = None
+    cxr_features: str | None = None
+    out: str | Path | None = None
+    device: str = "auto"
+    batch_size: int = 64
+    seed: int = 0
+    skip_unreadable: bool = False
+    downstream: dict[str, Any] | None = None
+    save_samples: bool = False
+    segmenter: str | Path | None = None
+
+
+@dataclass
+class Plan:
+    """What :func:`plan` settled before any image is drawn: the source, the data, N and the class counts."""
+
+    source: Source
+    od: OutputDir
+    data: Path
+    wanted: list[str]
+    eval_classes: list[str]
+    train: Any                      # TensorData of the training split (floor, memorisation)
+    ref: Any                        # TensorData of the reference split
+    n: int
+    counts: list[int] | None        # per-class counts of a draw (labelled sources)
+    floor_n: int
+    repeats: int
+    labelled: bool
+    device: torch.device
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Draws:
+    """The generated images of every draw (uint8, CPU) with their labels, and the floor's training indices."""
+
+    images: list[tuple[torch.Tensor, torch.Tensor | None]]
+    floors: list[torch.Tensor]
+    first_masks: torch.Tensor | None
+    seconds: float
+
+
+def plan(req: GeneratorEvaluation, log: Callable[[str], None]) -> Plan:
+    """Check the request, load the source and the real splits, and settle N, the class counts and the floor."""
+    wanted = parse_metrics(",".join(req.metrics)) if req.metrics else list(ALL_METRICS)
+    split, repeats = req.split, req.repeats
     if split not in ("train", "val", "test"):
         raise CovidXrayError(f"--split must be train, val or test; got '{split}'")
     if repeats < 1:
         raise CovidXrayError(f"--repeats must be at least 1, got {repeats}")
-    if batch_size < 1:
-        raise CovidXrayError(f"--batch-size must be at least 1, got {batch_size}")
-    data = Path(data)
+    if req.batch_size < 1:
+        raise CovidXrayError(f"--batch-size must be at least 1, got {req.batch_size}")
+    data = Path(req.data)
     info = read_prepared_info(data)
     data_classes = sorted(info.get("classes", []))
-    if downstream is not None:
-        from covidxray.evaluate.downstream import check_downstream_args
-
-        if fake is not None:
+    if req.downstream is not None:
+        if req.fake is not None:
             raise CovidXrayError("--downstream needs a generator checkpoint (it generates images on the fly); "
                                  "a --fake folder cannot be used", "Pass the GAN's run folder")
-        check_downstream_args(**downstream)
-    source = load_source(run_or_checkpoint, fake, data_classes, skip_unreadable, log, loaded)
-    if segmenter is not None and not isinstance(source, MaskSource):
+        check_downstream_args(**req.downstream)
+    source = load_source(req.run, req.fake, data_classes, req.skip_unreadable, log, req.loaded)
+    if req.segmenter is not None and not isinstance(source, MaskSource):
         raise CovidXrayError("--segmenter scores the mask consistency of a pix2pix run; this source is "
                              f"'{source.name}'", "Drop --segmenter, or pass a pix2pix run")
-    od = generator_output(out, source, split, data, fake)
-    first_masks = None
+    od = generator_output(req.out, source, split, data, req.fake)
     prepared = int(info["size"])
     if source.image_size != prepared:
         raise CovidXrayError(
@@ -179,6 +217,7 @@ def evaluate_generator(run_or_checkpoint: str | Path | None, data: str | Path, *
     if missing:
         raise CovidXrayError(f"{data} has no class(es) {', '.join(missing)} of the generator "
                              f"({', '.join(source.classes)})", "Evaluate against data prepared with those classes")
+    class_name = req.class_name
     if class_name not in (None, "all"):
         if not source.conditional:
             raise CovidXrayError(f"--class {class_name}: {source.name} is not class-conditional (it was trained on "
@@ -194,7 +233,7 @@ def evaluate_generator(run_or_checkpoint: str | Path | None, data: str | Path, *
             log(f"note: {source.name} was trained on {trained_on}; the floor and the memorisation check use the "
                 f"training split of {data}")
 
-    dev = resolve_device(device)
+    dev = resolve_device(req.device)
     train = load_tensor_data(data, "train", eval_classes, None, True, log)
     ref = train if split == "train" else load_tensor_data(data, split, eval_classes, None, True, log)
     if split == "train":
@@ -206,6 +245,7 @@ def evaluate_generator(run_or_checkpoint: str | Path | None, data: str | Path, *
     if labelled and source.kind == "folder":
         avail = source.class_available()  # type: ignore[attr-defined]
         folder_counts = [avail[source.classes.index(c)] for c in eval_classes]
+    n = req.n
     if n is None:
         if folder_counts is not None:  # a labelled folder: all its images, in its own class proportions
             n = sum(folder_counts)
@@ -246,87 +286,102 @@ def evaluate_generator(run_or_checkpoint: str | Path | None, data: str | Path, *
     if floor_n < n:
         warnings.append(f"the floor uses {floor_n} real training images (all there are"
                         f"{' in those class proportions' if labelled else ''}), fewer than N = {n}")
+    return Plan(source, od, data, wanted, eval_classes, train, ref, n, counts, floor_n, repeats, labelled, dev,
+                warnings)
 
-    # ---------------------------------------------------------------- images
-    draws: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+
+def draw(p: Plan, req: GeneratorEvaluation) -> Draws:
+    """``repeats`` draws of N generated images (seed + r), and the floor's N real training images per draw."""
+    source, eval_classes, seed = p.source, p.eval_classes, req.seed
+    images: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+    first_masks = None
     t0 = time.perf_counter()
-    for r in range(repeats):
-        if labelled:
+    for r in range(p.repeats):
+        if p.labelled:
             full = [0] * len(source.classes)
             for i, c in enumerate(eval_classes):
-                full[source.classes.index(c)] = counts[i]
-            imgs, labels = source.draw(full, seed + r, dev, batch_size=max(batch_size, 256))
+                full[source.classes.index(c)] = p.counts[i]
+            imgs, labels = source.draw(full, seed + r, p.device, batch_size=max(req.batch_size, 256))
             # labels in eval_classes' indices
             remap = torch.tensor([eval_classes.index(c) if c in eval_classes else -1 for c in source.classes])
             labels = remap[labels]
         else:
-            imgs, labels = source.draw(n, seed + r, dev, batch_size=max(batch_size, 256))
-        draws.append((imgs.cpu(), labels))
+            imgs, labels = source.draw(p.n, seed + r, p.device, batch_size=max(req.batch_size, 256))
+        images.append((imgs.cpu(), labels))
         if r == 0:
-            first_masks = getattr(source, "last_masks", None)  # pix2pix: the masks of the first draw
-    gen_seconds = time.perf_counter() - t0
+            first_masks = getattr(source, "last_masks", None)  # a mask -> X-ray model: the masks of the first draw
+    seconds = time.perf_counter() - t0
     floors = []
-    for r in range(repeats):
+    for r in range(p.repeats):
         g = torch.Generator().manual_seed(seed + 10_000 + r)
-        if labelled:  # the floor draws each class like the generated set
+        if p.labelled:  # the floor draws each class like the generated set
             idx = []
             for i in range(len(eval_classes)):
-                pool = (train.labels == i).nonzero().flatten()
-                idx.append(pool[torch.randperm(len(pool), generator=g)[:counts[i]]])
+                pool = (p.train.labels == i).nonzero().flatten()
+                idx.append(pool[torch.randperm(len(pool), generator=g)[:p.counts[i]]])
             floors.append(torch.cat(idx))
         else:
-            floors.append(torch.randperm(n_train, generator=g)[:floor_n])
+            floors.append(torch.randperm(len(p.train), generator=g)[:p.floor_n])
+    return Draws(images, floors, first_masks, seconds)
 
-    # -------------------------------------------------------------- features
+
+def features(p: Plan, d: Draws, req: GeneratorEvaluation, log: Callable[[str], None], progress=None
+             ) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """Each feature space's features of the training and reference splits (cached) and of every draw."""
     extractors = []
-    needs_features = any(m in wanted for m in ("fid", "kid", "pr", "dc", "memorization"))
-    if needs_features:
-        extractors.append(InceptionFeatures(inception_weights, dev, batch_size))
-    if cxr_features:
-        extractors.append(classifier_features(cxr_features, dev, batch_size))
-    cache_dir = data / CACHE_DIR
+    if any(m in p.wanted for m in ("fid", "kid", "pr", "dc", "memorization")):
+        extractors.append(InceptionFeatures(req.inception_weights, p.device, req.batch_size))
+    if req.cxr_features:
+        extractors.append(classifier_features(req.cxr_features, p.device, req.batch_size))
+    cache_dir = p.data / CACHE_DIR
     feats: dict[str, dict[str, Any]] = {}
-    total = sum(len(d[0]) for d in draws) * len(extractors)
+    total = sum(len(imgs) for imgs, _ in d.images) * len(extractors)
     t0 = time.perf_counter()
     no_progress = lambda what, total: contextlib.nullcontext(lambda k: None)  # noqa: E731
+    classes = ",".join(p.eval_classes)
     with (progress or no_progress)("features", total) as advance:
         for ex in extractors:
-            f_train = cached_features(ex, train.images, cache_dir, f"train-{','.join(eval_classes)}", log)
-            f_ref = f_train if ref is train else cached_features(ex, ref.images, cache_dir,
-                                                                 f"{split}-{','.join(eval_classes)}", log)
-            f_draws = [ex(imgs, advance) for imgs, _ in draws]
+            f_train = cached_features(ex, p.train.images, cache_dir, f"train-{classes}", log)
+            f_ref = f_train if p.ref is p.train else cached_features(ex, p.ref.images, cache_dir,
+                                                                     f"{req.split}-{classes}", log)
+            f_draws = [ex(imgs, advance) for imgs, _ in d.images]
             feats[ex.name] = {"extractor": ex, "train": f_train, "ref": f_ref, "draws": f_draws}
-    feat_seconds = time.perf_counter() - t0
-    n_feat_images = total
+    seconds = time.perf_counter() - t0
+    timing = {"features_s": round(seconds, 2), "feature_images": total,
+              "features_img_per_s": round(total / seconds, 1) if seconds > 0 else None}
+    return feats, timing
 
-    # --------------------------------------------------------------- metrics
+
+def score(p: Plan, d: Draws, feats: dict[str, dict[str, Any]], seed: int) -> dict[str, Any]:
+    """Every metric of every draw and of its floor (mean ± std over draws), per class, diversity, copies."""
     t0 = time.perf_counter()
+    wanted, eval_classes, counts = p.wanted, p.eval_classes, p.counts
     result_metrics: dict[str, Any] = {}
     per_class: dict[str, Any] = {}
     for name, fs in feats.items():
         ex = fs["extractor"]
         space_wanted = wanted if name != "cxr" else [m for m in wanted if m in ("fid", "kid")] or ["fid", "kid"]
         rows, floor_rows = [], []
-        for r in range(repeats):
+        for r in range(p.repeats):
             rows.append(_set_metrics(fs["draws"][r], fs["ref"], space_wanted, seed + r, ex.fd_name, ex.kd_name))
-            floor_rows.append(_set_metrics(fs["train"][floors[r]], fs["ref"], space_wanted, seed + r,
+            floor_rows.append(_set_metrics(fs["train"][d.floors[r]], fs["ref"], space_wanted, seed + r,
                                            ex.fd_name, ex.kd_name))
         for k, v in _aggregate(rows).items():
             result_metrics[k] = v
         for k, v in _aggregate(floor_rows).items():
             result_metrics[f"{k}_floor"] = v
-        if labelled and len(eval_classes) > 1 and name != "cxr":
+        if p.labelled and len(eval_classes) > 1 and name != "cxr":
             for i, c in enumerate(eval_classes):
-                ref_c = fs["ref"][ref.labels == i]
+                ref_c = fs["ref"][p.ref.labels == i]
                 if len(ref_c) < 2 or counts[i] < 2:
                     per_class[c] = {"skipped": f"{len(ref_c)} reference / {counts[i]} generated images"}
                     continue
                 rows_c, floor_c = [], []
-                for r in range(repeats):
-                    lab = draws[r][1]
+                for r in range(p.repeats):
+                    lab = d.images[r][1]
                     rows_c.append(_set_metrics(fs["draws"][r][lab == i], ref_c, space_wanted, seed + r,
                                                ex.fd_name, ex.kd_name))
-                    fl = floors[r][train.labels[floors[r]] == i]
+                    fl = d.floors[r][p.train.labels[d.floors[r]] == i]
                     floor_c.append(_set_metrics(fs["train"][fl], ref_c, space_wanted, seed + r, ex.fd_name,
                                                 ex.kd_name))
                 entry = per_class.setdefault(c, {"n": counts[i], "reference_n": int(len(ref_c))})
@@ -335,89 +390,114 @@ def evaluate_generator(run_or_checkpoint: str | Path | None, data: str | Path, *
 
     diversity = None
     if "diversity" in wanted:
-        imgs0 = draws[0][0]
-        real_div = G.ms_ssim_diversity(train.images, n_pairs=200, seed=seed)
+        imgs0 = d.images[0][0]
+        real_div = G.ms_ssim_diversity(p.train.images, n_pairs=200, seed=seed)
         diversity = {"generated": G.ms_ssim_diversity(imgs0, n_pairs=200, seed=seed), "real_train": real_div}
 
     memo = None
     if "memorization" in wanted:
-        fi = feats[extractors[0].name]  # the FID network's space (named "unverified" for a stand-in)
-        memo = _memorisation(fi["draws"][0], draws[0][0], fi["train"], train.images, fi["ref"], ref.images, seed)
+        fi = next(iter(feats.values()))  # the FID network's space (named "unverified" for a stand-in)
+        memo = _memorisation(fi["draws"][0], d.images[0][0], fi["train"], p.train.images, fi["ref"], p.ref.images,
+                             seed)
         if memo["copies"] > 0.05:
-            warnings.append(f"{memo['copies'] * 100:.1f} % of the samples are closer to a training image than "
-                            f"99 % of real held-out images are: the generator may copy training images "
-                            f"(see closest_pairs.png)")
-    metric_seconds = time.perf_counter() - t0
+            p.warnings.append(f"{memo['copies'] * 100:.1f} % of the samples are closer to a training image than "
+                              f"99 % of real held-out images are: the generator may copy training images "
+                              f"(see closest_pairs.png)")
+    return {"metrics": result_metrics, "per_class": per_class, "diversity": diversity, "memorization": memo,
+            "metrics_s": round(time.perf_counter() - t0, 2)}
 
 
-    import scipy
+def report(p: Plan, d: Draws, feats: dict[str, dict[str, Any]], scores: dict[str, Any], timing: dict[str, Any],
+           req: GeneratorEvaluation, log: Callable[[str], None], t_start: float) -> dict[str, Any]:
+    """The result (``metrics.json``) with the samples, mask consistency and downstream arms asked for, written
+    with the report and its figures into the output folder."""
+    import scipy  # local: only their versions are recorded, and the report is the last stage
     import sklearn
 
+    source = p.source
     result: dict[str, Any] = {
         "kind": "generator",
         "model": source.name,
         "source": {"kind": source.kind, "path": source.path, **{k: v for k, v in source.info.items()}},
         "conditional": source.conditional,
-        "data": str(data.resolve()),
-        "split": split,
-        "reference_n": len(ref),
-        "train_n": n_train,
-        "classes": eval_classes,
-        "class": class_name or "all",
-        "n": n,
-        "n_per_class": dict(zip(eval_classes, counts)) if labelled else None,
-        "floor_n": floor_n,
-        "repeats": repeats,
-        "seed": seed,
+        "data": str(p.data.resolve()),
+        "split": req.split,
+        "reference_n": len(p.ref),
+        "train_n": len(p.train),
+        "classes": p.eval_classes,
+        "class": req.class_name or "all",
+        "n": p.n,
+        "n_per_class": dict(zip(p.eval_classes, p.counts)) if p.labelled else None,
+        "floor_n": p.floor_n,
+        "repeats": p.repeats,
+        "seed": req.seed,
         "image_size": source.image_size,
         "features": {name: fs["extractor"].record() for name, fs in feats.items()},
-        "metrics_requested": wanted,
-        "metrics": result_metrics,
-        "per_class": per_class,
-        "diversity": diversity,
-        "memorization": memo,
+        "metrics_requested": p.wanted,
+        "metrics": scores["metrics"],
+        "per_class": scores["per_class"],
+        "diversity": scores["diversity"],
+        "memorization": scores["memorization"],
         "downstream": None,
-        "warnings": warnings,
-        "timing": {"generate_s": round(gen_seconds, 2), "features_s": round(feat_seconds, 2),
-                   "feature_images": n_feat_images,
-                   "features_img_per_s": round(n_feat_images / feat_seconds, 1) if feat_seconds > 0 else None,
-                   "metrics_s": round(metric_seconds, 2)},
-        "device": str(dev),
+        "warnings": p.warnings,
+        "timing": {"generate_s": round(d.seconds, 2), **timing, "metrics_s": scores["metrics_s"]},
+        "device": str(p.device),
         "versions": {"covidxray": __version__, "torch": torch.__version__, "numpy": np.__version__,
                      "scipy": scipy.__version__, "scikit-learn": sklearn.__version__,
                      "python": platform.python_version()},
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    out = od.path
 
     def finish(tmp: Path) -> None:
-        if save_samples:
-            from covidxray.infer.generate import write_samples
-
-            imgs0, lab0 = draws[0]
+        imgs0, lab0 = d.images[0]
+        if req.save_samples:
             if lab0 is None:
                 write_samples(imgs0, tmp / "samples")
             else:
-                for i, c in enumerate(eval_classes):
+                for i, c in enumerate(p.eval_classes):
                     write_samples(imgs0[lab0 == i], tmp / "samples" / c)
             result["samples_written"] = "samples/"
-        if segmenter is not None:
-            imgs0, _ = draws[0]
-            result["mask_consistency"] = mask_consistency(imgs0, first_masks, segmenter, dev, batch_size)
+        if req.segmenter is not None:
+            result["mask_consistency"] = mask_consistency(imgs0, d.first_masks, req.segmenter, p.device,
+                                                          req.batch_size)
             log(f"mask consistency: Dice {result['mask_consistency']['dice']['mean']:.3f} ± "
                 f"{result['mask_consistency']['dice']['std']:.3f} between the given masks and the U-Net's masks of "
                 f"the {len(imgs0)} drawn X-rays")
-        if downstream is not None:  # the classifier runs live inside the output folder
-            from covidxray.evaluate.downstream import run_downstream
-
-            result["downstream"] = run_downstream(source, data, tmp, device=device, seed=seed, log=log, **downstream)
+        if req.downstream is not None:  # the classifier runs live inside the output folder
+            result["downstream"] = run_downstream(source, p.data, tmp, device=req.device, seed=req.seed, log=log,
+                                                  **req.downstream)
         result["seconds"] = round(time.perf_counter() - t_start, 2)
 
-    write_generator_report(od, result, draws=draws, train=train, before_write=finish)
-    result["out"] = str(out)
-    for w in warnings:
+    write_generator_report(p.od, result, draws=d.images, train=p.train, before_write=finish)
+    result["out"] = str(p.od.path)
+    return result
+
+
+def run_generator_evaluation(req: GeneratorEvaluation, log: Callable[[str], None] | None = None,
+                             progress=None) -> dict[str, Any]:
+    """The evaluation as its stages: :func:`plan` -> :func:`draw` -> :func:`features` -> :func:`score` ->
+    :func:`report`. ``progress(what, total)``: a context giving ``advance(k)`` (the CLI's progress bar).
+
+    Returns:
+        The report written to ``metrics.json`` (plus ``out``).
+    """
+    log = log or (lambda msg: None)
+    t_start = time.perf_counter()
+    p = plan(req, log)
+    d = draw(p, req)
+    feats, timing = features(p, d, req, log, progress)
+    scores = score(p, d, feats, req.seed)
+    result = report(p, d, feats, scores, timing, req, log, t_start)
+    for w in p.warnings:
         log(f"warning: {w}")
     return result
+
+
+def evaluate_generator(run_or_checkpoint: str | Path | None, data: str | Path, *, log: Callable[[str], None] | None = None,
+                       progress=None, **options: Any) -> dict[str, Any]:
+    """Score generated images against a split of the prepared folder ``data``: the library's call,
+    ``options`` as the fields of :class:`GeneratorEvaluation` (see the module docstring)."""
+    return run_generator_evaluation(GeneratorEvaluation(data=data, run=run_or_checkpoint, **options), log, progress)
 
 
 #: What an evaluate output folder of a generator holds (also the names of those written before the marker).
@@ -441,8 +521,6 @@ def default_generator_out(source: Source, split: str) -> Path:
 def _memorisation(f_gen: torch.Tensor, gen_u8: torch.Tensor, f_train: torch.Tensor, train_u8: torch.Tensor,
                   f_ref: torch.Tensor, ref_u8: torch.Tensor, seed: int, q: float = 0.01) -> dict[str, Any]:
     """Nearest-training-image distances of the samples vs those of held-out real images (see the module doc)."""
-    from covidxray.metrics import generative as G
-
     out: dict[str, Any] = {"quantile": q}
     spaces = {"inception": (f_gen, f_train, f_ref),
               "pixel": (G.pixel_embedding(gen_u8), G.pixel_embedding(train_u8), G.pixel_embedding(ref_u8))}
