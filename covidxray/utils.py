@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
+import pkgutil
 import random
 import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
+
+from covidxray.errors import CovidXrayError
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> int:
@@ -21,8 +26,8 @@ def seed_everything(seed: int, deterministic: bool = False) -> int:
     Returns:
         The seed, for chaining.
     """
-    import numpy as np
-    import torch
+    import numpy as np  # local: covidxray.utils stays NumPy-free (covidxray.cli imports it at start-up)
+    import torch  # local: covidxray.utils stays torch-free (covidxray.cli imports it at start-up)
 
     random.seed(seed)
     np.random.seed(seed % (2**32))
@@ -37,9 +42,7 @@ def seed_everything(seed: int, deterministic: bool = False) -> int:
 def resolve_device(name: str):
     """``auto`` -> CUDA when available, else CPU; a CUDA device asked for on a machine without one
     is a user error (:class:`~covidxray.errors.CovidXrayError`)."""
-    import torch
-
-    from covidxray.errors import CovidXrayError
+    import torch  # local: covidxray.utils stays torch-free (covidxray.cli imports it at start-up)
 
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -54,7 +57,7 @@ def resolve_device(name: str):
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bfloat16 matrix products natively (Intel AMX or AVX512-BF16), where
     oneDNN's bf16 convolutions are faster than float32 ones (elsewhere they are emulated and slower)."""
-    import torch
+    import torch  # local: covidxray.utils stays torch-free (covidxray.cli imports it at start-up)
 
     cpu = getattr(torch, "cpu", None)
     for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
@@ -122,8 +125,6 @@ def sweep_stale_temps(folder: str | os.PathLike, recursive: bool = False) -> lis
     Returns:
         The removed paths.
     """
-    import shutil
-
     folder = Path(folder)
     removed: list[Path] = []
     if not folder.is_dir():
@@ -195,9 +196,6 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 def import_submodules(package: str, path, skip: tuple[str, ...] = ()) -> list[str]:
     """Import every module of ``package`` (its ``__path__``) but ``skip``: the registries' discovery, so that a
     family's module registers itself by being there (no hand-kept import list)."""
-    import importlib
-    import pkgutil
-
     names = [info.name for info in pkgutil.iter_modules(path) if info.name not in skip]
     for name in names:
         importlib.import_module(f"{package}.{name}")
@@ -222,9 +220,10 @@ class ProgressBar:
         self.bar = None
         if console is None or total <= 0:
             return
+        # local: rich.progress (~40 ms) stays out of `import covidxray.cli`, which imports utils
         from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
                                    TimeElapsedColumn, TimeRemainingColumn)
-        from rich.text import Text
+        from rich.text import Text  # local: as above
 
         class RateColumn(ProgressColumn):
             def render(self, task) -> Text:
@@ -261,6 +260,6 @@ class ProgressBar:
 
 def make_console(stderr: bool = False):
     """A rich Console; created on demand so that tests can set TERM/COLUMNS first."""
-    from rich.console import Console
+    from rich.console import Console  # local: rich (~20 ms) stays out of `import covidxray.cli`, which imports utils
 
     return Console(stderr=stderr)

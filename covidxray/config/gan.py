@@ -121,7 +121,7 @@ def check_gan(cfg: GANConfig) -> None:
             "Also set arch.d_dropout (e.g. --set arch.d_dropout=0.3)",
         )
     if cfg.aug.diffaugment:
-        from covidxray.data.diffaugment import parse_policy
+        from covidxray.data.diffaugment import parse_policy  # local: diffaugment imports torch; config stays torch-free
 
         try:
             parse_policy(cfg.aug.diffaugment)

@@ -26,6 +26,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from covidxray.errors import CovidXrayError
@@ -259,7 +260,7 @@ class PreparedDataset(torch.utils.data.Dataset):
 
 
 def _paired(transform: Callable, image: torch.Tensor, mask: torch.Tensor | None):
-    from torchvision import tv_tensors
+    from torchvision import tv_tensors  # local: torchvision adds ~1 s to start-up; only a transform needs it
 
     if mask is None:
         return transform(tv_tensors.Image(image)).as_subclass(torch.Tensor), None
@@ -283,8 +284,6 @@ def resize_u8(images: torch.Tensor, size: int, chunk: int = 256) -> torch.Tensor
     Bilinear, antialiased when shrinking (``F.interpolate(..., antialias=True)``), rounded back
     to uint8; processed in chunks of ``chunk`` images to bound the float memory.
     """
-    import torch.nn.functional as F
-
     if images.shape[-2:] == (size, size):
         return images
     out = torch.empty((*images.shape[:2], size, size), dtype=torch.uint8, device=images.device)

@@ -18,7 +18,7 @@ def grid_nrow(n: int) -> int:
 
 def make_grid_u8(images: torch.Tensor, nrow: int | None = None, padding: int = 2) -> torch.Tensor:
     """Tile uint8 images (N x 1 x H x W) into one uint8 image (H' x W'), black padding."""
-    from torchvision.utils import make_grid
+    from torchvision.utils import make_grid  # local: torchvision (~1 s) would slow every training start
 
     if images.dtype != torch.uint8 or images.ndim != 4:
         raise ValueError(f"expected uint8 N x C x H x W, got {images.dtype} {tuple(images.shape)}")

@@ -34,10 +34,12 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import ctypes
 import hashlib
 import io
 import json
 import math
+import multiprocessing as mp
 import os
 import random
 import re
@@ -51,6 +53,9 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterable, Iterator, Sequence
+
+from PIL import Image
+from rich.markup import escape
 
 from covidxray import __version__
 from covidxray.data import imaging
@@ -205,10 +210,9 @@ def _read_mask(path: str, image_size: tuple[int, int]):
 
 def _render_phantom(task: Task, size: int):
     """A demo phantom: an rng per image from (seed, class, index), so workers do not matter."""
-    import numpy as np
-    from PIL import Image
+    import numpy as np  # local: NumPy (~0.1 s) only for the demo phantoms; prepare of real data stays NumPy-free
 
-    from covidxray.data.phantoms import PHANTOM_CLASSES, render_phantom
+    from covidxray.data.phantoms import PHANTOM_CLASSES, render_phantom  # local: it imports NumPy (see above)
 
     seed, ci, i = task.phantom
     image, mask = render_phantom(PHANTOM_CLASSES[ci], size, np.random.default_rng([seed, ci, i]))
@@ -242,8 +246,6 @@ def _die_with_parent(parent: int) -> None:
     armed = False
     if sys.platform.startswith("linux"):
         try:
-            import ctypes
-
             libc = ctypes.CDLL(None, use_errno=True)
             armed = libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0
         except (OSError, AttributeError):  # pragma: no cover - no libc prctl
@@ -271,8 +273,6 @@ class _Runner:
 
     def __enter__(self) -> "_Runner":
         if self.workers > 1:
-            import multiprocessing as mp
-
             # fork starts workers in milliseconds and they inherit the imported modules; the pool
             # is started here, before the progress bar's refresh thread exists.
             method = "fork" if sys.platform.startswith("linux") else None
@@ -543,7 +543,7 @@ def _plan_real(src: str | os.PathLike, out: Path, *, size: int, fit: str, val: f
 
 def _plan_demo(*, per_class: int, size: int, seed: int, val: float, test: float) -> Plan:
     """List the work for the demo phantoms."""
-    from covidxray.data import phantoms
+    from covidxray.data import phantoms  # local: it imports NumPy, which only the demo needs
 
     tasks = []
     for ci, cls in enumerate(phantoms.PHANTOM_CLASSES):
@@ -773,8 +773,6 @@ def _say(console, text: str) -> None:
 
 
 def _execute(plan: Plan, out: Path, workers: int, progress: bool, console) -> dict[str, Any]:
-    from rich.markup import escape
-
     if progress and console is None:
         console = make_console()
     if not progress:

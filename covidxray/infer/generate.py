@@ -11,6 +11,7 @@ from torch import nn
 
 from covidxray.config import Config
 from covidxray.data.datasets import to_uint8
+from covidxray.data.imaging import save_png
 from covidxray.errors import CovidXrayError
 from covidxray.infer.load import build_from_checkpoint
 from covidxray.infer.protocol import Generator, LatentGenerator, Reconstructor, register_loader, require
@@ -135,7 +136,5 @@ def sample_name(i: int, prefix: str = "sample") -> str:
 
 def write_samples(images: torch.Tensor, out: Path, prefix: str = "sample", indices=None) -> list[Path]:
     """Write each uint8 image as ``<out>/<prefix>_00000.png`` … (atomically; ``indices`` name them)."""
-    from covidxray.data.imaging import save_png
-
     indices = range(len(images)) if indices is None else indices
     return [save_png(img[0], out / sample_name(i, prefix)) for i, img in zip(indices, images)]

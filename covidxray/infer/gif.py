@@ -7,6 +7,8 @@ import os
 import re
 from pathlib import Path
 
+import yaml
+
 from covidxray.errors import CovidXrayError
 from covidxray.utils import atomic_path
 
@@ -22,8 +24,6 @@ MIN_SIDE = 16
 def _model_of_run(run_dir: Path) -> str | None:
     """The model name of a run folder, from its config.yaml (None when it cannot be told)."""
     try:
-        import yaml
-
         model = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))["model"]
         return str(model["name"] if isinstance(model, dict) else model)
     except Exception:  # no or unreadable config: say nothing about the model
@@ -53,7 +53,7 @@ def list_snapshots(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
 
 
 def _label_frame(img, text: str, font):
-    from PIL import Image, ImageDraw
+    from PIL import Image, ImageDraw  # local: PIL stays out of `import covidxray.cli`, which imports this module
 
     strip = max(16, img.height // 24)
     frame = Image.new("L", (img.width, img.height + strip), 0)
@@ -109,9 +109,9 @@ def make_gif(run_dir: str | os.PathLike, out: str | os.PathLike, fps: float = 5.
     Returns:
         The GIF path and the number of frames.
     """
-    import imageio.v3 as iio
-    import numpy as np
-    from PIL import Image, ImageFont
+    import imageio.v3 as iio  # local: imageio/NumPy/PIL stay out of `import covidxray.cli` (it imports this module)
+    import numpy as np  # local: as above
+    from PIL import Image, ImageFont  # local: as above
 
     if not (isinstance(fps, (int, float)) and math.isfinite(fps) and 0 < fps <= MAX_FPS):
         raise CovidXrayError(f"--fps must be a finite number > 0 and <= {MAX_FPS:g}; got {fps}")

@@ -24,17 +24,18 @@ capability             what it offers                                           
 
 from __future__ import annotations
 
-import importlib
 import os
-import pkgutil
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
+import torch
+
+import covidxray.infer
 from covidxray.checkpoint import load_checkpoint
 from covidxray.errors import CovidXrayError
+from covidxray.models.registry import list_models
+from covidxray.utils import import_submodules
 
 if TYPE_CHECKING:  # pragma: no cover
-    import torch
-
     from covidxray.config import Config
 
 
@@ -106,8 +107,6 @@ class Generator(Loaded):
     def draw(self, counts: "list[int] | int", seed: int, device: "torch.device", batch_size: int = 256
              ) -> "tuple[torch.Tensor, torch.Tensor | None]":
         """``counts`` images (an int), or ``counts[k]`` of class k (conditional models), with their labels."""
-        import torch
-
         if isinstance(counts, int):
             if self.conditional:
                 raise ValueError("a conditional generator needs per-class counts")
@@ -198,10 +197,7 @@ def register_loader(family: str, *capabilities: "type | tuple[type, str]"):
 
 def _discover() -> None:
     """Import every module of this package once, so that the families' loaders are registered."""
-    import covidxray.infer as package
-
-    for info in pkgutil.iter_modules(package.__path__):
-        importlib.import_module(f"{package.__name__}.{info.name}")
+    import_submodules(covidxray.infer.__name__, covidxray.infer.__path__)
 
 
 def load(path: "str | os.PathLike | dict | Loaded", resume: bool = False) -> Loaded:
@@ -222,8 +218,6 @@ def load(path: "str | os.PathLike | dict | Loaded", resume: bool = False) -> Loa
 
 def having(capability: type) -> list[str]:
     """The registered models whose family's loaded models may have ``capability``."""
-    from covidxray.models.registry import list_models
-
     _discover()
     return [m.name for m in list_models()
             if any(issubclass(c, capability) and (not feature or feature in m.features)

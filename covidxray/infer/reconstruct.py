@@ -19,7 +19,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
+from covidxray.data import imaging
 from covidxray.data.datasets import to_float, to_uint8
 from covidxray.errors import CovidXrayError
 from covidxray.infer.protocol import Reconstructor, require
@@ -33,10 +35,6 @@ CSV_COLUMNS = ("file", "mse", "psnr", "ssim", "status")
 def reconstruct_folder(checkpoint: str | os.PathLike, inputs: str | os.PathLike, out: str | os.PathLike,
                        class_name: str | None = None, batch_size: int = 64, device: str = "auto") -> dict[str, Any]:
     """Reconstruct every image under ``inputs`` into ``out`` (module docstring); returns counts and the CSV path."""
-    from PIL import Image
-
-    from covidxray.data import imaging
-
     inputs, out = Path(inputs), Path(out)
     if batch_size < 1:
         raise CovidXrayError(f"--batch-size must be at least 1, got {batch_size}")

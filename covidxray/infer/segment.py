@@ -81,8 +81,8 @@ from covidxray.data.masks import postprocess as postprocess_mask
 from covidxray.data.overlays import overlay as draw_overlay
 from covidxray.data.overlays import save_rgb
 from covidxray.errors import CovidXrayError
-from covidxray.outdir import check_output_dir, claim
 from covidxray.infer.predict import LoadedSegmenter, inference_settings, iter_mask_probs, load_segmenter
+from covidxray.outdir import check_output_dir, claim
 from covidxray.utils import ProgressBar, atomic_path, atomic_write_text, sweep_stale_temps
 
 #: The columns of ``segment.csv``, in order.

@@ -42,14 +42,18 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from PIL import Image
 
 from covidxray import __version__
-from covidxray.data.datasets import load_tensor_data, read_prepared_info, resize_masks, to_uint8
-from covidxray.errors import CovidXrayError
+from covidxray.data import imaging
+from covidxray.data.datasets import load_tensor_data, read_prepared_info, resize_masks, to_float, to_uint8
+from covidxray.data.imaging import save_png
+from covidxray.data.overlays import save_rgb
 from covidxray.data.transforms import DEFORM, deform_masks
+from covidxray.errors import CovidXrayError
+from covidxray.infer.load import build_from_checkpoint
 from covidxray.infer.protocol import Generator, MaskTranslator, Translator, register_loader, require
 from covidxray.models.pix2pix import draw_xrays, sampling_mode, uses_class_maps
-from covidxray.infer.load import build_from_checkpoint
 from covidxray.outdir import MARKER, OutputDir
 from covidxray.utils import resolve_device
 
@@ -127,10 +131,6 @@ def pair_jobs(conditioned: list[str], class_name: str | None, own: list[str] | N
 
 
 def _read_mask_folder(folder: Path, size: int, log: Callable[[str], None]) -> tuple[torch.Tensor, list[str]]:
-    from PIL import Image
-
-    from covidxray.data import imaging
-
     files = sorted(p for p in folder.rglob("*") if p.is_file() and imaging.is_image_name(p.name))
     if not files:
         raise CovidXrayError(f"no mask images in {folder}", "Pass a folder of lung masks (PNG, 0/255)")
@@ -172,8 +172,6 @@ def synthesize_pairs(checkpoint: str | os.PathLike, out: str | os.PathLike, *, f
                      class_name: str | None = None, overwrite: bool = False,
                      log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Write paired synthetic (X-ray, mask) data in the prepared layout (module docstring); returns its summary."""
-    from covidxray.data.imaging import save_png
-
     log = log or (lambda msg: None)
     if (from_data is None) == (masks is None):
         raise CovidXrayError("pix2pix needs masks to translate: pass one of --from-data PREPARED or --masks FOLDER",
@@ -286,10 +284,6 @@ def colorize_folder(checkpoint: str | os.PathLike, images: str | os.PathLike, ou
     """A ``colorize`` pix2pix run's pseudo-colour renderings of every X-ray under ``images`` (any size and format;
     resized to the model's square), written as ``OUT/<name>.png`` (RGB, at the model's side); unreadable files are
     listed and left out."""
-    from covidxray.data import imaging
-    from covidxray.data.datasets import to_float
-    from covidxray.data.overlays import save_rgb
-
     log = log or (lambda msg: None)
     loaded = require(checkpoint, Translator, "--images", "Train one: covidxray train --model pix2pix "
                      "--set model.task=colorize")

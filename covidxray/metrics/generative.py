@@ -43,6 +43,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pytorch_msssim import ms_ssim
+from pytorch_msssim.ssim import _fspecial_gauss_1d, _ssim
 from scipy import linalg
 
 from covidxray.errors import CovidXrayError
@@ -280,7 +282,7 @@ def _prdc(real: Any, fake: Any, k: int) -> dict[str, float]:
         if arr.shape[0] < need:
             raise CovidXrayError(f"{name} set has {arr.shape[0]} samples; k={k} nearest neighbours need at least "
                                  f"{need}", f"pass at least {need} {name} samples or a smaller k")
-    from prdc import compute_prdc
+    from prdc import compute_prdc  # local: prdc imports sklearn (~0.9 s); only these scores need it
 
     with contextlib.redirect_stdout(io.StringIO()):
         out = compute_prdc(real_features=r, fake_features=f, nearest_k=int(k))
@@ -340,16 +342,12 @@ def _ms_ssim(x: torch.Tensor, y: torch.Tensor, weights: Sequence[float], win_siz
     between scales, product of the terms raised to their weights.
     """
     if len(weights) == 5:
-        from pytorch_msssim import ms_ssim
-
         return ms_ssim(x, y, data_range=255, size_average=False, win_size=win_size, weights=list(weights))
     return _ms_ssim_recursion(x, y, weights, win_size)
 
 
 def _ms_ssim_recursion(x: torch.Tensor, y: torch.Tensor, weights: Sequence[float], win_size: int = 11) -> torch.Tensor:
     """The MS-SSIM recursion of ``pytorch_msssim.ms_ssim`` for any number of scales (see :func:`_ms_ssim`)."""
-    from pytorch_msssim.ssim import _fspecial_gauss_1d, _ssim
-
     win = _fspecial_gauss_1d(win_size, 1.5).repeat([x.shape[1], 1, 1, 1])
     w = x.new_tensor(list(weights))
     terms = []
@@ -526,8 +524,8 @@ def data_copying_ct(train: Any, test: Any, gen: Any, n_cells: int | None = None,
         ``{"ct": float | None, "cells": int, "cells_used": int, "reason": str}``; ``ct`` is None, with
         the reason, when no cell has enough points.
     """
-    from scipy.stats import mannwhitneyu
-    from sklearn.cluster import KMeans
+    from scipy.stats import mannwhitneyu  # local: scipy.stats (~0.6 s) only for the data-copying test
+    from sklearn.cluster import KMeans  # local: sklearn (~0.8 s) only for the data-copying test
 
     tr, te, ge = _features(train, "train features"), _features(test, "test features"), _features(gen, "gen features")
     _same_dim(tr, te, ("train features", "test features"))

@@ -13,6 +13,7 @@ Images are float tensors N x C x H x W in ``[0, data_range]``.
 from __future__ import annotations
 
 import torch
+from pytorch_msssim import ssim as _ssim
 
 #: PSNR of (near-)identical images is reported as this many dB instead of infinity.
 PSNR_CAP = 100.0
@@ -38,8 +39,6 @@ def psnr(pred: torch.Tensor, target: torch.Tensor, data_range: float = 1.0) -> t
 
 def ssim(pred: torch.Tensor, target: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
     """SSIM per image (N,) with the standard 11-tap Gaussian window (needs sides of at least 11 px)."""
-    from pytorch_msssim import ssim as _ssim
-
     return _ssim(pred.float(), target.float(), data_range=data_range, size_average=False)
 
 

@@ -105,7 +105,7 @@ def _kaiming_conv(c_out: int, kernel: int, stride: int, padding: int) -> nn.Conv
 
 
 def _resnet18_backbone() -> tuple[nn.Module, int]:
-    from torchvision.models import resnet18
+    from torchvision.models import resnet18  # local: torchvision (~1 s); every model lookup imports this module
 
     net = resnet18(weights=None)
     net.conv1 = _kaiming_conv(64, 7, 2, 3)
@@ -115,7 +115,7 @@ def _resnet18_backbone() -> tuple[nn.Module, int]:
 
 
 def _densenet121_backbone() -> tuple[nn.Module, int]:
-    from torchvision.models import densenet121
+    from torchvision.models import densenet121  # local: torchvision (~1 s); every model lookup imports this module
 
     net = densenet121(weights=None)
     net.features.conv0 = _kaiming_conv(64, 7, 2, 3)
@@ -125,7 +125,7 @@ def _densenet121_backbone() -> tuple[nn.Module, int]:
 
 
 def _inception_v3_backbone() -> tuple[nn.Module, int]:
-    from torchvision.models import inception_v3
+    from torchvision.models import inception_v3  # local: torchvision (~1 s); every model lookup imports this module
 
     # No auxiliary head, no input transform (that one expects ImageNet-normalised RGB), no built-in
     # dropout: the Classifier's own dropout (model.dropout / model.mc_dropout) takes its place.

@@ -27,6 +27,7 @@ import math
 import torch
 from torch import nn
 
+from covidxray.data.datasets import to_uint8
 from covidxray.models.registry import register_model
 
 PAPER_PIX2PIX = "Isola, Zhu, Zhou & Efros, Image-to-Image Translation with Conditional Adversarial Networks, CVPR 2017"
@@ -60,8 +61,6 @@ def draw_xrays(G: nn.Module, masks: torch.Tensor, labels: torch.Tensor | None, n
                device: torch.device | str, batch_size: int) -> torch.Tensor:
     """G's X-rays (uint8 N x 1 x S x S, on the CPU) of 0/1 ``masks`` (and of the classes ``labels`` when G is
     conditioned on ``n_classes`` class maps), in batches on ``device``; G's mode (dropout) is the caller's."""
-    from covidxray.data.datasets import to_uint8
-
     out = []
     for i in range(0, masks.shape[0], batch_size):
         y = None if labels is None else labels[i:i + batch_size].to(device)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 from covidxray.errors import CovidXrayError
+from covidxray.utils import import_submodules
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
@@ -100,8 +101,7 @@ def register_model(name: str, *, family: str, paper: str, summary: str, conditio
 
 def _load_families() -> None:
     # Importing the package's modules runs their @register_model decorators (a new family: a new file).
-    import covidxray.models as package
-    from covidxray.utils import import_submodules
+    import covidxray.models as package  # local: import cycle (covidxray.models' __init__ imports this module)
 
     import_submodules(package.__name__, package.__path__, skip=("registry", "common"))
 

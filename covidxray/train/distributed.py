@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from covidxray.errors import CovidXrayError
 
@@ -83,8 +85,6 @@ class Dist:
 
     def barrier(self) -> None:
         if self.enabled:
-            import torch.distributed as dist
-
             try:
                 dist.barrier(group=self.host_group)
             except Exception as exc:  # noqa: BLE001 - any backend error is the same story for the user
@@ -94,8 +94,6 @@ class Dist:
         """True on every rank when ``flag`` is true on any (a host-side all-reduce)."""
         if not self.enabled:
             return flag
-        import torch.distributed as dist
-
         t = torch.tensor([1 if flag else 0], dtype=torch.int32)
         try:
             dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.host_group)
@@ -107,8 +105,6 @@ class Dist:
         """The mean over ranks of each value (every rank passes the same keys)."""
         if not self.enabled or not values:
             return values
-        import torch.distributed as dist
-
         keys = sorted(values)
         t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
         try:
@@ -121,8 +117,6 @@ class Dist:
         """Rank 0's ``obj`` on every rank."""
         if not self.enabled:
             return obj
-        import torch.distributed as dist
-
         box = [obj if self.is_main else None]
         try:
             dist.broadcast_object_list(box, src=0, group=self.host_group)
@@ -134,8 +128,6 @@ class Dist:
         """Every rank's ``obj`` in rank order on rank 0; None on the others."""
         if not self.enabled:
             return [obj]
-        import torch.distributed as dist
-
         out = [None] * self.world_size if self.is_main else None
         try:
             dist.gather_object(obj, out, dst=0, group=self.host_group)
@@ -163,8 +155,6 @@ def setup(device: str, timeout_s: float) -> Dist:
     if not launched():
         _CURRENT = Dist()
         return _CURRENT
-    import torch.distributed as dist
-
     missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
     if missing:
         raise CovidXrayError(f"WORLD_SIZE={world} is set but {', '.join(missing)} not",
@@ -199,8 +189,6 @@ def teardown() -> None:
     """Leave the process group (end of a run)."""
     global _CURRENT
     if _CURRENT.enabled:
-        import torch.distributed as dist
-
         if dist.is_initialized():
             dist.destroy_process_group()
     _CURRENT = Dist()
@@ -215,8 +203,6 @@ def device_for(dist_ctx: Dist, device: torch.device) -> torch.device:
 
 def wrap(module: torch.nn.Module, dist_ctx: Dist, device: torch.device, sync_bn: bool) -> torch.nn.Module:
     """``module`` in ``DistributedDataParallel`` (its BatchNorms made ``SyncBatchNorm`` first when ``sync_bn``)."""
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
     if sync_bn:
         converted = torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
         assert converted is module  # children are replaced in place: optimizers keep the same parameters
@@ -229,8 +215,6 @@ def sync_buffers(modules, dist_ctx: Dist) -> None:
     each forward, so after the last step each rank holds its own update of them; the loop calls this at the end."""
     if not dist_ctx.enabled:
         return
-    import torch.distributed as dist
-
     try:
         for m in modules:
             for buf in m.buffers():

@@ -28,6 +28,7 @@ after ``eval.patience`` evaluations without improvement.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import math
 import re
@@ -736,8 +737,6 @@ def _fit(trainer: Trainer, d) -> bool:
         return trainer.fit()
     finally:
         if d.enabled:
-            import gc
-
             trainer.task.undistribute()
             gc.collect()
 

@@ -27,6 +27,8 @@ from typing import Any
 import torch
 
 from covidxray.data.datasets import read_prepared_info, to_float, to_uint8
+from covidxray.data.grids import save_grid
+from covidxray.infer.generate import generate_images
 from covidxray.metrics import image as IM
 from covidxray.train.optim import lr_stat
 from covidxray.train.tasks.supervised import SupervisedTask
@@ -159,13 +161,9 @@ class AutoencoderTask(SupervisedTask):
 
     @torch.no_grad()
     def snapshot(self) -> None:
-        from covidxray.data.grids import save_grid
-
         t = self.trainer
         path = t.run_dir / "samples" / f"epoch_{t.epoch:04d}.png"
         if self.variational:
-            from covidxray.infer.generate import generate_images
-
             images = generate_images(self.net.decoder, self.fixed_z, self.fixed_y, self.device,
                                      self.cfg.eval.batch_size)
         else:

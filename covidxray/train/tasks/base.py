@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
+from covidxray.train.optim import adam_pair
+
 if TYPE_CHECKING:  # pragma: no cover
     from covidxray.train.loop import Trainer
 
@@ -104,8 +106,6 @@ class Task:
     def setup_pair(self, nets: dict[str, nn.Module]) -> None:
         """The two-network tasks' (GANs, pix2pix) set-up: ``G`` and ``D`` on the device in the run's memory
         format, with their Adam optimizers and loss scalers (:func:`~covidxray.train.optim.adam_pair`)."""
-        from covidxray.train.optim import adam_pair
-
         t = self.trainer
         self.G = nets["G"].to(self.device, memory_format=t.memory_format)
         self.D = nets["D"].to(self.device, memory_format=t.memory_format)

@@ -47,13 +47,13 @@ import torch.nn.functional as F
 
 from covidxray.config.classifier import parse_class_weights
 from covidxray.data.datasets import resize_u8, to_float, to_uint8
+from covidxray.data.transforms import augment_batch
 from covidxray.errors import CovidXrayError
+from covidxray.infer.predict import predict_probs
 from covidxray.infer.protocol import LatentGenerator, having, require
 from covidxray.metrics import classification as M
 from covidxray.models.classifiers import load_pretrained
 from covidxray.models.registry import list_models
-from covidxray.infer.predict import predict_probs
-from covidxray.data.transforms import augment_batch
 from covidxray.train.optim import lr_stat
 from covidxray.train.tasks.supervised import SupervisedTask
 

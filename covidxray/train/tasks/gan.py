@@ -20,13 +20,13 @@ import torch
 from torch import nn
 
 from covidxray.data.datasets import to_float
+from covidxray.data.diffaugment import diff_augment, parse_policy
 from covidxray.data.grids import save_grid
 from covidxray.errors import CovidXrayError
 from covidxray.infer.generate import generate_images
 from covidxray.models.registry import list_models
 from covidxray.train import gan_losses as losses
 from covidxray.train import unetgan_cutmix
-from covidxray.data.diffaugment import diff_augment, parse_policy
 from covidxray.train.ema import EMA, decay_for
 from covidxray.train.tasks.base import Task
 

@@ -27,9 +27,11 @@ from __future__ import annotations
 import torch
 
 from covidxray.data.datasets import to_float, to_uint8
+from covidxray.data.grids import save_grid
+from covidxray.data.overlays import save_rgb
+from covidxray.data.transforms import augment_pair
 from covidxray.models.pix2pix import condition, sampling_mode, uses_class_maps
 from covidxray.train import gan_losses as losses
-from covidxray.data.transforms import augment_pair
 from covidxray.train.tasks.base import Task
 
 
@@ -147,17 +149,13 @@ class Image2ImageTask(Task):
 
     @torch.no_grad()
     def snapshot(self) -> None:
-        from covidxray.data.grids import save_grid
-
         t = self.trainer
         data = t.eval_data if t.eval_data is not None else t.data
         n = min(self.cfg.train.grid_size, len(data))
         masks, images, labels = data.masks[:n].cpu(), data.images[:n].cpu(), data.labels[:n].cpu()
         path = t.run_dir / "samples" / f"epoch_{t.epoch:04d}.png"
         if self.colorize:  # rows: X-ray, G's rendering, the target
-            from torchvision.utils import make_grid
-
-            from covidxray.data.overlays import save_rgb
+            from torchvision.utils import make_grid  # local: torchvision (~1 s) would slow every training start
 
             target = to_uint8(colorize_target(to_float(images), masks))
             grid = torch.cat([images.expand(-1, 3, -1, -1), self.translate(images), target])

@@ -30,9 +30,10 @@ import torch
 import torch.nn.functional as F
 
 from covidxray.data.datasets import read_prepared_info, to_float
+from covidxray.data.overlays import outline_grid
+from covidxray.data.transforms import augment_pair
 from covidxray.errors import CovidXrayError
 from covidxray.infer.predict import iter_mask_probs
-from covidxray.data.transforms import augment_pair
 from covidxray.train.optim import lr_stat
 from covidxray.train.tasks.supervised import SupervisedTask
 
@@ -150,8 +151,6 @@ class SegmentationTask(SupervisedTask):
 
     @torch.no_grad()
     def snapshot(self) -> None:
-        from covidxray.data.overlays import outline_grid
-
         data = self.trainer.eval_data if self.trainer.eval_data is not None else self.trainer.data
         images = data.images[:SNAPSHOT_IMAGES]
         preds = torch.cat([p > self.cfg.eval.threshold for _, p in self._probs(images)])
