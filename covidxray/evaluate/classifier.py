@@ -28,11 +28,12 @@ from typing import Any, Callable
 import torch
 
 from covidxray import __version__
-from covidxray.infer.protocol import Loaded
 from covidxray.data.datasets import load_tensor_data, read_prepared_info, resize_u8
 from covidxray.errors import CovidXrayError
-from covidxray.metrics import classification as M
+from covidxray.evaluate.figures import save_confusion_png
 from covidxray.infer.predict import load_classifier, predict_probs
+from covidxray.infer.protocol import Loaded
+from covidxray.metrics import classification as M
 from covidxray.outdir import OutputDir
 from covidxray.utils import resolve_device
 
@@ -144,8 +145,8 @@ def evaluate_classifier(checkpoint: str | Path, data: str | Path, split: str = "
     if Path(cfg.data.path).resolve() == data.resolve() and split == cfg.data.split:
         log(f"warning: split '{split}' is the model's training split: this is not a held-out score")
 
-    import sklearn
-    import torchvision
+    import sklearn  # local: scikit-learn (~1 s to import) is needed here only for its version in the report
+    import torchvision  # local: torchvision (~1 s) is needed here only for its version in the report
 
     ckpt_path = Path(ckpt["path"])
     result = {
@@ -199,7 +200,6 @@ def _predictions_csv(ids: list[str], classes: list[str], y: torch.Tensor, probs:
 def _write_outputs(od: OutputDir, result: dict[str, Any], ids: list[str], y: torch.Tensor, probs: torch.Tensor,
                    pred: dict[str, torch.Tensor]) -> None:
     """Write the three files into the output folder, each whole (metrics.json last)."""
-    from covidxray.evaluate.figures import save_confusion_png
 
     with od.writing() as tmp:
         (tmp / "predictions.csv").write_text(_predictions_csv(ids, result["classes"], y, probs, pred), encoding="utf-8")

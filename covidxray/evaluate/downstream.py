@@ -30,18 +30,22 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from covidxray.config import resolve_config
+from covidxray.data.datasets import load_tensor_data, resize_u8
 from covidxray.errors import CovidXrayError
+from covidxray.evaluate.figures import save_confusion_png
 from covidxray.evaluate.report import mean_std
+from covidxray.infer.predict import load_classifier, predict_probs
+from covidxray.infer.protocol import Classifier, having
+from covidxray.metrics import classification as M
+from covidxray.models.registry import get_model
+from covidxray.train.loop import start_run
+from covidxray.utils import resolve_device
 
 ARMS = ("real", "real+synthetic", "synthetic")
 
 
 def _score(run_dir: Path, test, device) -> dict[str, Any]:
-    from covidxray.data.datasets import resize_u8
-    from covidxray.metrics import classification as M
-    from covidxray.infer.predict import load_classifier, predict_probs
-    from covidxray.utils import resolve_device
-
     loaded = load_classifier(run_dir, "the downstream test")
     dev = resolve_device(device)
     probs = predict_probs(loaded.net.to(dev), resize_u8(test.images, loaded.image_size).to(dev), dev, 256,
@@ -54,7 +58,7 @@ def _score(run_dir: Path, test, device) -> dict[str, Any]:
 
 def paired_delta(b: list[float], a: list[float]) -> dict[str, Any]:
     """Mean, std and 95 % t-interval of the paired differences b_i - a_i (no interval for one pair)."""
-    from scipy import stats
+    from scipy import stats  # local: scipy.stats (~0.6 s) only for the interval of a paired delta
 
     d = np.asarray(b, dtype=float) - np.asarray(a, dtype=float)
     out: dict[str, Any] = {"mean": float(d.mean()), "std": float(d.std(ddof=1)) if d.size > 1 else 0.0,
@@ -68,8 +72,6 @@ def paired_delta(b: list[float], a: list[float]) -> dict[str, Any]:
 def check_downstream_args(classifier: str = "resnet18", seeds: int = 3, synthetic_ratio: float = 0.5,
                           epochs: int | None = None, **_: Any) -> None:
     """Refuse bad --downstream options before any expensive work (one line each)."""
-    from covidxray.infer.protocol import Classifier, having
-    from covidxray.models.registry import get_model
 
     spec = get_model(classifier)
     if spec.name not in having(Classifier):
@@ -101,12 +103,6 @@ def run_downstream(source, data: str | Path, out: Path, *, classifier: str = "re
         gan_test_n: generated images per class for GAN-test.
         sets: extra ``--set`` overrides for every classifier run.
     """
-    from covidxray.config import resolve_config
-    from covidxray.data.datasets import load_tensor_data, resize_u8
-    from covidxray.evaluate.figures import save_confusion_png
-    from covidxray.infer.predict import predict_probs
-    from covidxray.train.loop import start_run
-    from covidxray.utils import resolve_device
 
     log = log or (lambda msg: None)
     check_downstream_args(classifier, seeds, synthetic_ratio, epochs)
@@ -155,8 +151,6 @@ def run_downstream(source, data: str | Path, out: Path, *, classifier: str = "re
                                   loaded.mc_samples)["probs"]
                 pred = p.argmax(1)
                 if labels is not None:
-                    from covidxray.metrics import classification as M
-
                     rep = M.classification_report(labels, p, classes)
                     gan_test.append({"accuracy": rep["accuracy"], "balanced_accuracy": rep["balanced_accuracy"]})
                 class_mix.append(torch.bincount(pred.cpu(), minlength=len(classes)).float().div(len(pred)).tolist())

@@ -40,18 +40,17 @@ import numpy as np
 import torch
 
 from covidxray import __version__
-from covidxray.infer.protocol import Generator, Loaded, MaskTranslator, load, require
 from covidxray.data.datasets import CACHE_DIR, load_tensor_data, read_prepared_info
 from covidxray.errors import CovidXrayError
-from covidxray.outdir import OutputDir
 from covidxray.evaluate.downstream import check_downstream_args, run_downstream
 from covidxray.evaluate.report import mean_std, write_generator_report
+from covidxray.evaluate.sources import FolderSource, GeneratorSource, MaskSource, Source, class_counts, mask_consistency
 from covidxray.infer.generate import write_samples
 from covidxray.infer.predict import classifier_features
+from covidxray.infer.protocol import Generator, Loaded, MaskTranslator, load, require
 from covidxray.metrics import generative as G
 from covidxray.metrics.features import InceptionFeatures, cached_features
-from covidxray.evaluate.sources import (FolderSource, GeneratorSource, MaskSource, Source, class_counts,
-                                        mask_consistency)
+from covidxray.outdir import OutputDir
 from covidxray.utils import resolve_device
 
 ALL_METRICS = ("fid", "kid", "pr", "dc", "memorization", "diversity")
@@ -412,7 +411,7 @@ def report(p: Plan, d: Draws, feats: dict[str, dict[str, Any]], scores: dict[str
     """The result (``metrics.json``) with the samples, mask consistency and downstream arms asked for, written
     with the report and its figures into the output folder."""
     import scipy  # local: only their versions are recorded, and the report is the last stage
-    import sklearn
+    import sklearn  # local: scikit-learn (~1 s to import) is needed here only for its version in the report
 
     source = p.source
     result: dict[str, Any] = {

@@ -17,16 +17,17 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from covidxray.data.grids import make_grid_u8, save_grid
 from covidxray.errors import CovidXrayError
 from covidxray.outdir import OutputDir
-from covidxray.utils import atomic_write_text
+from covidxray.utils import atomic_path, atomic_write_text
 
 
 def _plt():
-    import matplotlib
+    import matplotlib  # local: matplotlib (~0.5 s) only when a figure is drawn
 
     matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # local: matplotlib (~0.5 s) only when a figure is drawn
 
     return plt
 
@@ -50,8 +51,6 @@ def fmt(stat: dict | None, digits: int = 2, scale: float = 1.0) -> str:
 # ------------------------------------------------------------------------------------------- figures
 def save_real_vs_generated(path: Path, classes: Sequence[str], real: torch.Tensor, real_labels: torch.Tensor,
                            fake: torch.Tensor, fake_labels: torch.Tensor | None, per: int = 16) -> Path:
-    from covidxray.data.grids import make_grid_u8
-
     plt = _plt()
     groups = list(enumerate(classes)) if fake_labels is not None else [(None, "all classes")]
     fig, axes = plt.subplots(len(groups), 2, figsize=(8, 4 * len(groups)), dpi=120, squeeze=False)
@@ -125,7 +124,6 @@ def save_pr_bars(path: Path, metrics: dict[str, Any]) -> Path | None:
 
 def save_closest_pairs(path: Path, closest: list[dict], gen: torch.Tensor, train: torch.Tensor) -> Path:
     """Each sample beside its nearest training image (pixel space), 4 pairs per row."""
-    from covidxray.data.grids import save_grid
 
     tiles = []
     for c in closest:
@@ -134,8 +132,6 @@ def save_closest_pairs(path: Path, closest: list[dict], gen: torch.Tensor, train
 
 
 def _save(fig, path: Path) -> Path:
-    from covidxray.utils import atomic_path
-
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
     return path

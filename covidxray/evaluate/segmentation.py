@@ -35,17 +35,22 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from covidxray import __version__
-from covidxray.infer.protocol import Loaded
+from covidxray.data import imaging
 from covidxray.data.datasets import load_tensor_data, resize_u8
+from covidxray.data.imaging import is_image_name
 from covidxray.data.layouts import MASK_SUFFIX
 from covidxray.data.masks import postprocess as postprocess_mask
+from covidxray.data.overlays import outline_grid
 from covidxray.errors import CovidXrayError
 from covidxray.evaluate.classifier import default_out, overlap_with_training
+from covidxray.infer.predict import inference_settings, iter_mask_probs, load_segmenter
+from covidxray.infer.protocol import Loaded
+from covidxray.infer.segment import segment_array
 from covidxray.metrics.segmentation import segmentation_report, summarize
 from covidxray.outdir import OutputDir
-from covidxray.infer.predict import inference_settings, iter_mask_probs, load_segmenter
 from covidxray.utils import resolve_device
 
 #: Cases shown in worst.png.
@@ -74,7 +79,6 @@ def predict_prepared(loaded, images_u8: torch.Tensor, dev: torch.device, batch_s
 def pair_folders(images: Path, masks: Path) -> tuple[list[tuple[str, Path, Path]], list[str], list[str]]:
     """``(name, image, mask)`` pairs by relative folder + stem (mask suffixes such as ``_mask`` ignored), plus
     the images without a mask and the masks without an image (relative paths)."""
-    from covidxray.data.imaging import is_image_name
 
     def key(rel: Path, strip: bool) -> str:
         stem = MASK_SUFFIX.sub("", rel.stem) if strip else rel.stem
@@ -107,9 +111,6 @@ def pair_folders(images: Path, masks: Path) -> tuple[list[tuple[str, Path, Path]
 
 
 def _read_pairs(pairs, log):
-    from PIL import Image
-
-    from covidxray.data import imaging
 
     grays, truths, names, unreadable = [], [], [], []
     for name, ip, mp in pairs:
@@ -189,8 +190,6 @@ def evaluate_segmenter(checkpoint: str | Path, data: str | Path | None = None, s
             log(f"warning: split '{split}' is the model's training split: this is not a held-out score")
         pred_list, truth_list = list(preds), list(truths)
     else:
-        from covidxray.infer.segment import segment_array
-
         pairs, unpaired, orphans = pair_folders(Path(images), Path(masks))
         for what, files in (("images without a mask", unpaired), ("masks without an image", orphans)):
             if files:
@@ -211,7 +210,7 @@ def evaluate_segmenter(checkpoint: str | Path, data: str | Path | None = None, s
         idx = [i for i, k in enumerate(classes) if k == c]
         per_class[c] = {m: summarize([rows[i][m] for i in idx]) for m in METRICS}
 
-    import scipy
+    import scipy  # local: only its version is recorded
 
     result = {
         "kind": "segmentation",
@@ -266,8 +265,6 @@ def _per_image_csv(rows, names, classes) -> str:
 
 
 def _worst_grid(path: Path, rows, names, grays, preds, truths) -> None:
-    from covidxray.data.overlays import outline_grid
-
     order = sorted(range(len(rows)), key=lambda i: rows[i]["dice"])[:WORST]
     side = 160  # a common tile side: the images may all differ in size
     tiles, pm, tm = [], [], []

@@ -14,9 +14,15 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
+from covidxray.data.datasets import load_tensor_data, resize_masks, resize_u8
+from covidxray.data.imaging import UnreadableImage, decode, is_image_name, to_gray8
+from covidxray.data.transforms import deform_masks
 from covidxray.errors import CovidXrayError
+from covidxray.infer.predict import iter_mask_probs, load_segmenter
 from covidxray.infer.protocol import Generator, LatentGenerator, MaskTranslator
+from covidxray.metrics.segmentation import dice, summarize
 
 
 def class_counts(n: int, weights: list[float]) -> list[int]:
@@ -80,8 +86,6 @@ class FolderSource(Source):
 
     def __init__(self, folder: str | os.PathLike, data_classes: list[str], skip_unreadable: bool = False,
                  log=None):
-        from covidxray.data.imaging import UnreadableImage, decode, is_image_name, to_gray8
-
         folder = Path(folder)
         if not folder.is_dir():
             raise CovidXrayError(f"--fake {folder} is not a folder", "Pass a folder of generated PNGs "
@@ -167,8 +171,6 @@ class MaskSource(Source):
     mask-consistency score)."""
 
     def __init__(self, loaded: MaskTranslator):
-        from covidxray.data.datasets import load_tensor_data, resize_masks
-
         cfg, ck = loaded.cfg, loaded.checkpoint
         size = int(ck["image_size"])
         try:
@@ -198,8 +200,6 @@ class MaskSource(Source):
         self.last_masks: torch.Tensor | None = None
 
     def draw(self, counts, seed, device, batch_size=256):
-        from covidxray.data.transforms import deform_masks
-
         gen = torch.Generator().manual_seed(seed)
         if isinstance(counts, int):
             if self.conditional:
@@ -221,11 +221,6 @@ def mask_consistency(images_u8: torch.Tensor, masks: torch.Tensor, segmenter: st
                      device: torch.device, batch_size: int = 64) -> dict[str, Any]:
     """Dice between the masks a pix2pix run was given and a trained U-Net's masks of the X-rays it drew from them
     (both at the images' side; the U-Net's input resized when its side differs), summarised over the images."""
-    import torch.nn.functional as F
-
-    from covidxray.data.datasets import resize_u8
-    from covidxray.metrics.segmentation import dice, summarize
-    from covidxray.infer.predict import iter_mask_probs, load_segmenter
 
     seg = load_segmenter(segmenter, "--segmenter")
     side, size = int(images_u8.shape[-1]), seg.image_size
