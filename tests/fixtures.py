@@ -6,6 +6,8 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
+import torch.nn.functional as F
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
@@ -134,6 +136,16 @@ def one_torch_thread():
     torch.set_num_threads(old)
 
 
+def dead_pid() -> int:
+    """The pid of a process that has ended (for the temporaries of a killed writer)."""
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
 def interrupt_after(monkeypatch, module, name: str, k: int) -> list[int]:
     """Make ``module.<name>`` raise KeyboardInterrupt on its k-th call (a Ctrl-C at that point of the work);
     returns the call counter."""
@@ -170,18 +182,18 @@ def clf_cfg(demo_prepared, tmp_path):
 
 
 # The FID network's stand-in: the real Inception is 87 MB and slow on a CPU; the code around it is the same.
+class StandInInception(torch.nn.Module):
+    """A deterministic 'Inception': 6 x 6 average pooling of the 299-px input, 108-d."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.adaptive_avg_pool2d(x, 6).flatten(1)
+
+
 @pytest.fixture(scope="session")
 def standin(tmp_path_factory) -> Path:
-    """A deterministic 'Inception' as TorchScript: 6 x 6 average pooling of the 299-px input, 108-d."""
-    import torch
-    import torch.nn.functional as F
-
-    class StandIn(torch.nn.Module):
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return F.adaptive_avg_pool2d(x, 6).flatten(1)
-
+    """The stand-in 'Inception' as a TorchScript file."""
     path = tmp_path_factory.mktemp("standin") / "standin.pt"
-    torch.jit.script(StandIn()).save(str(path))
+    torch.jit.script(StandInInception()).save(str(path))
     return path
 
 

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import os
 import stat
-import subprocess
-import sys
 
 import pytest
 
 from covidxray.errors import CovidXrayError
 from covidxray.outdir import MARKER, OutputDir, check_output_dir, read_marker
 from covidxray.utils import atomic_write_text, sweep_stale_temps
+from tests.fixtures import dead_pid
 
 LEGACY = ("metrics.json", "report.md", "*.png")
 
@@ -88,13 +87,8 @@ def test_a_failed_first_write_leaves_no_folder(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def _dead_pid() -> int:
-    return int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                              text=True).stdout)
-
-
 def test_stale_temporaries_of_dead_processes_are_swept_and_live_ones_kept(tmp_path):
-    dead = _dead_pid()
+    dead = dead_pid()
     (tmp_path / "sub").mkdir()
     stale = [tmp_path / f".last.pt.{dead}.abcd1234.tmp", tmp_path / "sub" / f".x.png.{dead}.ABCD_123.tmp"]
     stale_dir = tmp_path / f".t.{dead}.zzzz9999.tmp"

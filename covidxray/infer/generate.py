@@ -13,7 +13,7 @@ from covidxray.config import Config
 from covidxray.data.datasets import to_uint8
 from covidxray.data.imaging import save_png
 from covidxray.errors import CovidXrayError
-from covidxray.infer.load import build_from_checkpoint
+from covidxray.infer.load import build_from_checkpoint, load_net
 from covidxray.infer.protocol import Generator, LatentGenerator, Reconstructor, register_loader, require
 from covidxray.models.registry import get_model
 
@@ -120,10 +120,7 @@ class LoadedVAE(LoadedGenerator, Reconstructor):
 @register_loader("autoencoder", Reconstructor, (LatentGenerator, "prior"))
 def load_autoencoder(ckpt: dict) -> LoadedAutoencoder | LoadedVAE:
     """An autoencoder checkpoint's network (eval mode); a model with a prior (vae, cvae) generates too."""
-    nets, cfg = build_from_checkpoint(ckpt, "autoencoder")
-    net = nets["net"]
-    net.load_state_dict(ckpt["models"]["net"])
-    net.eval()
+    net, cfg = load_net(ckpt, "autoencoder")
     if "prior" in get_model(cfg.model.name).features:
         return LoadedVAE(net, cfg, ckpt)
     return LoadedAutoencoder(net, cfg, ckpt)

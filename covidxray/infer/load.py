@@ -13,6 +13,15 @@ if TYPE_CHECKING:  # pragma: no cover
     from covidxray.config import Config
 
 
+def load_net(ckpt: dict, family: str, key: str = "net") -> tuple["nn.Module", "Config"]:
+    """The one trained network ``key`` of a checkpoint (weights loaded, eval mode) and its config: the loaders
+    of the one-network families (classifiers, segmenters, autoencoders)."""
+    nets, cfg = build_from_checkpoint(ckpt, family)
+    net = nets[key]
+    net.load_state_dict(ckpt["models"][key])
+    return net.eval(), cfg
+
+
 def build_from_checkpoint(ckpt: dict, family: str) -> tuple[dict[str, "nn.Module"], "Config"]:
     """The networks of a loaded checkpoint, built (untrained) as its run built them, and its config.
 

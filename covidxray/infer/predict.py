@@ -12,7 +12,7 @@ from torch import nn
 
 from covidxray.config import Config
 from covidxray.data.datasets import to_float
-from covidxray.infer.load import build_from_checkpoint
+from covidxray.infer.load import load_net
 from covidxray.infer.protocol import Classifier, Segmenter, register_loader, require
 from covidxray.metrics.features import ClassifierFeatures
 from covidxray.utils import cpu_has_native_bf16, resolve_device
@@ -84,11 +84,7 @@ class LoadedClassifier(Classifier):
 
 @register_loader("classifier", Classifier)
 def _load_classifier(ckpt: dict[str, Any]) -> LoadedClassifier:
-    nets, cfg = build_from_checkpoint(ckpt, "classifier")
-    net = nets["net"]
-    net.load_state_dict(ckpt["models"]["net"])
-    net.eval()
-    return LoadedClassifier(net, cfg, ckpt)
+    return LoadedClassifier(*load_net(ckpt, "classifier"), ckpt)
 
 
 def load_classifier(checkpoint: str | os.PathLike | dict[str, Any], what: str = "this") -> LoadedClassifier:
@@ -186,11 +182,7 @@ class LoadedSegmenter(Segmenter):
 
 @register_loader("segmentation", Segmenter)
 def _load_segmenter(ckpt: dict[str, Any]) -> LoadedSegmenter:
-    nets, cfg = build_from_checkpoint(ckpt, "segmentation")
-    net = nets["net"]
-    net.load_state_dict(ckpt["models"]["net"])
-    net.eval()
-    return LoadedSegmenter(net, cfg, ckpt)
+    return LoadedSegmenter(*load_net(ckpt, "segmentation"), ckpt)
 
 
 def load_segmenter(checkpoint: str | os.PathLike | dict[str, Any], what: str = "this") -> LoadedSegmenter:

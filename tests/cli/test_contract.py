@@ -34,7 +34,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.fixtures import ANSI, TINY_CLF_SETS, train_tiny_gan, train_tiny_unet
+from tests.fixtures import ANSI, TINY_CLF_SETS, dead_pid, train_tiny_gan, train_tiny_unet
 
 REPO = Path(__file__).resolve().parents[2]
 ROOT = os.geteuid() == 0 if hasattr(os, "geteuid") else False
@@ -472,8 +472,7 @@ def test_a_killed_checkpoint_write_leaves_no_temporary_behind(runs, tmp_path, cl
 
     run = tmp_path / "run"
     shutil.copytree(runs["classifier"], run)
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    stale = run / "checkpoints" / f".last.pt.{int(dead.stdout)}.abcd1234.tmp"
+    stale = run / "checkpoints" / f".last.pt.{dead_pid()}.abcd1234.tmp"
     stale.write_bytes(b"\0" * 1000)
     live = run / "checkpoints" / f".last.pt.{os.getpid()}.abcd1234.tmp"
     live.write_bytes(b"\0" * 10)

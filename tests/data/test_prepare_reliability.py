@@ -21,7 +21,7 @@ import covidxray.data.prepare as P
 from covidxray.data.datasets import PreparedDataset, load_tensor_data, read_records
 from covidxray.errors import CovidXrayError
 from tests.conftest import REPO, make_source_tree, noise_array, write_image
-from tests.fixtures import interrupt_after
+from tests.fixtures import dead_pid, interrupt_after
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
@@ -353,12 +353,6 @@ def test_older_unmarked_preparation_still_resumes(make_tree, tmp_path, monkeypat
     assert snapshot(out) == snapshot(tmp_path / "clean")
 
 
-def _dead_pid() -> int:
-    child = subprocess.Popen([sys.executable, "-c", "pass"])
-    child.wait()
-    return child.pid
-
-
 def test_temporaries_of_a_killed_run_are_swept(make_tree, tmp_path, monkeypatch):
     src = make_tree({"covid": 6, "normal": 5})
     run(src, tmp_path / "clean")
@@ -367,7 +361,7 @@ def test_temporaries_of_a_killed_run_are_swept(make_tree, tmp_path, monkeypatch)
         interrupt_after(m, P, "process_task", 6)
         with pytest.raises(KeyboardInterrupt):
             run(src, out)
-    pid = _dead_pid()
+    pid = dead_pid()
     leftovers = [out / f".manifest.csv.{pid}.abcd1234.tmp", out / P.STAGING_DIR / f".x.png.{pid}.zz99zz99.tmp"]
     for p in leftovers:
         p.write_bytes(b"half")
