@@ -145,7 +145,8 @@ def test_each_family_has_its_own_schema():
     ("resnet18", "loss.r1_gamma=1", "unknown config key 'loss.r1_gamma' of the classifier family (model 'resnet18'); "
                                     "it is a key of the gan family"),
     ("resnet18", "arch.latent_dim=8", "unknown config key 'arch' of the classifier family"),
-    ("resnet18", "train.ema_kimg=1", "'train.ema_kimg' of the classifier family (model 'resnet18'); it is a key of the gan"),
+    ("resnet18", "train.ema_kimg=1", "'train.ema_kimg' of the classifier family (model 'resnet18'); it is a key of the "
+                                     "diffusion, gan"),
     ("rawgan", "model.pretrained=x.pt", "unknown config key 'model.pretrained' of the gan family (model 'rawgan'); "
                                         "it is a key of the classifier family"),
     ("rawgan", "optim.lr=0.1", "'optim.lr' of the gan family"),

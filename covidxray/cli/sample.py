@@ -27,6 +27,12 @@ def sample_cmd(
     temperature: float = typer.Option(1.0, "--temperature", help="Scale of the latent draws (1 = the prior; "
                                       "< 1: more typical, less diverse images).", parser=Number(float, gt=0, le=100)),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Diffusion models: sampler steps (Heun: 2 x steps - 1 "
+                                        "network evaluations; default: the run's edm.steps).",
+                                        parser=Number(int, ge=1, le=1000)),
+    guidance: Optional[float] = typer.Option(None, "--guidance", help="Diffusion models: classifier-free guidance w "
+                                             "(1 = the conditional model, 0 = unconditional; default: edm.guidance).",
+                                             parser=Number(float, ge=0, le=20)),
     overwrite: bool = typer.Option(False, "--overwrite", help="Draw anew into a folder that holds samples of other "
                                    "settings (their sample_*.png files are replaced; nothing else is touched). "
                                    "Without it, the same command resumes an interrupted run."),
@@ -83,6 +89,11 @@ def sample_cmd(
         return _reconstruct(checkpoint, reconstruct, out, class_, batch_size, device, grid, temperature)
     loaded = load_generator(checkpoint)
     check_output_dir(out, "sample", legacy=("sample_*.png", "grid.png", *loaded.classes), option="OUT")
+    extra = {k: v for k, v in (("steps", steps), ("guidance", guidance)) if v is not None}
+    unsupported = [f"--{k}" for k in extra if k not in loaded.options]
+    if unsupported:
+        raise CovidXrayError(f"{', '.join(unsupported)} do(es) not apply to the {loaded.family} model in {loaded.path}",
+                             "They set a diffusion model's sampler; drop them")
     dev = resolve_device(device)
     if loaded.conditional:
         names = loaded.classes if class_ in (None, "all") else [class_]
@@ -93,7 +104,7 @@ def sample_cmd(
         jobs = [(None, out, None)]
     settings = {"checkpoint": str(Path(loaded.checkpoint["path"]).resolve()), "step": int(loaded.checkpoint.get("step", 0)),
                 "weights": loaded.weights, "n": n, "seed": seed, "temperature": temperature,
-                "classes": [name for name, _, _ in jobs]}
+                "classes": [name for name, _, _ in jobs], **extra}
     old = read_marker(out)
     if old is not None and old.get("settings") not in (None, settings) and not overwrite:
         diff = ", ".join(f"{k} {old['settings'].get(k)} -> {v}" for k, v in settings.items()
@@ -120,7 +131,7 @@ def sample_cmd(
         for k in range(0, len(todo), batch_size):  # written batch by batch: an interrupt loses one batch at most
             chunk = todo[k:k + batch_size]
             images = loaded.sample(n, seed=seed, batch_size=batch_size, device=dev, label=label,
-                                   temperature=temperature, only=chunk)
+                                   temperature=temperature, only=chunk, **extra)
             write_samples(images, folder, indices=chunk)
         what = f"class {name}, " if name else ""
         resumed = f", {n - len(todo)} already there" if len(todo) < n else ""
@@ -130,8 +141,12 @@ def sample_cmd(
             import numpy as np
             from PIL import Image
 
-            images = torch.stack([torch.from_numpy(np.asarray(Image.open(folder / sample_name(i)).convert("L")))[None]
-                                  for i in range(n)])  # the PNGs are lossless: the same images, also after a resume
+            def read(path):
+                with Image.open(path) as im:
+                    return torch.from_numpy(np.array(im.convert("L")))[None]
+
+            # the PNGs are lossless: the grid shows the same images, also after a resume
+            images = torch.stack([read(folder / sample_name(i)) for i in range(n)])
             msg += f"; grid {save_grid(images, folder / 'grid.png', nrow=grid_nrow(n))}"
         con.print(msg, highlight=False)
 

@@ -78,6 +78,8 @@ class Generator(Loaded):
 
     #: What ``sample``'s output calls the weights it used (``G_ema``, ``G``, ``net``...).
     weights: str = ""
+    #: Extra keyword options of :meth:`sample` this generator takes (a diffusion model: ``steps``, ``guidance``).
+    options: tuple[str, ...] = ()
 
     @property
     def conditional(self) -> bool:

@@ -30,6 +30,10 @@ import math
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
+from torch import nn
+
+from covidxray.models.registry import DataSpec, register_model
 
 #: A denoiser as the sampler calls it: ``D(x, sigma)`` with ``sigma`` a tensor of shape (N,).
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -145,3 +149,104 @@ def sample(denoise: Denoiser, noise: torch.Tensor, sigmas: torch.Tensor, heun: b
 def network_evaluations(steps: int, heun: bool = True) -> int:
     """Denoiser calls of :func:`sample` for ``steps`` steps (Heun: 2N - 1; Euler: N)."""
     return 2 * steps - 1 if heun else steps
+
+
+def sampler_denoiser(net, sigma_data: float, labels: torch.Tensor | None, guidance: float, n_classes: int):
+    """``D(x, σ)`` for the sampler: the preconditioned ``net`` conditioned on ``labels``, with classifier-free
+    guidance ``w`` against the "no class" entry (w = 1: the conditional model only, one evaluation per call)."""
+    if labels is None or not n_classes:
+        return lambda x, sigma: precondition(net, x, sigma, sigma_data)
+    if guidance == 1:
+        return lambda x, sigma: precondition(net, x, sigma, sigma_data, labels=labels)
+    null = torch.full_like(labels, n_classes)
+
+    def denoise(x, sigma):
+        cond = precondition(net, x, sigma, sigma_data, labels=labels)
+        uncond = precondition(net, x, sigma, sigma_data, labels=null)
+        return guided(cond, uncond, guidance)
+
+    return denoise
+
+
+# ------------------------------------------------------------------------------------------ the denoiser network
+class _ResBlock(nn.Module):
+    """GroupNorm -> SiLU -> conv, plus the embedding (noise level, class) as a per-channel shift, twice; a skip."""
+
+    def __init__(self, c_in: int, c_out: int, emb_dim: int, dropout: float):
+        super().__init__()
+        self.norm1, self.conv1 = nn.GroupNorm(min(8, c_in), c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.emb = nn.Linear(emb_dim, c_out)
+        self.norm2, self.conv2 = nn.GroupNorm(min(8, c_out), c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.drop = nn.Dropout(dropout)
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.emb(emb)[:, :, None, None]
+        h = self.conv2(self.drop(F.silu(self.norm2(h))))
+        return self.skip(x) + h
+
+
+class EDMUNet(nn.Module):
+    """The network F of EDM's denoiser: a U-Net (residual blocks with GroupNorm, average-pool down, nearest up,
+    skip connections) whose blocks take an embedding of the noise level ``c_noise`` (sinusoidal, then an MLP)
+    plus, for a conditional model, a learned embedding of the class. Class index ``n_classes`` is "no class"
+    (the unconditional model of classifier-free guidance).
+
+    Example:
+        >>> net = EDMUNet(32, channels=8, depth=2, emb_dim=16, n_classes=3)
+        >>> net(torch.zeros(2, 1, 32, 32), torch.zeros(2), labels=torch.tensor([0, 3])).shape
+        torch.Size([2, 1, 32, 32])
+    """
+
+    def __init__(self, image_size: int, channels: int = 32, depth: int = 3, emb_dim: int = 128, n_classes: int = 0,
+                 dropout: float = 0.0, in_channels: int = 1):
+        super().__init__()
+        self.image_size, self.n_classes, self.emb_dim = image_size, n_classes, emb_dim
+        self.noise_mlp = nn.Sequential(nn.Linear(emb_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.class_emb = nn.Embedding(n_classes + 1, emb_dim) if n_classes > 0 else None
+        widths = [channels * min(2 ** i, 4) for i in range(depth + 1)]
+        self.inp = nn.Conv2d(in_channels, widths[0], 3, padding=1)
+        self.down = nn.ModuleList(_ResBlock(widths[i], widths[i + 1], emb_dim, dropout) for i in range(depth))
+        self.mid = _ResBlock(widths[-1], widths[-1], emb_dim, dropout)
+        self.up = nn.ModuleList(_ResBlock(widths[i + 1] * 2, widths[i], emb_dim, dropout)
+                                for i in reversed(range(depth)))
+        self.out = nn.Sequential(nn.GroupNorm(min(8, widths[0]), widths[0]), nn.SiLU(),
+                                 nn.Conv2d(widths[0], in_channels, 3, padding=1))
+        nn.init.zeros_(self.out[-1].weight)  # F starts at 0: D starts as c_skip x, the best guess without training
+        nn.init.zeros_(self.out[-1].bias)
+
+    def embed(self, c_noise: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        half = self.emb_dim // 2
+        freqs = torch.exp(-math.log(10_000) * torch.arange(half, device=c_noise.device) / half)
+        angle = c_noise.float()[:, None] * 1000 * freqs[None]  # c_noise = ln(σ)/4 spans a few units: scaled up
+        emb = self.noise_mlp(torch.cat([angle.cos(), angle.sin()], dim=1))
+        if self.class_emb is not None:
+            if labels is None:
+                labels = torch.full((c_noise.shape[0],), self.n_classes, dtype=torch.long, device=c_noise.device)
+            emb = emb + self.class_emb(labels)
+        return emb
+
+    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        emb = self.embed(c_noise, labels).to(x.dtype)
+        h = self.inp(x)
+        skips = []
+        for block in self.down:
+            h = block(h, emb)
+            skips.append(h)
+            h = F.avg_pool2d(h, 2)
+        h = self.mid(h, emb)
+        for block in self.up:
+            h = F.interpolate(h, scale_factor=2, mode="nearest")
+            h = block(torch.cat([h, skips.pop()], dim=1), emb)
+        return self.out(h)
+
+
+@register_model("edm", family="diffusion", conditional=True, min_image_size=32,
+                paper="Karras et al., Elucidating the design space of diffusion-based generative models, NeurIPS 2022",
+                summary="EDM pixel-space diffusion: class-conditional with classifier-free guidance, Heun sampler")
+def build_edm(cfg, data: DataSpec) -> dict[str, nn.Module]:
+    """The denoiser network F of ``edm`` (``arch.*``), conditioned on the data's classes when there are several."""
+    a = cfg.arch
+    n_classes = data.n_classes if data.n_classes > 1 and cfg.model.p_uncond < 1 else 0
+    return {"net": EDMUNet(data.image_size, a.channels, a.depth, a.emb_dim, n_classes, a.dropout, data.channels)}

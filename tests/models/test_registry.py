@@ -31,10 +31,10 @@ def test_a_model_of_an_undeclared_family_is_refused_when_its_config_is_resolved(
     from covidxray.models import registry
 
     monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))  # the registration ends with the test
-    register_model("ddpm", family="diffusion", paper="x", summary="x")(lambda cfg, data: {})
-    with pytest.raises(CovidXrayError, match="unknown model family 'diffusion'; known families: autoencoder, "
-                                             "classifier, gan, image2image, segmentation"):
-        resolve_config("ddpm")
+    register_model("flow", family="flowmatching", paper="x", summary="x")(lambda cfg, data: {})
+    with pytest.raises(CovidXrayError, match="unknown model family 'flowmatching'; known families: autoencoder, "
+                                             "classifier, diffusion, gan, image2image, segmentation"):
+        resolve_config("flow")
 
 
 def test_every_family_has_models_a_task_and_a_shape_check():
@@ -117,13 +117,27 @@ def _check_image2image(spec, nets, cfg, size):
     assert all(p.grad is not None for p in G.parameters())
 
 
-FAMILY_CHECKS = {"gan": _check_gan, "classifier": _check_classifier, "segmentation": _check_segmentation,
+def _check_diffusion(spec, nets, cfg, size):
+    from covidxray.models.diffusion import precondition
+
+    net = nets["net"]
+    assert net.n_classes == 3  # DataSpec.example: 3 classes, plus the "no class" entry of guidance
+    x = torch.rand(2, 1, size, size) * 2 - 1
+    sigma = torch.tensor([0.1, 10.0])
+    out = precondition(net, x, sigma, cfg.edm.sigma_data, labels=torch.tensor([0, 3]))
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    out.mean().backward()
+    assert all(p.grad is not None for p in net.parameters())
+
+
+FAMILY_CHECKS = {"diffusion": _check_diffusion, "gan": _check_gan, "classifier": _check_classifier, "segmentation": _check_segmentation,
                  "autoencoder": _check_autoencoder, "image2image": _check_image2image}
 #: The sizes each family is checked at (the classifiers' smallest and largest, within each model's limit).
 FAMILY_SIZES = {"gan": (64, 128, 256), "classifier": (64, 299), "segmentation": (64, 256), "autoencoder": (32, 128),
-                "image2image": (32, 256)}
+                "image2image": (32, 256), "diffusion": (32, 128)}
 SMALL = {"gan": ["arch.g_channels=8", "arch.d_channels=8"], "classifier": [], "segmentation": ["arch.width=8"],
-         "autoencoder": ["arch.channels=8"], "image2image": ["arch.g_channels=8", "arch.d_channels=8"]}
+         "autoencoder": ["arch.channels=8"], "image2image": ["arch.g_channels=8", "arch.d_channels=8"],
+         "diffusion": ["arch.channels=8", "arch.depth=2"]}
 
 
 @pytest.mark.parametrize("name, size", [(n, s) for n in MODELS for s in FAMILY_SIZES[get_model(n).family]

@@ -16,6 +16,7 @@ TINY = {
     "segmentation": ["arch.width=8", "arch.depth=3"],
     "autoencoder": ["arch.channels=8", "train.grid_size=4"],
     "image2image": ["arch.g_channels=8", "arch.d_channels=8", "arch.d_layers=2", "train.grid_size=4"],
+    "diffusion": ["arch.channels=8", "arch.depth=2", "train.grid_size=4", "edm.steps=2"],
 }
 MODELS = [(s.name, s.family) for s in list_models()]
 
