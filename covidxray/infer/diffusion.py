@@ -8,6 +8,7 @@ import torch
 from covidxray.data.datasets import to_uint8
 from covidxray.errors import CovidXrayError
 from covidxray.infer.load import build_from_checkpoint
+from covidxray.infer.predict import inference_settings
 from covidxray.infer.protocol import Generator, register_loader
 from covidxray.models import diffusion as edm
 
@@ -48,14 +49,18 @@ class LoadedDiffusion(Generator):
         if only is not None:
             noise = noise[torch.as_tensor(list(only), dtype=torch.long)]
         sigmas = edm.karras_sigmas(steps, e.sigma_min, e.sigma_max, e.rho)
-        net = self.net.to(device)
+        # The network in bf16 where it is native (a CUDA GPU, an AMX / AVX512-BF16 CPU), as in training; the
+        # preconditioning and the solver stay in float32 (docs/diffusion.md).
+        dev, amp = inference_settings(device)
+        net = self.net.to(dev)
         out = []
         for i in range(0, len(noise), batch_size):
-            chunk = noise[i:i + batch_size].to(device)
-            y = torch.full((len(chunk),), label, dtype=torch.long, device=device) if self.conditional else None
+            chunk = noise[i:i + batch_size].to(dev)
+            y = torch.full((len(chunk),), label, dtype=torch.long, device=dev) if self.conditional else None
             denoise = edm.sampler_denoiser(net, e.sigma_data, y, guidance, self.net.n_classes)
-            x = edm.sample(denoise, chunk, sigmas, heun=e.sampler == "heun")
-            out.append(to_uint8(x.clamp(-1, 1)).cpu())
+            with torch.autocast(dev.type, dtype=amp or torch.float32, enabled=amp is not None):
+                x = edm.sample(denoise, chunk, sigmas, heun=e.sampler == "heun")
+            out.append(to_uint8(x.float().clamp(-1, 1)).cpu())
         return torch.cat(out) if out else torch.empty(0, 1, size, size, dtype=torch.uint8)
 
 
