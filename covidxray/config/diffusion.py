@@ -75,6 +75,8 @@ class EDMConfig:
     guidance: float = 1.0               # classifier-free guidance w of sampling (1 = the conditional model;
                                         # `sample --guidance`)
     eval_sigmas: int = 5                # validation: the loss at this many fixed σ (log-spaced), fixed noise
+    eval_samples: int = 16              # validation: samples drawn from fixed noise for the copy ratio; 0 = off
+    eval_steps: int = 8                 # validation: sampler steps of those samples (cheaper than edm.steps)
 
 
 @dataclass
@@ -119,6 +121,8 @@ DIFFUSION_BOUNDS = {
     "edm.steps": "[1, 1000]",
     "edm.guidance": "[0, 20]",
     "edm.eval_sigmas": "[1, 100]",
+    "edm.eval_samples": "[0, 10000]",
+    "edm.eval_steps": "[1, 1000]",
 }
 
 
@@ -146,6 +150,8 @@ DIFFUSION = register_family(Family(
     bounds=DIFFUSION_BOUNDS,
     check=check_diffusion,
     # Validation: EDM's weighted loss at fixed noise levels with fixed noise (deterministic); it picks best.pt.
-    metrics={"loss": "min"},
+    # copy_ratio: how far the samples lie from their nearest training images, relative to held-out real images
+    # (< 1: closer than real held-out images are, i.e. copying; eval.metric=copy_ratio selects on it).
+    metrics={"loss": "min", "copy_ratio": "max"},
     summary="diffusion models (EDM): images denoised from noise, class-conditional with guidance",
 ))

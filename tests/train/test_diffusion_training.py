@@ -40,6 +40,26 @@ def test_a_tiny_edm_trains_with_validation_snapshots_and_ema(edm_run):
     assert (edm_run / "checkpoints" / "best.pt").is_file()
 
 
+def test_the_copy_ratio_is_recorded_and_means_what_it_says(edm_run, demo_prepared, tmp_path):
+    """val_copy_ratio is in stats.jsonl; with the training images as 'samples' it is 0, with the held-out
+    images themselves 1 (the same distances as the reference)."""
+    from covidxray.config import resolve_config
+    from covidxray.train.loop import start_run
+
+    stats = [json.loads(line) for line in (edm_run / "stats.jsonl").read_text().splitlines()]
+    ratios = [s["val_copy_ratio"] for s in stats if "val_copy_ratio" in s]
+    assert ratios and all(r > 0 for r in ratios)
+    cfg = resolve_config("edm", flags={"data": {"path": str(demo_prepared)}, "train": {"epochs": 1, "device": "cpu"}},
+                         sets=[s for s in TINY if s != "--set"] + ["edm.eval_samples=8"])
+    cfg.out = str(tmp_path / "runs")
+    trainer, _ = start_run(cfg)
+    task, held_out = trainer.task, trainer.eval_data
+    task.draw = lambda noise, labels, steps=None: trainer.data.images[:8].cpu()
+    assert task.copy_ratio(held_out) == 0.0
+    task.draw = lambda noise, labels, steps=None: held_out.images.cpu()
+    assert task.copy_ratio(held_out) == pytest.approx(1.0)
+
+
 def test_sampling_per_class_with_steps_and_guidance_is_seeded(edm_run, cli, tmp_path):
     args = ["sample", edm_run, None, "-n", "3", "--steps", "3", "--guidance", "2", "--seed", "5"]
     for out in ("a", "b"):

@@ -6,7 +6,8 @@ can use classifier-free guidance), and the loss ``λ(σ) |D(x + σ n; σ) - x|²
 ``D`` the preconditioned denoiser (:func:`covidxray.models.diffusion.precondition`) in float32 around the network.
 
 Validation is deterministic: the same loss at ``edm.eval_sigmas`` fixed, log-spaced noise levels between
-σ_min (0.02) and σ_max (20), with noise fixed per image, on ``eval.split``; it picks ``best.pt``. Snapshots are
+σ_min (0.02) and σ_max (20), with noise fixed per image, on ``eval.split``; it picks ``best.pt``. It also
+records ``copy_ratio`` (:meth:`DiffusionTask.copy_ratio`), so ``stats.jsonl`` shows when a model starts to copy. Snapshots are
 grids drawn from fixed noise with the EMA weights (the GIF's frames). No flips: they would swap the anatomical sides.
 
 Checkpoint entries it adds: ``models`` ``net`` (and ``net_ema``), ``rng`` ``noise``, ``fixed_noise``, ``fixed_y``.
@@ -17,10 +18,12 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import torch
 
 from covidxray.data.datasets import to_float, to_uint8
 from covidxray.data.grids import save_grid
+from covidxray.metrics.generative import nearest_distances, pixel_embedding
 from covidxray.models import diffusion as edm
 from covidxray.train.ema import EMA, decay_for
 from covidxray.train.optim import lr_stat
@@ -48,6 +51,7 @@ class DiffusionTask(SupervisedTask):
         n = cfg.train.grid_size
         self.fixed_noise = torch.randn(n, 1, size, size, generator=g)
         self.fixed_y = (torch.arange(n) % self.n_classes) if self.n_classes else None
+        self._train_embedding = None  # the training images' pixel embedding, made at the first validation
 
     # ------------------------------------------------------------ state
     def generators(self) -> dict[str, tuple[torch.Generator, int]]:
@@ -131,7 +135,28 @@ class DiffusionTask(SupervisedTask):
                     count += x.shape[0]
         finally:
             net.train(was)
-        return {"loss": total / max(count, 1)}
+        out = {"loss": total / max(count, 1)}
+        if self.cfg.edm.eval_samples > 0 and len(data.images) > 0:
+            out["copy_ratio"] = self.copy_ratio(data)
+        return out
+
+    @torch.no_grad()
+    def copy_ratio(self, held_out) -> float:
+        """Memorisation as it develops: the median distance from ``edm.eval_samples`` samples (fixed noise,
+        ``edm.eval_steps`` steps) to their nearest training image, over the median distance from the held-out
+        images to theirs, in the pixel space of ``evaluate``'s copy check (32 x 32, per-image standardised).
+        About 1 for a generator that does not copy; below 1 when the samples sit closer to training images than
+        real held-out X-rays do (Dar et al., arXiv 2402.01054, saw diffusion models reproduce training X-rays)."""
+        e, size = self.cfg.edm, self.trainer.data_spec.image_size
+        if self._train_embedding is None:
+            self._train_embedding = pixel_embedding(self.trainer.data.images.cpu())
+            self._copy_noise = torch.randn(e.eval_samples, 1, size, size, generator=torch.Generator().manual_seed(7))
+            self._copy_y = (torch.arange(e.eval_samples) % self.n_classes) if self.n_classes else None
+        samples = self.draw(self._copy_noise, self._copy_y, steps=e.eval_steps)
+        d_gen, _ = nearest_distances(pixel_embedding(samples), self._train_embedding)
+        d_ref, _ = nearest_distances(pixel_embedding(held_out.images.cpu()), self._train_embedding)
+        ref = float(np.median(d_ref))
+        return float(np.median(d_gen)) / ref if ref > 0 else float("nan")
 
     @torch.no_grad()
     def draw(self, noise: torch.Tensor, labels: torch.Tensor | None, steps: int | None = None) -> torch.Tensor:
