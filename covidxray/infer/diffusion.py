@@ -9,7 +9,7 @@ from covidxray.data.datasets import to_uint8
 from covidxray.errors import CovidXrayError
 from covidxray.infer.load import build_from_checkpoint
 from covidxray.infer.predict import inference_settings
-from covidxray.infer.protocol import Generator, register_loader
+from covidxray.infer.protocol import Generator, MaskTranslator, register_loader
 from covidxray.models import diffusion as edm
 
 
@@ -64,11 +64,47 @@ class LoadedDiffusion(Generator):
         return torch.cat(out) if out else torch.empty(0, 1, size, size, dtype=torch.uint8)
 
 
-@register_loader("diffusion", Generator)
-def load_diffusion(ckpt: dict) -> LoadedDiffusion:
-    """The denoiser of a diffusion checkpoint (EMA weights when present), eval mode."""
+class LoadedMaskDiffusion(MaskTranslator):
+    """An ``edm_mask`` denoiser: X-rays drawn for given lung masks (and classes), with the run's sampler settings.
+    Its noise comes from torch's global generator, which the callers seed (``sample --from-data --seed``, each
+    ``evaluate`` draw)."""
+
+    def __init__(self, net: torch.nn.Module, cfg, weights: str, checkpoint: dict):
+        self.net, self.cfg, self.weights, self.checkpoint = net, cfg, weights, checkpoint
+
+    @property
+    def conditioning(self) -> list[str]:
+        return self.classes if self.net.n_classes > 0 else []
+
+    def lacks(self, capability: type) -> str:
+        return "it draws X-rays for lung masks (pass --from-data PREPARED or --masks FOLDER)"
+
+    @torch.no_grad()
+    def translate_masks(self, masks, labels, device, batch_size):
+        e = self.cfg.edm
+        dev, amp = inference_settings(device)
+        net, size = self.net.to(dev), int(masks.shape[-1])
+        sigmas = edm.karras_sigmas(e.steps, e.sigma_min, e.sigma_max, e.rho)
+        out = []
+        for i in range(0, masks.shape[0], batch_size):
+            m = masks[i:i + batch_size].to(dev)
+            noise = torch.randn(len(m), 1, size, size).to(dev)
+            y = labels[i:i + batch_size].to(dev) if labels is not None and self.conditioning else None
+            denoise = edm.sampler_denoiser(net, e.sigma_data, y, e.guidance if y is not None else 1.0,
+                                           self.net.n_classes, edm.mask_input(m))
+            with torch.autocast(dev.type, dtype=amp or torch.float32, enabled=amp is not None):
+                x = edm.sample(denoise, noise, sigmas, heun=e.sampler == "heun")
+            out.append(to_uint8(x.float().clamp(-1, 1)).cpu())
+        return torch.cat(out) if out else torch.zeros((0, 1, size, size), dtype=torch.uint8)
+
+
+@register_loader("diffusion", (Generator, "draws"), (MaskTranslator, "masks"))
+def load_diffusion(ckpt: dict) -> LoadedDiffusion | LoadedMaskDiffusion:
+    """The denoiser of a diffusion checkpoint (EMA weights when present), eval mode: ``edm`` draws from noise,
+    ``edm_mask`` draws X-rays for lung masks."""
     nets, cfg = build_from_checkpoint(ckpt, "diffusion")
     net = nets["net"]
     weights = "net_ema" if "net_ema" in ckpt["models"] else "net"
     net.load_state_dict(ckpt["models"][weights])
-    return LoadedDiffusion(net.eval(), cfg, weights, ckpt)
+    kind = LoadedMaskDiffusion if net.cond_channels > 0 else LoadedDiffusion
+    return kind(net.eval(), cfg, weights, ckpt)

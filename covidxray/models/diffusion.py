@@ -146,24 +146,31 @@ def sample(denoise: Denoiser, noise: torch.Tensor, sigmas: torch.Tensor, heun: b
     return x
 
 
+def mask_input(masks: torch.Tensor) -> torch.Tensor:
+    """0/1 uint8 lung masks (N x 1 x H x W) as the mask model's extra input channel, in [-1, 1]."""
+    return masks.float() * 2 - 1
+
+
 def network_evaluations(steps: int, heun: bool = True) -> int:
     """Denoiser calls of :func:`sample` for ``steps`` steps (Heun: 2N - 1; Euler: N)."""
     return 2 * steps - 1 if heun else steps
 
 
-def sampler_denoiser(net, sigma_data: float, labels: torch.Tensor | None, guidance: float, n_classes: int):
+def sampler_denoiser(net, sigma_data: float, labels: torch.Tensor | None, guidance: float, n_classes: int,
+                     cond: torch.Tensor | None = None):
     """``D(x, σ)`` for the sampler: the preconditioned ``net`` conditioned on ``labels``, with classifier-free
     guidance ``w`` against the "no class" entry (w = 1: the conditional model only, one evaluation per call)."""
+    extra = {} if cond is None else {"cond": cond}
     if labels is None or not n_classes:
-        return lambda x, sigma: precondition(net, x, sigma, sigma_data)
+        return lambda x, sigma: precondition(net, x, sigma, sigma_data, **extra)
     if guidance == 1:
-        return lambda x, sigma: precondition(net, x, sigma, sigma_data, labels=labels)
+        return lambda x, sigma: precondition(net, x, sigma, sigma_data, labels=labels, **extra)
     null = torch.full_like(labels, n_classes)
 
     def denoise(x, sigma):
-        cond = precondition(net, x, sigma, sigma_data, labels=labels)
-        uncond = precondition(net, x, sigma, sigma_data, labels=null)
-        return guided(cond, uncond, guidance)
+        conditional = precondition(net, x, sigma, sigma_data, labels=labels, **extra)
+        unconditional = precondition(net, x, sigma, sigma_data, labels=null, **extra)
+        return guided(conditional, unconditional, guidance)
 
     return denoise
 
@@ -200,13 +207,14 @@ class EDMUNet(nn.Module):
     """
 
     def __init__(self, image_size: int, channels: int = 32, depth: int = 3, emb_dim: int = 128, n_classes: int = 0,
-                 dropout: float = 0.0, in_channels: int = 1):
+                 dropout: float = 0.0, in_channels: int = 1, cond_channels: int = 0):
         super().__init__()
         self.image_size, self.n_classes, self.emb_dim = image_size, n_classes, emb_dim
+        self.cond_channels = cond_channels  # extra input maps beside the noisy image (edm_mask: the lung mask)
         self.noise_mlp = nn.Sequential(nn.Linear(emb_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.class_emb = nn.Embedding(n_classes + 1, emb_dim) if n_classes > 0 else None
         widths = [channels * min(2 ** i, 4) for i in range(depth + 1)]
-        self.inp = nn.Conv2d(in_channels, widths[0], 3, padding=1)
+        self.inp = nn.Conv2d(in_channels + cond_channels, widths[0], 3, padding=1)
         self.down = nn.ModuleList(_ResBlock(widths[i], widths[i + 1], emb_dim, dropout) for i in range(depth))
         self.mid = _ResBlock(widths[-1], widths[-1], emb_dim, dropout)
         self.up = nn.ModuleList(_ResBlock(widths[i + 1] * 2, widths[i], emb_dim, dropout)
@@ -227,9 +235,10 @@ class EDMUNet(nn.Module):
             emb = emb + self.class_emb(labels)
         return emb
 
-    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, labels: torch.Tensor | None = None,
+                cond: torch.Tensor | None = None) -> torch.Tensor:
         emb = self.embed(c_noise, labels).to(x.dtype)
-        h = self.inp(x)
+        h = self.inp(x if cond is None else torch.cat([x, cond.to(x.dtype)], dim=1))
         skips = []
         for block in self.down:
             h = block(h, emb)
@@ -242,7 +251,7 @@ class EDMUNet(nn.Module):
         return self.out(h)
 
 
-@register_model("edm", family="diffusion", conditional=True, min_image_size=32,
+@register_model("edm", family="diffusion", conditional=True, min_image_size=32, features=("draws",),
                 paper="Karras et al., Elucidating the design space of diffusion-based generative models, NeurIPS 2022",
                 summary="EDM pixel-space diffusion: class-conditional with classifier-free guidance, Heun sampler")
 def build_edm(cfg, data: DataSpec) -> dict[str, nn.Module]:
@@ -250,3 +259,15 @@ def build_edm(cfg, data: DataSpec) -> dict[str, nn.Module]:
     a = cfg.arch
     n_classes = data.n_classes if data.n_classes > 1 and cfg.model.p_uncond < 1 else 0
     return {"net": EDMUNet(data.image_size, a.channels, a.depth, a.emb_dim, n_classes, a.dropout, data.channels)}
+
+
+@register_model("edm_mask", family="diffusion", conditional=True, min_image_size=32, features=("masks",),
+                paper="Karras et al., NeurIPS 2022; mask-conditioned as pix2pix (Isola et al., CVPR 2017) is",
+                summary="EDM conditioned on a lung mask (and the class): mask -> X-ray, for synthetic (X-ray, mask) pairs")
+def build_edm_mask(cfg, data: DataSpec) -> dict[str, nn.Module]:
+    """``edm``'s denoiser with the lung mask (in [-1, 1]) as an extra input channel: it draws X-rays for given
+    masks, as ``pix2pix`` does."""
+    a = cfg.arch
+    n_classes = data.n_classes if data.n_classes > 1 and cfg.model.p_uncond < 1 else 0
+    return {"net": EDMUNet(data.image_size, a.channels, a.depth, a.emb_dim, n_classes, a.dropout, data.channels,
+                           cond_channels=1)}

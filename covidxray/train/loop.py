@@ -260,7 +260,7 @@ class Trainer:
             raise CovidXrayError("no training data given", "Pass --data PREPARED_FOLDER (from `covidxray prepare`)")
         resizes = task_cls.resizes_data
         load_size = None if resizes else (cfg.data.image_size or None)
-        masks = task_cls.needs_masks
+        masks = task_cls.wants_masks(cfg)
         data = load_tensor_data(cfg.data.path, cfg.data.split, cfg.data.classes or None, load_size,
                                 cfg.data.cache, self.log, masks=masks)
         eval_data = None

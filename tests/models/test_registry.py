@@ -124,7 +124,8 @@ def _check_diffusion(spec, nets, cfg, size):
     assert net.n_classes == 3  # DataSpec.example: 3 classes, plus the "no class" entry of guidance
     x = torch.rand(2, 1, size, size) * 2 - 1
     sigma = torch.tensor([0.1, 10.0])
-    out = precondition(net, x, sigma, cfg.edm.sigma_data, labels=torch.tensor([0, 3]))
+    cond = {"cond": torch.ones(2, 1, size, size)} if net.cond_channels else {}  # edm_mask: the mask channel
+    out = precondition(net, x, sigma, cfg.edm.sigma_data, labels=torch.tensor([0, 3]), **cond)
     assert out.shape == x.shape and torch.isfinite(out).all()
     out.mean().backward()
     assert all(p.grad is not None for p in net.parameters())

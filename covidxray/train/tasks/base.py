@@ -116,6 +116,12 @@ class Task:
         self.scalers = {"G": self.scaler_g, "D": self.scaler_d}
 
     @classmethod
+    def wants_masks(cls, cfg) -> bool:
+        """Whether this run trains on the images with a lung mask, the masks loaded beside them (default:
+        :attr:`needs_masks`; a family whose models differ, such as ``edm``/``edm_mask``, asks the model)."""
+        return cls.needs_masks
+
+    @classmethod
     def check_config(cls, cfg, spec) -> None:
         """Checks that need the model's spec as well as the config (called before any data is read)."""
 
