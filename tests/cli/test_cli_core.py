@@ -34,7 +34,7 @@ def test_dry_run_prints_resolved_config(cli, demo_prepared, tmp_path):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["train", "--model", "nosuch", "--data", "x"], "unknown model 'nosuch'; valid models: acgan, attention_unet, autoencoder, cgan, cvae, densenet121, edm, inception_v3, pix2pix, rawgan, resnet18, smallcnn, unet, unetcgan, unetgan, vae"),
+        (["train", "--model", "nosuch", "--data", "x"], "unknown model 'nosuch'; valid models: acgan, attention_unet, autoencoder, cgan, cvae, densenet121, edm, edm_mask, inception_v3, pix2pix, rawgan, resnet18, smallcnn, unet, unetcgan, unetgan, vae"),
         (["train", "--model", "rawgan", "--set", "train.bogus=1", "--dry-run"], "unknown config key 'train.bogus'"),
         (["train", "--model", "rawgan", "--data", "/nonexistent/prepared", "--image-size", "64"], "does not exist"),
         (["train"], "--model is required"),
