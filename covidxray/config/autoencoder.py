@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from covidxray.config.classifier import SUPERVISED_OPTIM_BOUNDS, ClassifierOptimConfig
+from covidxray.config.classifier import SUPERVISED_OPTIM_BOUNDS, SUPERVISED_OPTIM_CHOICES, ClassifierOptimConfig
 from covidxray.config.core import (
     GENERIC_BOUNDS,
     GENERIC_CHOICES,
@@ -22,9 +22,9 @@ from covidxray.config.core import (
     EvalConfig,
     Family,
     TrainConfig,
+    check_image_size,
     register_family,
 )
-from covidxray.errors import CovidXrayError
 
 #: Input sides an autoencoder accepts (powers of two; resized on the device when the prepared size differs).
 SIZES = (32, 64, 128, 256)
@@ -103,10 +103,7 @@ AUTOENCODER_BOUNDS = {
 
 def check_autoencoder(cfg: AutoencoderConfig) -> None:
     """The autoencoder family's cross-key checks (single-key ranges: ``AUTOENCODER_BOUNDS``)."""
-    size = cfg.data.image_size
-    if size and size not in SIZES:
-        raise CovidXrayError(f"config key 'data.image_size' must be one of {', '.join(map(str, SIZES))} (or 0: the "
-                             f"prepared size) for an autoencoder; got {size}")
+    check_image_size(cfg, SIZES, "an autoencoder")
 
 
 AUTOENCODER = register_family(Family(
@@ -114,8 +111,7 @@ AUTOENCODER = register_family(Family(
     config=AutoencoderConfig,
     choices={**GENERIC_CHOICES,
              "loss.recon": ("mse", "l1"),
-             "optim.name": ("adamw", "sgd"),
-             "optim.schedule": ("cosine", "step", "none")},
+             **SUPERVISED_OPTIM_CHOICES},
     bounds=AUTOENCODER_BOUNDS,
     check=check_autoencoder,
     # Validation metrics of the reconstructions (images in [0, 1]) and their better direction; the first

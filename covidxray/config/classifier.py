@@ -130,6 +130,9 @@ def parse_class_weights(value: str) -> str | list[float]:
 
 
 #: Ranges of the ``optim`` keys the classifiers, segmenters and autoencoders share.
+#: Allowed values of the shared optimizer section's string keys.
+SUPERVISED_OPTIM_CHOICES = {"optim.name": ("adamw", "sgd"), "optim.schedule": ("cosine", "step", "none")}
+
 SUPERVISED_OPTIM_BOUNDS = {
     "optim.lr": "(0, inf)",
     "optim.weight_decay": "[0, inf)",
@@ -171,8 +174,7 @@ CLASSIFIER = register_family(Family(
     name="classifier",
     config=ClassifierConfig,
     choices={**GENERIC_CHOICES,
-             "optim.name": ("adamw", "sgd"),
-             "optim.schedule": ("cosine", "step", "none")},
+             **SUPERVISED_OPTIM_CHOICES},
     bounds=CLASSIFIER_BOUNDS,
     check=check_classifier,
     # Validation metrics and their better direction; the first is eval.metric's default (the seed

@@ -505,6 +505,15 @@ def _get(cfg: Config, key: str) -> Any:
     return getattr(getattr(cfg, section), name)
 
 
+def check_image_size(cfg: Config, sizes: tuple[int, ...], what: str) -> None:
+    """Refuse a ``data.image_size`` that is neither 0 (the prepared size) nor one of ``sizes`` (``what``: the
+    model's kind in the message, e.g. "an autoencoder")."""
+    size = cfg.data.image_size
+    if size and size not in sizes:
+        raise CovidXrayError(f"config key 'data.image_size' must be one of {', '.join(map(str, sizes))} (or 0: the "
+                             f"prepared size) for {what}; got {size}")
+
+
 def validate(cfg: Config) -> Config:
     """Check a resolved config with readable messages naming the key: the declared choices of string
     keys and bounds of numeric keys (the family's declaration, generic ones included), the generic

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from covidxray.config.classifier import SUPERVISED_OPTIM_BOUNDS, ClassifierOptimConfig
+from covidxray.config.classifier import SUPERVISED_OPTIM_BOUNDS, SUPERVISED_OPTIM_CHOICES, ClassifierOptimConfig
 from covidxray.config.core import (
     GENERIC_BOUNDS,
     GENERIC_CHOICES,
@@ -16,6 +16,7 @@ from covidxray.config.core import (
     Family,
     ModelConfig,
     TrainConfig,
+    check_image_size,
     register_family,
 )
 from covidxray.errors import CovidXrayError
@@ -128,10 +129,8 @@ DIFFUSION_BOUNDS = {
 
 def check_diffusion(cfg: DiffusionConfig) -> None:
     """The diffusion family's cross-key checks (single-key ranges: ``DIFFUSION_BOUNDS``)."""
+    check_image_size(cfg, SIZES, "a diffusion model")
     size = cfg.data.image_size
-    if size and size not in SIZES:
-        raise CovidXrayError(f"config key 'data.image_size' must be one of {', '.join(map(str, SIZES))} (or 0: the "
-                             f"prepared size) for a diffusion model; got {size}")
     if size and size % (2 ** cfg.arch.depth):
         raise CovidXrayError(f"config key 'arch.depth' = {cfg.arch.depth} halves the side more often than "
                              f"data.image_size = {size} allows")
@@ -145,8 +144,7 @@ DIFFUSION = register_family(Family(
     config=DiffusionConfig,
     choices={**GENERIC_CHOICES,
              "edm.sampler": ("heun", "euler"),
-             "optim.name": ("adamw", "sgd"),
-             "optim.schedule": ("cosine", "step", "none")},
+             **SUPERVISED_OPTIM_CHOICES},
     bounds=DIFFUSION_BOUNDS,
     check=check_diffusion,
     # Validation: EDM's weighted loss at fixed noise levels with fixed noise (deterministic); it picks best.pt.

@@ -22,9 +22,9 @@ from covidxray.config.core import (
     ModelConfig,
     OptimConfig,
     TrainConfig,
+    check_image_size,
     register_family,
 )
-from covidxray.errors import CovidXrayError
 
 SIZES = (32, 64, 128, 256)
 
@@ -120,10 +120,7 @@ IMAGE2IMAGE_BOUNDS = {
 
 def check_image2image(cfg: Image2ImageConfig) -> None:
     """The image2image family's cross-key checks (single-key ranges: ``IMAGE2IMAGE_BOUNDS``)."""
-    size = cfg.data.image_size
-    if size and size not in SIZES:
-        raise CovidXrayError(f"config key 'data.image_size' must be one of {', '.join(map(str, SIZES))} (or 0: the "
-                             f"prepared size) for pix2pix; got {size}")
+    check_image_size(cfg, SIZES, "pix2pix")
 
 
 IMAGE2IMAGE = register_family(Family(

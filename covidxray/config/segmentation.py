@@ -21,7 +21,7 @@ from covidxray.config.core import (
     TrainConfig,
     register_family,
 )
-from covidxray.config.classifier import SUPERVISED_OPTIM_BOUNDS, ClassifierOptimConfig
+from covidxray.config.classifier import SUPERVISED_OPTIM_BOUNDS, SUPERVISED_OPTIM_CHOICES, ClassifierOptimConfig
 from covidxray.errors import CovidXrayError
 
 #: Input sides a segmenter accepts (multiples of 2 ** arch.depth; resized on the device when needed).
@@ -135,8 +135,7 @@ SEGMENTATION = register_family(Family(
     choices={**GENERIC_CHOICES,
              "arch.norm": ("batch", "group"),
              "arch.upsample": ("bilinear", "transpose"),
-             "optim.name": ("adamw", "sgd"),
-             "optim.schedule": ("cosine", "step", "none")},
+             **SUPERVISED_OPTIM_CHOICES},
     bounds=SEGMENTATION_BOUNDS,
     check=check_segmentation,
     # Validation metrics (per image, then averaged) and their better direction; the first picks best.pt.
