@@ -20,6 +20,7 @@ from covidxray.config.core import (
     register_family,
 )
 from covidxray.errors import CovidXrayError
+from covidxray.models.diffusion import SAMPLERS
 
 #: Sides the denoiser takes (powers of two; its U-Net halves the side arch.depth times).
 SIZES = (32, 64, 128, 256)
@@ -72,7 +73,7 @@ class EDMConfig:
     sigma_max: float = 80.0
     rho: float = 7.0
     steps: int = 18                     # sampler steps (Heun: 2 x steps - 1 network evaluations; `sample --steps`)
-    sampler: str = "heun"               # heun (2nd order, Algorithm 1) | euler
+    sampler: str = "heun"               # heun (2nd order, Algorithm 1) | euler | dpm2m (DPM-Solver++(2M): 1 evaluation a step)
     guidance: float = 1.0               # classifier-free guidance w of sampling (1 = the conditional model;
                                         # `sample --guidance`)
     eval_sigmas: int = 5                # validation: the loss at this many fixed σ (log-spaced), fixed noise
@@ -143,7 +144,7 @@ DIFFUSION = register_family(Family(
     name="diffusion",
     config=DiffusionConfig,
     choices={**GENERIC_CHOICES,
-             "edm.sampler": ("heun", "euler"),
+             "edm.sampler": SAMPLERS,
              **SUPERVISED_OPTIM_CHOICES},
     bounds=DIFFUSION_BOUNDS,
     check=check_diffusion,

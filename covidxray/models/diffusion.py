@@ -17,7 +17,8 @@ Each part of the formulation is a small pure function that can be checked agains
   for ``i < N``, and ``σ_N = 0`` (the paper: σ_min 0.002, σ_max 80, ρ = 7).
 * **Sampler** (:func:`sample`): the deterministic Heun (2nd order) solver of the probability-flow ODE,
   Algorithm 1 (2N - 1 network evaluations for N steps). Euler is an option (N evaluations), and so is
-  Algorithm 2's stochastic churn (``s_churn``, ``s_tmin``, ``s_tmax``, ``s_noise``).
+  Algorithm 2's stochastic churn (``s_churn``, ``s_tmin``, ``s_tmax``, ``s_noise``); so is the multistep
+  DPM-Solver++(2M) of Lu et al. 2022 (:func:`sample_dpm2m`, N evaluations, second order).
 * **Classifier-free guidance** (:func:`guided`, Ho & Salimans 2022): ``D_w = D_uncond + w (D_cond - D_uncond)``,
   so w = 1 is the conditional denoiser and w = 0 the unconditional one.
 
@@ -111,21 +112,33 @@ def guided(cond: torch.Tensor, uncond: torch.Tensor, w: float) -> torch.Tensor:
     return uncond + w * (cond - uncond)
 
 
+#: The samplers of :func:`sample` (``edm.sampler``).
+SAMPLERS = ("heun", "euler", "dpm2m")
+
+
 @torch.no_grad()
-def sample(denoise: Denoiser, noise: torch.Tensor, sigmas: torch.Tensor, heun: bool = True, s_churn: float = 0.0,
+def sample(denoise: Denoiser, noise: torch.Tensor, sigmas: torch.Tensor, method: str = "heun", s_churn: float = 0.0,
            s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0,
            generator: torch.Generator | None = None) -> torch.Tensor:
     """Solve the probability-flow ODE from ``x_0 = sigmas[0] * noise`` along ``sigmas`` (ending in 0).
 
-    Heun (Algorithm 1) takes two network evaluations per step except the last (2N - 1 in all); Euler one per step.
-    ``s_churn > 0`` adds Algorithm 2's noise: at each ``σ_i`` in [s_tmin, s_tmax] the level is raised to
-    ``σ̂ = σ_i (1 + γ)``, ``γ = min(s_churn / N, √2 - 1)``, with fresh noise of scale ``s_noise`` from ``generator``.
+    ``method``: ``heun`` (Algorithm 1) takes two network evaluations per step except the last (2N - 1 in all);
+    ``euler`` one per step; ``dpm2m`` (:func:`sample_dpm2m`) one per step, second order from the previous step's
+    estimate. ``s_churn > 0`` (Heun and Euler) adds Algorithm 2's noise: at each ``σ_i`` in [s_tmin, s_tmax] the
+    level is raised to ``σ̂ = σ_i (1 + γ)``, ``γ = min(s_churn / N, √2 - 1)``, with fresh noise of scale
+    ``s_noise`` from ``generator``.
 
     Args:
         denoise: ``D(x, sigma)`` -> the denoised estimate (sigma a tensor of shape (N,)).
         noise: standard normal draws, N x C x H x W (float32).
         sigmas: the schedule, e.g. :func:`karras_sigmas` (float64 on any device; cast here).
     """
+    if method not in SAMPLERS:
+        raise ValueError(f"unknown sampler {method!r}; one of {', '.join(SAMPLERS)}")
+    if method == "dpm2m":
+        if s_churn > 0:
+            raise ValueError("the dpm2m sampler is deterministic; stochastic churn needs heun or euler")
+        return sample_dpm2m(denoise, noise, sigmas)
     steps = len(sigmas) - 1
     x = noise.float() * float(sigmas[0])
     n = x.shape[0]
@@ -139,10 +152,40 @@ def sample(denoise: Denoiser, noise: torch.Tensor, sigmas: torch.Tensor, heun: b
             x = x + math.sqrt(s_hat ** 2 - s_cur ** 2) * s_noise * eps.to(x.device)
         d = (x - denoise(x, torch.full((n,), s_hat, device=x.device))) / s_hat
         x_next = x + (s_next - s_hat) * d
-        if heun and s_next > 0:
+        if method == "heun" and s_next > 0:
             d2 = (x_next - denoise(x_next, torch.full((n,), s_next, device=x.device))) / s_next
             x_next = x + (s_next - s_hat) * (d + d2) / 2
         x = x_next
+    return x
+
+
+@torch.no_grad()
+def sample_dpm2m(denoise: Denoiser, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    """DPM-Solver++(2M) (Lu, Zhou, Bao, Chen, Li & Zhu, arXiv 2211.01095, Algorithm 2) in EDM's terms
+    (signal scale 1, noise σ, half-log-SNR λ = -ln σ): one network evaluation per step, second order by
+    reusing the previous step's denoised estimate.
+
+    With ``h_i = ln(σ_i / σ_{i+1})`` and ``r_i = h_{i-1} / h_i``:
+    ``x_{i+1} = (σ_{i+1} / σ_i) x_i + (1 - σ_{i+1} / σ_i) D̂_i``, where ``D̂_0 = D_0`` and
+    ``D̂_i = (1 + 1 / (2 r_i)) D_i - D_{i-1} / (2 r_i)``; the last step, to σ = 0, returns ``D̂`` of first
+    order (``D_i`` itself), so N steps cost N evaluations.
+    """
+    steps = len(sigmas) - 1
+    x = noise.float() * float(sigmas[0])
+    n = x.shape[0]
+    previous, h_previous = None, 0.0
+    for i in range(steps):
+        s_cur, s_next = float(sigmas[i]), float(sigmas[i + 1])
+        d = denoise(x, torch.full((n,), s_cur, device=x.device)).float()
+        if s_next == 0:
+            return d
+        h = math.log(s_cur / s_next)
+        d_hat = d
+        if previous is not None:
+            c = 1 / (2 * (h_previous / h))  # 1 / (2 r_i), r_i = h_{i-1} / h_i
+            d_hat = (1 + c) * d - c * previous
+        x = (s_next / s_cur) * x + (1 - s_next / s_cur) * d_hat
+        previous, h_previous = d, h
     return x
 
 
@@ -151,21 +194,25 @@ def mask_input(masks: torch.Tensor) -> torch.Tensor:
     return masks.float() * 2 - 1
 
 
-def network_evaluations(steps: int, heun: bool = True) -> int:
-    """Denoiser calls of :func:`sample` for ``steps`` steps (Heun: 2N - 1; Euler: N)."""
-    return 2 * steps - 1 if heun else steps
+def network_evaluations(steps: int, method: str = "heun") -> int:
+    """Denoiser calls of :func:`sample` for ``steps`` steps (Heun: 2N - 1; Euler and DPM-Solver++(2M): N),
+    per image and without guidance (guidance w != 0, 1 doubles them)."""
+    return 2 * steps - 1 if method == "heun" else steps
 
 
 def sampler_denoiser(net, sigma_data: float, labels: torch.Tensor | None, guidance: float, n_classes: int,
                      cond: torch.Tensor | None = None):
     """``D(x, σ)`` for the sampler: the preconditioned ``net`` conditioned on ``labels``, with classifier-free
-    guidance ``w`` against the "no class" entry (w = 1: the conditional model only, one evaluation per call)."""
+    guidance ``w`` against the "no class" entry (w = 1: the conditional model only, w = 0: the unconditional one
+    only, one evaluation per call each; otherwise two)."""
     extra = {} if cond is None else {"cond": cond}
     if labels is None or not n_classes:
         return lambda x, sigma: precondition(net, x, sigma, sigma_data, **extra)
     if guidance == 1:
         return lambda x, sigma: precondition(net, x, sigma, sigma_data, labels=labels, **extra)
     null = torch.full_like(labels, n_classes)
+    if guidance == 0:  # the unconditional model alone: one evaluation per call
+        return lambda x, sigma: precondition(net, x, sigma, sigma_data, labels=null, **extra)
 
     def denoise(x, sigma):
         conditional = precondition(net, x, sigma, sigma_data, labels=labels, **extra)

@@ -190,7 +190,7 @@ class DiffusionTask(SupervisedTask):
                                            cond)
             x = edm.sample(denoise, noise.to(self.device), edm.karras_sigmas(steps or e.steps, e.sigma_min,
                                                                               e.sigma_max, e.rho),
-                           heun=e.sampler == "heun")
+                           method=e.sampler)
         finally:
             net.train(was)
         return to_uint8(x.clamp(-1, 1)).cpu()
