@@ -84,3 +84,22 @@ class Number:
 def console():
     """The stdout console for progress and tables (made per call, never at import)."""
     return make_console(stderr=False)
+
+
+def _sampler_name(value):
+    from covidxray.models.diffusion import SAMPLERS
+
+    if value not in SAMPLERS:
+        raise typer.BadParameter(f"{value!r} is not one of {', '.join(SAMPLERS)}")
+    return value
+
+
+# A diffusion model's sampler options, shared by `sample` and `evaluate` (any other model refuses them).
+STEPS_OPTION = typer.Option(None, "--steps", help="Diffusion models: sampler steps (Heun: 2 x steps - 1 network "
+                            "evaluations, Euler and dpm2m: steps; default: the run's edm.steps).",
+                            parser=Number(int, ge=1, le=1000))
+GUIDANCE_OPTION = typer.Option(None, "--guidance", help="Diffusion models: classifier-free guidance w (1 = the "
+                               "conditional model, 0 = unconditional; other values cost two evaluations a step; "
+                               "default: the run's edm.guidance).", parser=Number(float, ge=0, le=20))
+SAMPLER_OPTION = typer.Option(None, "--sampler", help="Diffusion models: heun | euler | dpm2m (DPM-Solver++(2M)) "
+                              "(default: the run's edm.sampler).", parser=_sampler_name)

@@ -9,7 +9,7 @@ from typing import List, Optional
 
 import typer
 
-from covidxray.cli._common import Number, console, user_errors
+from covidxray.cli._common import GUIDANCE_OPTION, SAMPLER_OPTION, STEPS_OPTION, Number, console, user_errors
 from covidxray.errors import CovidXrayError
 from covidxray.utils import ProgressBar
 
@@ -21,7 +21,7 @@ OPTIONS = {
     "segmentation": {"images", "masks", "threshold", "tta", "postprocess"},
     "generator": {"seed", "n", "repeats", "metrics", "class_", "inception_weights", "cxr_features", "fake",
                   "skip_unreadable", "save_samples", "downstream", "classifier", "seeds", "synthetic_ratio", "epochs",
-                  "set_", "segmenter"},
+                  "set_", "segmenter", "steps", "guidance", "sampler", "synthetic_pool"},
 }
 _ALL = set().union(*OPTIONS.values())
 
@@ -84,6 +84,13 @@ def evaluate_cmd(
                                           "that is generated in arm (b).", parser=Number(float, gt=0, lt=1)),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="--downstream: classifier epochs (default: its config).",
                                            parser=Number(int, ge=1)),
+    synthetic_pool: int = typer.Option(0, "--synthetic-pool", help="--downstream: synthetic images drawn once per "
+                                       "evaluation for arms (b) and (c); 0 = on the fly for a latent generator (GANs, "
+                                       "cVAE), else as many as the real training split.",
+                                       parser=Number(int, ge=0, le=1_000_000)),
+    steps: Optional[int] = STEPS_OPTION,
+    guidance: Optional[float] = GUIDANCE_OPTION,
+    sampler: Optional[str] = SAMPLER_OPTION,
     set_: Optional[List[str]] = typer.Option(None, "--set", help="--downstream: classifier override key=value, repeatable."),
     compare: bool = typer.Option(False, "--compare", help="Build one markdown table from the given evaluate output "
                                  "folders (-o FILE to write it)."),
@@ -161,8 +168,9 @@ def evaluate_cmd(
         cxr_features=str(cxr_features) if cxr_features else None, out=out, device=device, batch_size=batch_size or 64,
         seed=seed, skip_unreadable=skip_unreadable, save_samples=save_samples,
         segmenter=str(segmenter) if segmenter else None,
+        sampling=dict(steps=steps, guidance=guidance, sampler=sampler),
         downstream=dict(classifier=classifier, seeds=seeds, synthetic_ratio=synthetic_ratio, epochs=epochs,
-                        sets=list(set_ or []), console=con) if downstream else None))
+                        pool=synthetic_pool, sets=list(set_ or []), console=con) if downstream else None))
 
 
 def _generator(con, log, req) -> None:

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from covidxray.cli._common import Number, console, user_errors
+from covidxray.cli._common import GUIDANCE_OPTION, SAMPLER_OPTION, STEPS_OPTION, Number, console, user_errors
 from covidxray.errors import CovidXrayError
 
 
@@ -27,12 +27,9 @@ def sample_cmd(
     temperature: float = typer.Option(1.0, "--temperature", help="Scale of the latent draws (1 = the prior; "
                                       "< 1: more typical, less diverse images).", parser=Number(float, gt=0, le=100)),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Diffusion models: sampler steps (Heun: 2 x steps - 1 "
-                                        "network evaluations; default: the run's edm.steps).",
-                                        parser=Number(int, ge=1, le=1000)),
-    guidance: Optional[float] = typer.Option(None, "--guidance", help="Diffusion models: classifier-free guidance w "
-                                             "(1 = the conditional model, 0 = unconditional; default: edm.guidance).",
-                                             parser=Number(float, ge=0, le=20)),
+    steps: Optional[int] = STEPS_OPTION,
+    guidance: Optional[float] = GUIDANCE_OPTION,
+    sampler: Optional[str] = SAMPLER_OPTION,
     overwrite: bool = typer.Option(False, "--overwrite", help="Draw anew into a folder that holds samples of other "
                                    "settings (their sample_*.png files are replaced; nothing else is touched). "
                                    "Without it, the same command resumes an interrupted run."),
@@ -63,6 +60,9 @@ def sample_cmd(
     from covidxray.outdir import check_output_dir, claim, read_marker
     from covidxray.utils import resolve_device, sweep_stale_temps
 
+    if (images is not None or reconstruct is not None) and any(v is not None for v in (steps, guidance, sampler)):
+        raise CovidXrayError("--steps, --guidance and --sampler set a diffusion model's sampler; --images and "
+                             "--reconstruct do not draw from one", "Drop them")
     if images is not None:
         from covidxray.infer.synthesize import colorize_folder
 
@@ -78,7 +78,8 @@ def sample_cmd(
 
         res = synthesize_pairs(checkpoint, out, from_data=from_data, split=split, masks=masks, deform=deform,
                                copies=copies, mix=mix, seed=seed, batch_size=min(batch_size, 64), device=device,
-                               class_name=class_, overwrite=overwrite, log=lambda msg: console().print(msg, highlight=False, markup=False))
+                               class_name=class_, overwrite=overwrite,
+                               sampling=dict(steps=steps, guidance=guidance, sampler=sampler), log=lambda msg: console().print(msg, highlight=False, markup=False))
         real = res["real_copied"]
         console().print(f"wrote {res['pairs']} synthetic (X-ray, mask) pairs into the train split of {res['out']}"
                         f"{' with deformed masks' if deform else ''}; real images copied: {real['train']} train, "
@@ -89,11 +90,7 @@ def sample_cmd(
         return _reconstruct(checkpoint, reconstruct, out, class_, batch_size, device, grid, temperature)
     loaded = load_generator(checkpoint)
     check_output_dir(out, "sample", legacy=("sample_*.png", "grid.png", *loaded.classes), option="OUT")
-    extra = {k: v for k, v in (("steps", steps), ("guidance", guidance)) if v is not None}
-    unsupported = [f"--{k}" for k in extra if k not in loaded.options]
-    if unsupported:
-        raise CovidXrayError(f"{', '.join(unsupported)} do(es) not apply to the {loaded.family} model in {loaded.path}",
-                             "They set a diffusion model's sampler; drop them")
+    extra = loaded.configure(steps=steps, guidance=guidance, sampler=sampler)  # the sampler settings in force
     dev = resolve_device(device)
     if loaded.conditional:
         names = loaded.classes if class_ in (None, "all") else [class_]
@@ -131,7 +128,7 @@ def sample_cmd(
         for k in range(0, len(todo), batch_size):  # written batch by batch: an interrupt loses one batch at most
             chunk = todo[k:k + batch_size]
             images = loaded.sample(n, seed=seed, batch_size=batch_size, device=dev, label=label,
-                                   temperature=temperature, only=chunk, **extra)
+                                   temperature=temperature, only=chunk)
             write_samples(images, folder, indices=chunk)
         what = f"class {name}, " if name else ""
         resumed = f", {n - len(todo)} already there" if len(todo) < n else ""

@@ -40,11 +40,11 @@ import numpy as np
 import torch
 
 from covidxray import __version__
-from covidxray.data.datasets import CACHE_DIR, load_tensor_data, read_prepared_info
+from covidxray.data.datasets import CACHE_DIR, class_counts, load_tensor_data, read_prepared_info
 from covidxray.errors import CovidXrayError
 from covidxray.evaluate.downstream import check_downstream_args, run_downstream
 from covidxray.evaluate.report import mean_std, write_generator_report
-from covidxray.evaluate.sources import FolderSource, GeneratorSource, MaskSource, Source, class_counts, mask_consistency
+from covidxray.evaluate.sources import FolderSource, GeneratorSource, MaskSource, Source, mask_consistency
 from covidxray.infer.generate import write_samples
 from covidxray.infer.predict import classifier_features
 from covidxray.infer.protocol import Generator, Loaded, MaskTranslator, load, require
@@ -130,6 +130,8 @@ class GeneratorEvaluation:
             conditional source); otherwise generated images never reach the disk.
         segmenter: a mask -> X-ray model only: a U-Net run whose masks of the drawn X-rays are compared with the
             masks they were drawn from (``mask_consistency``: Dice over the first draw).
+        sampling: a diffusion model's sampler options (``steps``, ``guidance``, ``sampler``; None = the run's);
+            the settings in force are recorded as ``source.sampling`` in metrics.json.
     """
 
     data: str | Path
@@ -151,6 +153,7 @@ class GeneratorEvaluation:
     downstream: dict[str, Any] | None = None
     save_samples: bool = False
     segmenter: str | Path | None = None
+    sampling: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -197,11 +200,15 @@ def plan(req: GeneratorEvaluation, log: Callable[[str], None]) -> Plan:
     info = read_prepared_info(data)
     data_classes = sorted(info.get("classes", []))
     if req.downstream is not None:
-        if req.fake is not None:
-            raise CovidXrayError("--downstream needs a generator checkpoint (it generates images on the fly); "
-                                 "a --fake folder cannot be used", "Pass the GAN's run folder")
         check_downstream_args(**req.downstream)
     source = load_source(req.run, req.fake, data_classes, req.skip_unreadable, log, req.loaded)
+    loaded = getattr(source, "loaded", None)
+    if loaded is None and any(v is not None for v in req.sampling.values()):
+        raise CovidXrayError("--steps, --guidance and --sampler set a diffusion model's sampler; the images of "
+                             f"--fake {req.fake} are drawn already", "Drop them")
+    sampling = loaded.configure(**req.sampling) if loaded is not None else {}
+    if sampling:
+        source.info["sampling"] = sampling
     if req.segmenter is not None and not isinstance(source, MaskSource):
         raise CovidXrayError("--segmenter scores the mask consistency of a pix2pix run; this source is "
                              f"'{source.name}'", "Drop --segmenter, or pass a pix2pix run")

@@ -223,10 +223,19 @@ def generator_markdown(result: dict[str, Any], figures: dict[str, str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _pool_sentence(pool: dict[str, Any]) -> str:
+    if pool.get("drawn") != "once, a pool":
+        return f" Synthetic images: {pool['drawn']}." if pool.get("drawn") else ""
+    return (f" Synthetic images: a pool of {pool['n']} drawn once (seed {pool['seed']}; "
+            f"{', '.join(f'{c} {k}' for c, k in pool['per_class'].items())}; {pool['seconds_per_image']:.3f} s per "
+            f"image) and shared by arms (b) and (c) of every seed, each step picking from it at random.")
+
+
 def downstream_markdown(down: dict[str, Any]) -> list[str]:
     lines = [f"Classifier `{down['classifier']}`, {down['epochs']} epochs, {len(down['seeds'])} seed(s) "
              f"({', '.join(map(str, down['seeds']))}), synthetic ratio {down['synthetic_ratio']}; selected on the real "
-             f"`val` split, tested on the real `test` split (N = {down['test_n']}). Mean ± std over seeds.", "",
+             f"`val` split, tested on the real `test` split (N = {down['test_n']}). Mean ± std over seeds."
+             + _pool_sentence(down.get("synthetic") or {}), "",
              "| training data | accuracy | balanced accuracy | macro-F1 | ROC-AUC |", "|---|---:|---:|---:|---:|"]
     for arm, label in (("real", "(a) real only"), ("real+synthetic", "(b) real + synthetic"),
                        ("synthetic", "(c) synthetic only (TSTR)")):
@@ -316,6 +325,9 @@ def compare_markdown(dirs: Sequence[str | Path]) -> str:
             if not delta and down.get("refused"):  # unconditional, or a conditional source no classifier draws from
                 dtxt = "n/a (unconditional)" if not r.get("conditional") else "n/a (no on-the-fly draws)"
             name = r["model"] + ("" if fd != "fd_unverified" else " (unverified net)")
+            smp = (r.get("source") or {}).get("sampling")
+            if smp:  # a diffusion model: its sampler settings tell its rows apart
+                name += f" (w {smp['guidance']:g}, {smp['sampler']} {smp['steps']})"
             out.append(f"| {name} | {fmt(m.get(fd))} ({r['n']}×{r['repeats']}) | {fmt(m.get(fd + '_floor')) if fd else '-'} | "
                        f"{fmt(m.get(kd), 2, 1e3)} | {fmt(m.get(kd + '_floor'), 2, 1e3) if kd else '-'} | "
                        f"{fmt(m.get('precision'), 3)} | {fmt(m.get('recall'), 3)} | "

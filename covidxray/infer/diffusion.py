@@ -13,13 +13,38 @@ from covidxray.infer.protocol import Generator, MaskTranslator, register_loader
 from covidxray.models import diffusion as edm
 
 
-class LoadedDiffusion(Generator):
+class _Sampling:
+    """The sampler settings of a loaded diffusion model: the run's ``edm`` section, which :meth:`configure` (the
+    CLI's ``--steps --guidance --sampler``) overrides for every later draw."""
+
+    options = ("steps", "guidance", "sampler")
+    cfg: "object"
+    net: torch.nn.Module
+
+    def configure(self, steps: int | None = None, guidance: float | None = None, sampler: str | None = None
+                  ) -> dict:
+        e = self.cfg.edm
+        if steps is not None:
+            if not 1 <= steps <= 1000:
+                raise CovidXrayError(f"--steps must be in [1, 1000], got {steps}")
+            e.steps = int(steps)
+        if guidance is not None:
+            if not 0 <= guidance <= 20:
+                raise CovidXrayError(f"--guidance must be in [0, 20], got {guidance:g}")
+            e.guidance = float(guidance)
+        if sampler is not None:
+            if sampler not in edm.SAMPLERS:
+                raise CovidXrayError(f"--sampler must be one of {', '.join(edm.SAMPLERS)}, got {sampler!r}")
+            e.sampler = sampler
+        guided = self.net.n_classes > 0 and e.guidance not in (0, 1)
+        return {"sampler": e.sampler, "steps": e.steps, "guidance": e.guidance,
+                "network_evaluations": edm.network_evaluations(e.steps, e.sampler) * (2 if guided else 1)}
+
+
+class LoadedDiffusion(_Sampling, Generator):
     """An EDM denoiser ready to sample (its EMA weights when the run kept them). Image i of a draw depends on
     the seed and i only (the noise of all n images is drawn, then the ones asked are denoised), so ``sample``
     resumes exactly."""
-
-    #: The extra options of its sampling (``sample --steps --guidance``).
-    options = ("steps", "guidance")
 
     def __init__(self, net: torch.nn.Module, cfg, weights: str, checkpoint: dict):
         self.net, self.cfg, self.weights, self.checkpoint = net, cfg, weights, checkpoint
@@ -30,17 +55,11 @@ class LoadedDiffusion(Generator):
 
     @torch.no_grad()
     def sample(self, n: int, seed: int = 0, batch_size: int = 256, device="cpu", label: int | None = None,
-               temperature: float = 1.0, only=None, steps: int | None = None,
-               guidance: float | None = None) -> torch.Tensor:
-        """``n`` uint8 images; ``steps`` (default ``edm.steps``) Heun or Euler steps (``edm.sampler``),
-        ``guidance`` w (default ``edm.guidance``; a conditional model only), ``temperature`` scales the noise."""
+               temperature: float = 1.0, only=None) -> torch.Tensor:
+        """``n`` uint8 images with the sampler settings in force (:meth:`configure`): ``edm.steps`` steps of
+        ``edm.sampler``, guidance w ``edm.guidance`` (a conditional model only); ``temperature`` scales the noise."""
         e = self.cfg.edm
-        steps = e.steps if steps is None else steps
-        guidance = e.guidance if guidance is None else guidance
-        if steps < 1:
-            raise CovidXrayError(f"--steps must be at least 1, got {steps}")
-        if not 0 <= guidance <= 20:
-            raise CovidXrayError(f"--guidance must be in [0, 20], got {guidance:g}")
+        steps, guidance = e.steps, e.guidance
         if self.conditional and label is None:
             raise CovidXrayError(f"model '{self.model}' is class-conditional: choose a class "
                                  f"({', '.join(self.classes)} or all)")
@@ -59,12 +78,12 @@ class LoadedDiffusion(Generator):
             y = torch.full((len(chunk),), label, dtype=torch.long, device=dev) if self.conditional else None
             denoise = edm.sampler_denoiser(net, e.sigma_data, y, guidance, self.net.n_classes)
             with torch.autocast(dev.type, dtype=amp or torch.float32, enabled=amp is not None):
-                x = edm.sample(denoise, chunk, sigmas, heun=e.sampler == "heun")
+                x = edm.sample(denoise, chunk, sigmas, method=e.sampler)
             out.append(to_uint8(x.float().clamp(-1, 1)).cpu())
         return torch.cat(out) if out else torch.empty(0, 1, size, size, dtype=torch.uint8)
 
 
-class LoadedMaskDiffusion(MaskTranslator):
+class LoadedMaskDiffusion(_Sampling, MaskTranslator):
     """An ``edm_mask`` denoiser: X-rays drawn for given lung masks (and classes), with the run's sampler settings.
     Its noise comes from torch's global generator, which the callers seed (``sample --from-data --seed``, each
     ``evaluate`` draw)."""
@@ -93,7 +112,7 @@ class LoadedMaskDiffusion(MaskTranslator):
             denoise = edm.sampler_denoiser(net, e.sigma_data, y, e.guidance if y is not None else 1.0,
                                            self.net.n_classes, edm.mask_input(m))
             with torch.autocast(dev.type, dtype=amp or torch.float32, enabled=amp is not None):
-                x = edm.sample(denoise, noise, sigmas, heun=e.sampler == "heun")
+                x = edm.sample(denoise, noise, sigmas, method=e.sampler)
             out.append(to_uint8(x.float().clamp(-1, 1)).cpu())
         return torch.cat(out) if out else torch.zeros((0, 1, size, size), dtype=torch.uint8)
 

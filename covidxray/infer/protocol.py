@@ -70,6 +70,20 @@ class Loaded:
         """Why this model lacks ``capability`` (a clause for :func:`require`'s message), or ""."""
         return ""
 
+    #: Sampling options this model takes through :meth:`configure` (a diffusion model: ``steps``,
+    #: ``guidance``, ``sampler``).
+    options: tuple[str, ...] = ()
+
+    def configure(self, **options: Any) -> dict[str, Any]:
+        """Set sampling options (names in :attr:`options`; ``None`` values are ignored) for every later draw, and
+        return the sampling settings in force (recorded by ``sample`` and ``evaluate``); a model without
+        options returns ``{}`` and refuses any."""
+        given = [f"--{k}" for k, v in options.items() if v is not None]
+        if given:
+            raise CovidXrayError(f"{', '.join(given)} do(es) not apply to the {self.family} model in {self.path}",
+                                 "They set a diffusion model's sampler; drop them")
+        return {}
+
 
 class Generator(Loaded):
     """Draws new images. Subclasses implement :meth:`sample`; ``conditional`` models draw per class."""
@@ -78,8 +92,6 @@ class Generator(Loaded):
 
     #: What ``sample``'s output calls the weights it used (``G_ema``, ``G``, ``net``...).
     weights: str = ""
-    #: Extra keyword options of :meth:`sample` this generator takes (a diffusion model: ``steps``, ``guidance``).
-    options: tuple[str, ...] = ()
 
     @property
     def conditional(self) -> bool:

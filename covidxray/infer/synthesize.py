@@ -169,9 +169,10 @@ PAIRS_OUTPUTS = ("train", "val", "test", "manifest.csv", "rejected.csv", "prepar
 def synthesize_pairs(checkpoint: str | os.PathLike, out: str | os.PathLike, *, from_data: str | os.PathLike | None = None,
                      split: str = "train", masks: str | os.PathLike | None = None, deform: bool = False,
                      copies: int = 1, mix: bool = False, seed: int = 0, batch_size: int = 64, device: str = "auto",
-                     class_name: str | None = None, overwrite: bool = False,
+                     class_name: str | None = None, overwrite: bool = False, sampling: dict[str, Any] | None = None,
                      log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Write paired synthetic (X-ray, mask) data in the prepared layout (module docstring); returns its summary."""
+    """Write paired synthetic (X-ray, mask) data in the prepared layout (module docstring); returns its summary.
+    ``sampling``: a diffusion model's sampler options (``steps``, ``guidance``, ``sampler``; see ``configure``)."""
     log = log or (lambda msg: None)
     if (from_data is None) == (masks is None):
         raise CovidXrayError("pix2pix needs masks to translate: pass one of --from-data PREPARED or --masks FOLDER",
@@ -187,6 +188,7 @@ def synthesize_pairs(checkpoint: str | os.PathLike, out: str | os.PathLike, *, f
         raise CovidXrayError(f"{out} already holds synthetic pairs", "Choose another OUT or pass --overwrite")
     loaded = require(checkpoint, MaskTranslator, "--from-data/--masks",
                      "Train one: covidxray train --model pix2pix")
+    sampler = loaded.configure(**(sampling or {}))
     cfg, ckpt = loaded.cfg, loaded.checkpoint
     size = int(ckpt["image_size"])
     conditioned = loaded.conditioning
@@ -267,7 +269,7 @@ def synthesize_pairs(checkpoint: str | os.PathLike, out: str | os.PathLike, *, f
             "synthetic": True, "counts": counts,
             "generator": {"checkpoint": str(Path(ckpt["path"]).resolve()), "model": cfg.model.name,
                           "step": int(ckpt.get("step", 0)), "epoch": int(ckpt.get("epoch", 0))},
-            "settings": {"split": split if info else None, "deform": dict(DEFORM) if deform else None,
+            "settings": {"split": split if info else None, "deform": dict(DEFORM) if deform else None, **sampler,
                          "copies": copies, "mix": mix, "seed": seed, "class": class_name,
                          "conditioned_on": conditioned},
             "pairs": n_pairs, "real_copied": copied,
