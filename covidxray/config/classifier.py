@@ -1,9 +1,12 @@
 """The ``classifier`` family's configuration: the generic sections (classifier keys in ``model``,
 ``data``, ``train``, ``optim`` and ``eval``) plus ``loss`` and ``aug``. Details: ``docs/classifiers.md``.
 
-``data.synthetic`` / ``data.synthetic_ratio`` add images generated on the device, at every step, by a
-trained class-conditional GAN (the downstream-classification experiments: real only, real + synthetic,
-synthetic only). With a ratio ``r`` in (0, 1) each step keeps its ``train.batch_size`` B real images and
+``data.synthetic`` / ``data.synthetic_ratio`` add generated images to every step (the downstream-classification
+experiments: real only, real + synthetic, synthetic only): drawn on the device at every step from a trained
+class-conditional latent generator (a GAN, the cVAE), or taken from a **pool** drawn once at the start of the run
+from any other class-conditional generator (a diffusion model: dozens of network evaluations per image;
+``data.synthetic_pool`` images), or read from a folder of generated PNGs with one sub-folder per class.
+With a ratio ``r`` in (0, 1) each step keeps its ``train.batch_size`` B real images and
 adds ``round(B * r / (1 - r))`` generated ones, so runs with and without synthetic data take the same
 steps over the same real images and a fraction ``r`` of each batch is generated; ``r = 1`` trains on
 generated images only (TSTR, "GAN-train": B generated images a step, no real ones), an epoch still
@@ -45,11 +48,15 @@ class ClassifierModelConfig(ModelConfig):
 
 @dataclass
 class ClassifierDataConfig(DataConfig):
-    """The generic data keys plus synthetic images from a trained conditional GAN (module docstring): with
+    """The generic data keys plus synthetic images from a trained conditional generator (module docstring): with
     ``synthetic_ratio`` r < 1 a step is B real + round(B r / (1 - r)) generated images; r = 1: B generated."""
 
-    synthetic: str = ""                 # GAN checkpoint file or run folder (class-conditional, same classes) whose G
-                                        # adds images generated on the device to every training batch; "" = off
+    synthetic: str = ""                 # a class-conditional generator (checkpoint file or run folder, same classes)
+                                        # or a folder of its PNGs (one sub-folder per class, `covidxray sample`'s OUT)
+                                        # that adds generated images to every training batch; "" = off
+    synthetic_pool: int = 0             # images drawn once at the start and reused (labels with the real training
+                                        # split's class frequencies); 0 = on the fly at every step for a latent
+                                        # generator (GANs, cVAE), else as many as the real training split
     synthetic_ratio: float = 0.5        # fraction r of each training batch that is generated, 0 < r <= 1: r < 1 keeps
                                         # the train.batch_size B real images and adds round(B*r/(1-r)) generated ones;
                                         # r = 1: B generated images a step, no real ones (TSTR), same epoch length
@@ -148,6 +155,7 @@ CLASSIFIER_BOUNDS = {
     **SUPERVISED_OPTIM_BOUNDS,
     "model.dropout": "[0, 1)",
     "model.mc_dropout": "[0, 1)",
+    "data.synthetic_pool": "[0, 1000000]",
     "data.synthetic_ratio": Interval.parse(
         "(0, 1]", hint="It is the generated fraction of each batch (1 = generated images only): use e.g. 0.5 "
                        "(as many generated as real images), or leave data.synthetic empty"),

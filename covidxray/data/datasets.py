@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from covidxray.data.imaging import UnreadableImage, decode, is_image_name, to_gray8
 from covidxray.errors import CovidXrayError
 from covidxray.utils import atomic_path
 
@@ -414,3 +415,53 @@ def load_tensor_data(root: str | os.PathLike, split: str = "train", classes: Seq
             if log:
                 log(f"could not write cache {cache_file} ({exc}); continuing without it")
     return data
+
+
+def class_counts(n: int, weights: Sequence[float]) -> list[int]:
+    """``n`` split over classes in proportion to ``weights`` (largest remainders; sums to ``n``)."""
+    w = np.asarray(weights, dtype=float)
+    w = w / w.sum()
+    raw = n * w
+    counts = np.floor(raw).astype(int)
+    for i in np.argsort(-(raw - counts), kind="stable")[: n - counts.sum()]:
+        counts[i] += 1
+    return counts.tolist()
+
+
+def read_class_folders(folder: str | os.PathLike, classes: Sequence[str], what: str
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every image of ``folder``, which holds one sub-folder per class (the OUT of ``covidxray sample`` for a
+    class-conditional model): uint8 images (N x 1 x S x S, one square size) and their labels, indices into
+    ``classes``. Dot-files and ``grid.png`` are left out; anything else that is not a readable image of that
+    size is refused in one message naming the file (``what`` names the option or key that gave the folder)."""
+    folder = Path(folder)
+    subs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    loose = sorted(p.name for p in folder.iterdir() if p.is_file() and is_image_name(p.name) and p.name != "grid.png")
+    unknown = [p.name for p in subs if p.name not in classes]
+    hint = (f"Write them with `covidxray sample RUN {_show(folder)}` from a class-conditional generator trained on "
+            f"these classes, or pass the generator's run itself")
+    if unknown or loose or not subs:
+        what_is = (f"sub-folders that are not classes of the data ({', '.join(unknown[:5])})" if unknown else
+                   f"images outside class sub-folders (e.g. {loose[0]})" if loose else "no class sub-folders")
+        raise CovidXrayError(f"{what}: {_show(folder)} has {what_is}; generated images need one sub-folder per class "
+                             f"({', '.join(classes)})", hint)
+    arrays, labels, first = [], [], None
+    for sub in subs:
+        files = sorted(p for p in sub.iterdir() if p.is_file() and is_image_name(p.name)
+                       and not p.name.startswith(".") and p.name != "grid.png")
+        for p in files:
+            try:
+                a = np.asarray(to_gray8(decode(p.read_bytes())), dtype=np.uint8)
+            except (UnreadableImage, OSError) as exc:
+                raise CovidXrayError(f"{what}: {_show(p)} is not a readable image ({exc})",
+                                     "Remove it or draw the samples again") from None
+            if a.shape[0] != a.shape[1] or (first is not None and a.shape != first[0]):
+                want = f"{first[0][1]}x{first[0][0]} as {_show(first[1])}" if first else "square"
+                raise CovidXrayError(f"{what}: {_show(p)} is {a.shape[1]}x{a.shape[0]} px; the images must be {want}",
+                                     "Draw all samples at one size (the generator's)")
+            first = first or (a.shape, p)
+            arrays.append(a)
+            labels.append(list(classes).index(sub.name))
+    if not arrays:
+        raise CovidXrayError(f"{what}: {_show(folder)} holds no images in its class sub-folders", hint)
+    return torch.from_numpy(np.stack(arrays)).unsqueeze(1), torch.tensor(labels, dtype=torch.long)

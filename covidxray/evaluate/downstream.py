@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -31,12 +32,13 @@ import numpy as np
 import torch
 
 from covidxray.config import resolve_config
-from covidxray.data.datasets import load_tensor_data, resize_u8
+from covidxray.data.datasets import class_counts, load_tensor_data, resize_u8
 from covidxray.errors import CovidXrayError
 from covidxray.evaluate.figures import save_confusion_png
 from covidxray.evaluate.report import mean_std
 from covidxray.infer.predict import load_classifier, predict_probs
-from covidxray.infer.protocol import Classifier, having
+from covidxray.infer.generate import write_samples
+from covidxray.infer.protocol import Classifier, LatentGenerator, having
 from covidxray.metrics import classification as M
 from covidxray.models.registry import get_model
 from covidxray.train.loop import start_run
@@ -86,8 +88,29 @@ def check_downstream_args(classifier: str = "resnet18", seeds: int = 3, syntheti
         raise CovidXrayError(f"--epochs must be at least 1, got {epochs}")
 
 
+def draw_pool(source, folder: Path, n: int, train_counts: list[int], seed: int, device: torch.device,
+              log: Callable[[str], None]) -> dict[str, Any]:
+    """Draw ``n`` labelled images of a conditional ``source`` once (per class in the real training proportions
+    ``train_counts``, seeded ``seed``) into ``folder/<class>/`` as PNGs: the pool that arms (b) and (c) of every
+    seed read (``data.synthetic`` = the folder), instead of a diffusion model's dozens of network evaluations
+    per image inside each classifier step. Returns what the result records."""
+    counts = class_counts(n, train_counts)
+    per_class = ", ".join(f"{c} {k}" for c, k in zip(source.classes, counts))
+    log(f"downstream: drawing a pool of {n} synthetic images once ({per_class}, seed {seed})")
+    t0 = time.perf_counter()
+    images, labels = source.draw(counts, seed, device)
+    seconds = time.perf_counter() - t0
+    for k, name in enumerate(source.classes):
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        write_samples(images[labels.cpu() == k], folder / name)
+    return {"drawn": "once, a pool", "n": n, "seed": seed, "per_class": dict(zip(source.classes, counts)),
+            "seconds": round(seconds, 2), "seconds_per_image": round(seconds / max(n, 1), 4),
+            "folder": str(folder.relative_to(folder.parents[1]))}
+
+
 def run_downstream(source, data: str | Path, out: Path, *, classifier: str = "resnet18", seeds: int = 3,
                    synthetic_ratio: float = 0.5, epochs: int | None = None, device: str = "auto", seed: int = 0,
+                   pool: int = 0,
                    gan_test_n: int = 100, sets: list[str] | None = None,
                    log: Callable[[str], None] | None = None, console=None) -> dict[str, Any]:
     """Train and test the arms of the module docstring; runs are written under ``out/downstream``.
@@ -100,6 +123,8 @@ def run_downstream(source, data: str | Path, out: Path, *, classifier: str = "re
         seeds: seeds per arm (``seed``, ``seed + 1``, ...).
         synthetic_ratio: fraction of each batch of arm (b) that is generated.
         epochs: classifier epochs (default: the classifier's config).
+        pool: synthetic images drawn once for arms (b) and (c) of every seed (:func:`draw_pool`); 0 = on the fly
+            for a latent generator (GANs, cVAE), else as many as the real training split.
         gan_test_n: generated images per class for GAN-test.
         sets: extra ``--set`` overrides for every classifier run.
     """
@@ -115,8 +140,6 @@ def run_downstream(source, data: str | Path, out: Path, *, classifier: str = "re
     refused = None if source.conditional else (
         f"{source.name} is unconditional: its images carry no class, so arms (b) real + synthetic and (c) TSTR "
         f"cannot run; only the class mix of its samples is reported")
-    if source.conditional and getattr(source, "not_on_the_fly", ""):
-        refused = source.not_on_the_fly
     arms = ["real"] if refused else list(ARMS)
     if refused:
         log(f"downstream: {refused}")
@@ -124,13 +147,19 @@ def run_downstream(source, data: str | Path, out: Path, *, classifier: str = "re
     per_arm: dict[str, list[dict[str, Any]]] = {a: [] for a in arms}
     gan_test, class_mix = [], []
     dev = resolve_device(device)
+    synthetic, pool_info = source.path, None  # a latent generator's run (drawn on the fly) or a folder of PNGs
+    on_the_fly = isinstance(getattr(source, "loaded", None), LatentGenerator)
+    if not refused and source.kind != "folder" and (pool or not on_the_fly):
+        pool_info = draw_pool(source, root / "pool", pool or len(train_labels),
+                              torch.bincount(train_labels, minlength=len(classes)).tolist(), seed + 30_000, dev, log)
+        synthetic = str(root / "pool")
     for s in seed_list:
         for arm in arms:
             flags = {"data": {"path": str(data.resolve()), "classes": classes},
                      "train": {"epochs": epochs, "seed": s, "device": device}}
             extra = list(sets or [])
             if arm != "real":
-                extra += [f"data.synthetic={source.path}",
+                extra += [f"data.synthetic={synthetic}",
                           f"data.synthetic_ratio={synthetic_ratio if arm == 'real+synthetic' else 1.0}"]
             cfg = resolve_config(classifier, flags=flags, sets=extra)
             cfg.out = str(root / arm.replace("+", "_"))
@@ -157,6 +186,8 @@ def run_downstream(source, data: str | Path, out: Path, *, classifier: str = "re
             shutil.rmtree(Path(trainer.run_dir) / "checkpoints", ignore_errors=True)
 
     result: dict[str, Any] = {"classifier": classifier, "seeds": seed_list, "synthetic_ratio": synthetic_ratio,
+                              "synthetic": pool_info or {"drawn": "on the fly" if source.kind != "folder" else
+                                                         f"the {source.n_available} images of the folder"},
                               "epochs": epochs if epochs is not None else resolve_config(classifier).train.epochs,
                               "test_n": len(test), "classes": classes, "refused": refused, "arms": {}, "figures": []}
     for arm, rows in per_arm.items():

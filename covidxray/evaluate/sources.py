@@ -21,19 +21,8 @@ from covidxray.data.imaging import UnreadableImage, decode, is_image_name, to_gr
 from covidxray.data.transforms import deform_masks
 from covidxray.errors import CovidXrayError
 from covidxray.infer.predict import iter_mask_probs, load_segmenter
-from covidxray.infer.protocol import Generator, LatentGenerator, MaskTranslator
+from covidxray.infer.protocol import Generator, MaskTranslator
 from covidxray.metrics.segmentation import dice, summarize
-
-
-def class_counts(n: int, weights: list[float]) -> list[int]:
-    """``n`` split over classes in proportion to ``weights`` (largest remainders; sums to ``n``)."""
-    w = np.asarray(weights, dtype=float)
-    w = w / w.sum()
-    raw = n * w
-    counts = np.floor(raw).astype(int)
-    for i in np.argsort(-(raw - counts), kind="stable")[: n - counts.sum()]:
-        counts[i] += 1
-    return counts.tolist()
 
 
 @dataclass
@@ -71,11 +60,6 @@ class GeneratorSource(Source):
         super().__init__("checkpoint", g.cfg.model.name, info["checkpoint"], g.image_size,
                          g.classes, g.conditional, info)
         self.loaded = g
-        if not isinstance(g, LatentGenerator):
-            #: Why the downstream arms (b) and (c) cannot take this source (run_downstream reports it).
-            self.not_on_the_fly = (f"{g.model} is not a latent generator, and the classifier's data.synthetic "
-                                   f"draws on the fly from one only, so arms (b) and (c) do not run here (GAN-test "
-                                   f"and the class mix do); train on real + `covidxray sample` images instead")
 
     def draw(self, counts, seed, device, batch_size=256):
         return self.loaded.draw(counts, seed, device, batch_size)
@@ -187,12 +171,6 @@ class MaskSource(Source):
         super().__init__("checkpoint", cfg.model.name, info["checkpoint"], size,
                          conditioned or list(td.classes), bool(conditioned), info)
         self.loaded, self.masks = loaded, masks
-        #: Why the downstream arms (b) and (c) cannot take this source (run_downstream reports it).
-        self.not_on_the_fly = (
-            f"{cfg.model.name} draws X-rays from masks, and the classifier's data.synthetic generates on the fly "
-            f"from a latent generator only, so arms (b) and (c) do not run here (GAN-test and the class mix do); "
-            f"train on real + pix2pix images with `covidxray sample RUN OUT --from-data DATA --deform --mix` and "
-            f"`covidxray train --model smallcnn --data OUT`")
         # Each conditioned class's pool of masks (indices into self.masks), by class name of the training data.
         own = [td.classes[int(k)] for k in td.labels]
         self.pools = [torch.tensor([i for i, c in enumerate(own) if c == name] or list(range(len(own))))

@@ -90,6 +90,53 @@ def test_gif_and_evaluate_with_copies(edm_run, cli, demo_prepared, tmp_path, unv
     assert m["source"]["path"].endswith("best.pt")
 
 
+def test_downstream_arms_read_a_pool_drawn_once_with_the_sampler_asked(edm_run, cli, demo_prepared, tmp_path,
+                                                                        unverified):
+    """--downstream on a diffusion model: the pool of synthetic images is drawn once (here with dpm2m), written
+    as PNGs per class, and both arms (b) and (c) train on it; the sampler settings are recorded."""
+    r = cli("evaluate", edm_run, "--data", demo_prepared, "--out", tmp_path / "e", "--repeats", "1", "--metrics",
+            "fid", "-n", "6", "--sampler", "dpm2m", "--steps", "3", "--downstream", "--classifier", "smallcnn",
+            "--seeds", "1", "--epochs", "1", "--synthetic-pool", "9", "--set", "train.num_threads=1",
+            "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    m = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    assert m["source"]["sampling"] == {"sampler": "dpm2m", "steps": 3, "guidance": 1.0, "network_evaluations": 3}
+    down = m["downstream"]
+    assert list(down["arms"]) == ["real", "real+synthetic", "synthetic"] and down["delta"]["n"] == 1
+    pool = down["synthetic"]
+    assert pool["drawn"] == "once, a pool" and pool["n"] == 9 and sum(pool["per_class"].values()) == 9
+    pngs = sorted((tmp_path / "e" / pool["folder"]).glob("*/sample_*.png"))
+    assert len(pngs) == 9 and {p.parent.name for p in pngs} <= set(pool["per_class"])
+    assert r.output.count("drawing a pool of 9") == 1
+
+
+def test_a_classifier_takes_a_diffusion_pool_or_a_folder_of_its_samples(edm_run, cli, demo_prepared, tmp_path):
+    from covidxray.config import resolve_config
+    from covidxray.train.loop import start_run
+
+    def run(synthetic, *sets):
+        cfg = resolve_config("smallcnn", flags={"data": {"path": str(demo_prepared)}, "train": {
+            "epochs": 1, "device": "cpu"}}, sets=[f"data.synthetic={synthetic}", "train.num_threads=1", *sets])
+        cfg.out = str(tmp_path / "runs")
+        trainer, finished = start_run(cfg)
+        assert finished
+        return trainer, load_checkpoint(trainer.run_dir, resume=True)
+
+    trainer, ckpt = run(edm_run, "data.synthetic_pool=7")
+    assert trainer.task.pool.shape == (7, 1, 64, 64) and trainer.task.pool.dtype == torch.uint8
+    assert ckpt["synthetic"]["pool"] == 7 and ckpt["synthetic"]["model"] == "edm"
+    r = cli("sample", edm_run, tmp_path / "s", "-n", "2", "--steps", "2", "--sampler", "euler")
+    assert r.exit_code == 0, r.output
+    trainer, ckpt = run(tmp_path / "s")
+    assert len(trainer.task.pool) == 6 and sorted(trainer.task.pool_labels.tolist()) == [0, 0, 1, 1, 2, 2]
+    assert ckpt["synthetic"]["model"] == "folder" and ckpt["synthetic"]["weights"].startswith("sha1 ")
+    (tmp_path / "s" / "other").mkdir()
+    r = cli("train", "--model", "smallcnn", "--data", demo_prepared, "--epochs", "1", "--out", tmp_path / "r2",
+            "--set", f"data.synthetic={tmp_path / 's'}")
+    assert r.exit_code == 2 and "sub-folders that are not classes of the data (other)" in r.stderr
+    assert len([ln for ln in r.stderr.splitlines() if ln.strip()]) == 1
+
+
 def test_resume_continues_exactly(demo_prepared, tmp_path):
     from covidxray.config import resolve_config
     from covidxray.train.loop import resume_run, start_run
@@ -114,6 +161,7 @@ def test_resume_continues_exactly(demo_prepared, tmp_path):
 
 def test_bad_input_is_one_line(edm_run, demo_prepared, cli, tmp_path):
     for args, text in ((["--guidance", "-1"], "--guidance"), (["--steps", "0"], "--steps"),
+                       (["--sampler", "ddim"], "'ddim' is not one of heun, euler, dpm2m"),
                        (["--from-data", str(demo_prepared)], "needs a mask -> X-ray model")):
         r = cli("sample", edm_run, tmp_path / "o", *args)
         assert r.exit_code == 2 and text in r.stderr and "Traceback" not in r.output, r.output

@@ -243,17 +243,20 @@ def test_evaluate_a_pix2pix_run_with_its_mask_consistency(p2p_cfg, demo_prepared
     # the masks of class k come from class-k training images
     own = [set(torch.nonzero(run.data.labels == k).flatten().tolist()) for k in range(3)]
     assert all(set(pool.tolist()) <= own[k] for k, pool in enumerate(src.pools))
-    # --downstream: GAN-test on its labelled draws; arms (b)/(c) refused with the data-set recipe, and said so
+    # --downstream: GAN-test on its labelled draws; arms (b)/(c) train on a pool of its X-rays drawn once from masks
     out2 = tmp_path / "ev-down"
     r = CliRunner().invoke(app, ["evaluate", str(run.run_dir), "--data", str(demo_prepared), "-n", "12", "--repeats",
                                  "1", "--metrics", "fid", "--downstream", "--classifier", "smallcnn", "--seeds", "1",
                                  "--epochs", "1", "--set", "train.num_threads=1", "-o", str(out2), "--device", "cpu"])
     assert r.exit_code == 0, r.output
     down = json.loads((out2 / "metrics.json").read_text())["downstream"]
-    assert list(down["arms"]) == ["real"] and "--from-data" in down["refused"] and down["gan_test"]["n"] > 0
+    assert list(down["arms"]) == ["real", "real+synthetic", "synthetic"] and down["gan_test"]["n"] > 0
+    pool = down["synthetic"]  # as many as the real training split (all its images, masked or not)
+    assert pool["drawn"] == "once, a pool" and pool["n"] == sum(pool["per_class"].values()) >= len(run.data)
     r = CliRunner().invoke(app, ["evaluate", "--compare", str(out2), "-o", str(tmp_path / "cmp.md")])
     assert r.exit_code == 0, r.output
-    assert "n/a (no on-the-fly draws)" in (tmp_path / "cmp.md").read_text()
+    row = next(ln for ln in (tmp_path / "cmp.md").read_text().splitlines() if ln.startswith("| pix2pix"))
+    assert "n/a" not in row and row.rstrip(" |").split("|")[-1].strip().startswith(("+", "-"))  # a Δ (1 seed)
 
 
 def test_colorize_target_known_answer():

@@ -14,15 +14,26 @@ dropout passes. The loop keeps ``best.pt`` by ``eval.metric`` (default: loss) an
 ``eval.patience`` validations without improvement, as the seed project did.
 
 Synthetic images (``data.synthetic``, ``data.synthetic_ratio`` r; the downstream-classification
-experiments: real only, real + synthetic, synthetic only = TSTR / "GAN-train"): the generator of a
-trained class-conditional GAN (a checkpoint file or run folder; ``G_ema`` when it has one) is loaded
-once, put on the device in eval mode without gradients, and is neither trained nor saved with the
-classifier. Every step it generates images on the device, never on disk: labels drawn from the real
-training split's class frequencies (inverse CDF, :func:`sample_labels`), latents from a normal
-distribution, both from a generator of their own (``rng`` ``synthetic``, seeded ``train.seed + 5``,
-saved and restored, so a resumed run stays bit-exact); G runs in full precision (as ``covidxray
-sample``), its output is rounded to uint8 and resized to the classifier's side on the device (as
-:func:`~covidxray.data.datasets.resize_u8`) when the sides differ. With 0 < r < 1 the step's B real
+experiments: real only, real + synthetic, synthetic only = TSTR / "GAN-train") come from one of three sources,
+none of them trained or saved with the classifier:
+
+* a trained class-conditional **latent generator** (a GAN's ``G_ema`` when it has one, the cVAE's decoder; a
+  checkpoint file or run folder), loaded once on the device in eval mode without gradients: every step it
+  generates images on the device, never on disk, labels drawn from the real training split's class frequencies
+  (inverse CDF, :func:`sample_labels`) and latents from a normal distribution, both from a generator of their
+  own (``rng`` ``synthetic``, seeded ``train.seed + 5``, saved and restored, so a resumed run stays bit-exact);
+  G runs in full precision (as ``covidxray sample``);
+* any other class-conditional **generator** (a diffusion model, whose dozens of network evaluations per image
+  would cost more than the classifier's step), or a latent one with ``data.synthetic_pool`` N > 0: a **pool** of
+  N images (default: as many as the real training split) is drawn once at the start, per class in proportion to
+  the real training split (:func:`~covidxray.data.datasets.class_counts`), seeded ``train.seed + 7`` (the same
+  pool on resume), and kept on the device;
+* a **folder of generated PNGs** with one sub-folder per class (``covidxray sample``'s OUT; ``evaluate
+  --downstream`` writes one per evaluation), read once as a pool; its class mix is the folder's.
+
+From a pool, each step takes its images at random with replacement (``rng`` ``synthetic``). Images are rounded
+to uint8 and resized to the classifier's side on the device (as :func:`~covidxray.data.datasets.resize_u8`) when
+the sides differ. With 0 < r < 1 the step's B real
 images are kept and ``round(B * r / (1 - r))`` generated ones are appended (a fraction r of the
 batch; runs with and without synthetic data take the same steps over the same real images); with
 r = 1 the B images of a step are all generated (the real batch is left unused; an epoch keeps the
@@ -38,6 +49,8 @@ checkpoint file, its step and the weights used: a resume whose generator changed
 
 from __future__ import annotations
 
+import hashlib
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -46,11 +59,11 @@ import torch
 import torch.nn.functional as F
 
 from covidxray.config.classifier import parse_class_weights
-from covidxray.data.datasets import resize_u8, to_float, to_uint8
+from covidxray.data.datasets import class_counts, read_class_folders, resize_u8, to_float, to_uint8
 from covidxray.data.transforms import augment_batch
 from covidxray.errors import CovidXrayError
 from covidxray.infer.predict import predict_probs
-from covidxray.infer.protocol import LatentGenerator, having, require
+from covidxray.infer.protocol import Generator, LatentGenerator, having, require
 from covidxray.metrics import classification as M
 from covidxray.models.classifiers import load_pretrained
 from covidxray.models.registry import list_models
@@ -128,8 +141,9 @@ class ClassifierTask(SupervisedTask):
         self.aug_kw = dict(rotate=a.rotate, scale=a.scale, translate=a.translate, brightness=a.brightness,
                            contrast=a.contrast, hflip=a.hflip)
 
-        # Synthetic images from a trained conditional GAN (module docstring); None: real images only.
+        # Synthetic images (module docstring): drawn at every step from G, or taken from a pool; n_synthetic 0: none.
         self.G: torch.nn.Module | None = None
+        self.pool: torch.Tensor | None = None
         self.n_synthetic = 0
         self.synthetic_only = False
         if cfg.data.synthetic:
@@ -138,46 +152,82 @@ class ClassifierTask(SupervisedTask):
     def _init_synthetic(self, counts: torch.Tensor) -> None:
         cfg, t, dev = self.cfg, self.trainer, self.device
         # An absolute path, as data.path: config.yaml and the checkpoint then find it from anywhere.
-        cfg.data.synthetic = str(Path(cfg.data.synthetic).expanduser().resolve())
-        try:
-            loaded = require(cfg.data.synthetic, LatentGenerator, "data.synthetic (drawn at every step)")
-        except CovidXrayError as exc:  # no checkpoint there, not a GAN, ...: its own message, the key named
-            raise CovidXrayError(f"data.synthetic: {exc.message}", exc.hint) from None
-        ckpt = loaded.checkpoint
-        path, model = str(ckpt["path"]), loaded.cfg.model.name
-        if not loaded.conditional:
-            conditional = ", ".join(m.name for m in list_models() if m.conditional and m.name in having(LatentGenerator))
-            raise CovidXrayError(f"data.synthetic: unconditional generators cannot add labelled images; {path} holds "
-                                 f"'{model}', which is not class-conditional",
-                                 f"Train a class-conditional generator ({conditional}) on the classifier's classes and "
-                                 f"pass its run")
-        classes = list(t.data.classes)
-        if loaded.classes != classes:
-            raise CovidXrayError(f"data.synthetic: the generator in {path} was trained on the classes "
-                                 f"{', '.join(loaded.classes)} but the classifier's training data have "
-                                 f"{', '.join(classes)}",
-                                 "Train the classifier on the generator's classes (data.classes), or pass a "
-                                 "conditional GAN trained on these")
+        src = Path(cfg.data.synthetic).expanduser().resolve()
+        cfg.data.synthetic = str(src)
         r = cfg.data.synthetic_ratio
         n = synthetic_count(t.rank_batch_size, r)  # per rank under torchrun (the real images are per rank too)
         if n < 1:
             raise CovidXrayError(f"data.synthetic_ratio={r:g} with {t.rank_batch_size} real images a step adds "
                                  f"round({t.rank_batch_size} * {r:g} / {1 - r:g}) = 0 generated images",
                                  "Raise data.synthetic_ratio or train.batch_size")
-        self.G = loaded.G.to(dev, memory_format=t.memory_format).eval().requires_grad_(False)
+        classes = list(t.data.classes)
         self.n_synthetic, self.synthetic_only = n, r >= 1
-        self.latent_dim = loaded.latent_dim
         self.synthetic_size = t.data_spec.image_size
-        self.synthetic_cdf = class_cdf(counts).to(dev)  # the real training split's class frequencies
         self.synthetic_gen = torch.Generator(device=dev).manual_seed(cfg.train.seed + 5)
+        if src.is_dir() and not (src / "checkpoints").is_dir() and not (src / "config.yaml").is_file():
+            images, labels = read_class_folders(src, classes, "data.synthetic")  # generated PNGs
+            digest = hashlib.sha1(images.numpy().tobytes() + labels.numpy().tobytes()).hexdigest()[:16]
+            self.synthetic_source = {"path": str(src), "model": "folder", "weights": f"sha1 {digest}", "step": 0,
+                                     "epoch": 0, "pool": len(images)}
+            self._set_pool(images, labels, f"{len(images)} images of {src}")
+            return
+        try:
+            loaded = require(src, Generator, "data.synthetic")
+        except CovidXrayError as exc:  # no checkpoint there, not a generator, ...: its own message, the key named
+            raise CovidXrayError(f"data.synthetic: {exc.message}", exc.hint) from None
+        ckpt = loaded.checkpoint
+        path, model = str(ckpt["path"]), loaded.cfg.model.name
+        if not loaded.conditional:
+            conditional = ", ".join(m.name for m in list_models() if m.conditional and m.name in having(Generator))
+            raise CovidXrayError(f"data.synthetic: unconditional generators cannot add labelled images; {path} holds "
+                                 f"'{model}', which is not class-conditional",
+                                 f"Train a class-conditional generator ({conditional}) on the classifier's classes and "
+                                 f"pass its run")
+        if loaded.classes != classes:
+            raise CovidXrayError(f"data.synthetic: the generator in {path} was trained on the classes "
+                                 f"{', '.join(loaded.classes)} but the classifier's training data have "
+                                 f"{', '.join(classes)}",
+                                 "Train the classifier on the classes of the generator (data.classes), or pass a "
+                                 "conditional generator trained on these")
         self.synthetic_source = {"path": path, "model": model, "weights": loaded.weights,
                                  "step": int(ckpt.get("step", 0)), "epoch": int(ckpt.get("epoch", 0))}
-        g_size = int(ckpt.get("image_size") or loaded.cfg.data.image_size)
-        resized = f", resized {g_size} -> {self.synthetic_size} px" if g_size != self.synthetic_size else ""
-        mix = "no real images" if self.synthetic_only else f"beside {t.rank_batch_size} real ones"
-        t.log(f"synthetic: {n} generated images per step (ratio {r:g}) from {path} ({model}, {loaded.weights}); "
-              f"{mix}{resized}; the generator was trained {self.synthetic_source['step']} steps "
-              f"({self.synthetic_source['epoch']} epochs)")
+        trained = (f"the generator was trained {self.synthetic_source['step']} steps "
+                   f"({self.synthetic_source['epoch']} epochs)")
+        if isinstance(loaded, LatentGenerator) and not cfg.data.synthetic_pool:  # cheap: drawn at every step
+            self.G = loaded.G.to(dev, memory_format=t.memory_format).eval().requires_grad_(False)
+            self.latent_dim = loaded.latent_dim
+            self.synthetic_cdf = class_cdf(counts).to(dev)  # the real training split's class frequencies
+            g_size = int(ckpt.get("image_size") or loaded.cfg.data.image_size)
+            resized = f", resized {g_size} -> {self.synthetic_size} px" if g_size != self.synthetic_size else ""
+            mix = "no real images" if self.synthetic_only else f"beside {t.rank_batch_size} real ones"
+            t.log(f"synthetic: {n} generated images per step (ratio {r:g}) from {path} ({model}, {loaded.weights}); "
+                  f"{mix}{resized}; {trained}")
+            return
+        # A pool drawn once (a diffusion model costs dozens of network evaluations per image), labels with the real
+        # training split's class frequencies, seeded by train.seed: the same pool on resume.
+        size = cfg.data.synthetic_pool or int(counts.sum())
+        per_class = class_counts(size, counts.tolist())
+        t.log(f"synthetic: drawing a pool of {size} images from {path} ({model}, {loaded.weights}; "
+              f"{', '.join(f'{c} {k}' for c, k in zip(classes, per_class))}) once; {trained}")
+        started = time.perf_counter()
+        images, labels = loaded.draw(per_class, seed=cfg.train.seed + 7, device=dev)
+        self.synthetic_source["pool"] = size
+        self._set_pool(images, labels, f"a pool of {size} images from {model}, drawn in "
+                                       f"{time.perf_counter() - started:.0f} s")
+
+    def _set_pool(self, images: torch.Tensor, labels: torch.Tensor, desc: str) -> None:
+        """Keep ``images`` (uint8, resized to the classifier's side) and ``labels`` on the device; each step takes
+        ``n_synthetic`` of them at random (with replacement, from ``synthetic_gen``)."""
+        t, dev = self.trainer, self.device
+        resized = ""
+        if images.shape[-1] != self.synthetic_size:
+            resized = f", resized {images.shape[-1]} -> {self.synthetic_size} px"
+            images = resize_u8(images, self.synthetic_size)
+        self.pool, self.pool_labels = images.to(dev), labels.to(dev)
+        mix = torch.bincount(labels, minlength=len(t.data.classes)).tolist()
+        where = "no real images" if self.synthetic_only else f"beside {t.rank_batch_size} real ones"
+        t.log(f"synthetic: {self.n_synthetic} images per step (ratio {self.cfg.data.synthetic_ratio:g}) from {desc} "
+              f"({', '.join(f'{c} {k}' for c, k in zip(t.data.classes, mix))}); {where}{resized}")
 
     @classmethod
     def graphs_unsupported(cls, cfg) -> str:
@@ -192,18 +242,18 @@ class ClassifierTask(SupervisedTask):
     # ------------------------------------------------------------ state
     def generators(self) -> dict[str, tuple[torch.Generator, int]]:
         gens = {"aug": (self.aug_gen, 3)}
-        if self.G is not None:
+        if self.n_synthetic:
             gens["synthetic"] = (self.synthetic_gen, 5)
         return gens
 
     def extra_state(self) -> dict[str, Any]:
         state: dict[str, Any] = {"class_weights": None if self.class_weights is None else self.class_weights.cpu()}
-        if self.G is not None:
+        if self.n_synthetic:
             state["synthetic"] = dict(self.synthetic_source)
         return state
 
     def load_extra_state(self, ckpt: dict[str, Any]) -> None:
-        if self.G is None:
+        if not self.n_synthetic:
             return
         then, now = ckpt.get("synthetic") or {}, self.synthetic_source
         keys = ("path", "step", "weights")
@@ -224,6 +274,9 @@ class ClassifierTask(SupervisedTask):
     def synthetic_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The step's generated images (uint8, at the classifier's side) and their labels, on the device."""
         n, dev = self.n_synthetic, self.device
+        if self.pool is not None:
+            pick = torch.randint(len(self.pool), (n,), generator=self.synthetic_gen, device=dev)
+            return self.pool[pick], self.pool_labels[pick]
         y = sample_labels(self.synthetic_cdf, n, self.synthetic_gen)
         z = torch.randn(n, self.latent_dim, generator=self.synthetic_gen, device=dev)
         images = to_uint8(self.G(z, y))
@@ -233,7 +286,7 @@ class ClassifierTask(SupervisedTask):
 
     def device_step(self, images_u8: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """The device work of one step (no host syncs, so that it can be captured as a CUDA graph)."""
-        if self.G is not None:
+        if self.n_synthetic:
             fake, fake_labels = self.synthetic_batch()
             if self.synthetic_only:
                 images_u8, labels = fake, fake_labels
