@@ -12,6 +12,10 @@ from covidxray.infer.predict import inference_settings
 from covidxray.infer.protocol import Generator, MaskTranslator, register_loader
 from covidxray.models import diffusion as edm
 
+#: The denoiser samples in channels-last: measured 1.5x faster than contiguous on the 2-core AMX CPU in bf16
+#: (1.28 against 1.96 s for a batch of 32 at 64 px, one thread); as the training step, which is channels-last.
+CHANNELS_LAST = torch.channels_last
+
 
 class _Sampling:
     """The sampler settings of a loaded diffusion model: the run's ``edm`` section, which :meth:`configure` (the
@@ -71,10 +75,10 @@ class LoadedDiffusion(_Sampling, Generator):
         # The network in bf16 where it is native (a CUDA GPU, an AMX / AVX512-BF16 CPU), as in training; the
         # preconditioning and the solver stay in float32 (docs/diffusion.md).
         dev, amp = inference_settings(device)
-        net = self.net.to(dev)
+        net = self.net.to(dev, memory_format=CHANNELS_LAST)
         out = []
         for i in range(0, len(noise), batch_size):
-            chunk = noise[i:i + batch_size].to(dev)
+            chunk = noise[i:i + batch_size].to(dev).contiguous(memory_format=CHANNELS_LAST)
             y = torch.full((len(chunk),), label, dtype=torch.long, device=dev) if self.conditional else None
             denoise = edm.sampler_denoiser(net, e.sigma_data, y, guidance, self.net.n_classes)
             with torch.autocast(dev.type, dtype=amp or torch.float32, enabled=amp is not None):
@@ -102,12 +106,13 @@ class LoadedMaskDiffusion(_Sampling, MaskTranslator):
     def translate_masks(self, masks, labels, device, batch_size):
         e = self.cfg.edm
         dev, amp = inference_settings(device)
-        net, size = self.net.to(dev), int(masks.shape[-1])
+        net, size = self.net.to(dev, memory_format=CHANNELS_LAST), int(masks.shape[-1])
         sigmas = edm.karras_sigmas(e.steps, e.sigma_min, e.sigma_max, e.rho)
         out = []
         for i in range(0, masks.shape[0], batch_size):
             m = masks[i:i + batch_size].to(dev)
-            noise = torch.randn(len(m), 1, size, size).to(dev)
+            m = m.contiguous(memory_format=CHANNELS_LAST)
+            noise = torch.randn(len(m), 1, size, size).to(dev).contiguous(memory_format=CHANNELS_LAST)
             y = labels[i:i + batch_size].to(dev) if labels is not None and self.conditioning else None
             denoise = edm.sampler_denoiser(net, e.sigma_data, y, e.guidance if y is not None else 1.0,
                                            self.net.n_classes, edm.mask_input(m))
