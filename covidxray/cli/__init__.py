@@ -47,7 +47,7 @@ app = typer.Typer(
 def _register() -> None:
     # Each module owns one command; heavy imports (torch) happen inside the commands,
     # so that `covidxray --help` stays fast.
-    from covidxray.cli import demo, evaluate, gif, models, prepare, sample, segment, train
+    from covidxray.cli import demo, evaluate, gif, models, prepare, sample, segment, study, train
 
     app.command("prepare")(prepare.prepare_cmd)
     app.command("train")(train.train_cmd)
@@ -55,6 +55,7 @@ def _register() -> None:
     app.command("segment")(segment.segment_cmd)
     app.command("gif")(gif.gif_cmd)
     app.command("evaluate")(evaluate.evaluate_cmd)
+    app.command("study")(study.study_cmd)
     app.command("models")(models.models_cmd)
     app.command("demo")(demo.demo_cmd)
 

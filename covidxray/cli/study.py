@@ -1,0 +1,100 @@
+"""``covidxray study``: train and score the arms of a study spec under one protocol, and report them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from covidxray.cli._common import console, user_errors
+from covidxray.errors import CovidXrayError
+
+
+@user_errors
+def study_cmd(
+    spec: Path = typer.Argument(..., metavar="SPEC", help="The study spec (YAML), e.g. configs/studies/demo.yaml."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Prepared folder every arm trains on and is scored "
+                                        "against (`covidxray prepare`)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="The study folder (default: studies/<spec name>); "
+                                       "rerun the same command to continue it."),
+    arm: Optional[str] = typer.Option(None, "--arm", help="Run this arm alone (into the same study folder)."),
+    report: bool = typer.Option(False, "--report", help="Only write OUT/study.md from the arms that have finished "
+                                "(the others marked); trains nothing."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Check the spec against --data, print the plan (epochs, "
+                                 "steps, points, what is done) and exit."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N (training and scoring)."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="Execution setting of every arm that does not change "
+                                             "what it learns, e.g. train.num_threads=4 (repeatable)."),
+) -> None:
+    """Train every arm of SPEC through `train`, score it through `evaluate` at points of its budget, and write
+    OUT/study.md: one row per arm, and each arm's quality per compute. A rerun skips what is done."""
+    from covidxray.study.report import write_report
+    from covidxray.study.run import StudyRunner, check_study_dir, read_manifest, update_manifest
+    from covidxray.study.spec import load_spec, plan_study
+
+    con = console()
+    log = lambda msg: con.print(msg, highlight=False, soft_wrap=True, markup=False)  # noqa: E731
+    s = load_spec(spec)
+    if arm is not None:
+        s.arm(arm)  # an unknown name fails here, listing the arms
+    out = out if out is not None else Path("studies") / s.name
+    if report:
+        check_study_dir(out, data)
+        if not out.is_dir():
+            raise CovidXrayError(f"--out {out} holds no study yet", f"Run `covidxray study {spec} --data PREPARED` first")
+        keys = None
+        if data is not None:  # with the data, arms whose run is of an older spec are marked so
+            keys = StudyRunner(s, plan_study(s, data, device, set_), data, out).keys()
+        rows = write_report(out, s, read_manifest(out), keys)
+        update_manifest(out, report=rows)
+        return _print(con, rows, out)
+    if data is None:
+        raise CovidXrayError("--data is required", "Pass the prepared folder, e.g. --data data/cxr64")
+    plans = plan_study(s, data, device, set_)
+    check_study_dir(out, data)
+    runner = StudyRunner(s, plans, data, out, device=device, sets=set_, console=con, log=log)
+    if dry_run:
+        return _plan(con, runner, arm)
+    rows = runner.run(arm)
+    _print(con, rows, out)
+
+
+def _plan(con, runner, only: str | None) -> None:
+    from rich.table import Table
+
+    from covidxray.study.report import arm_status
+    from covidxray.study.run import read_manifest
+
+    manifest = read_manifest(runner.out) if runner.out.is_dir() else {"arms": {}}
+    keys = runner.keys()
+    table = Table(title=f"study {runner.spec.name}: {runner.spec.path} on {runner.data} -> {runner.out}")
+    for col in ("arm", "model", "train images", "batch", "epochs", "steps", "kimg", "points (step)", "now"):
+        table.add_column(col, justify="left" if col in ("arm", "model", "points (step)", "now") else "right")
+    for p in runner.plans:
+        if only is not None and p.arm.name != only:
+            continue
+        entry = manifest["arms"].get(p.arm.name)
+        status = arm_status(entry, keys[p.arm.name])
+        now = ("done" if status == "done" else "to train" if entry is None or status.startswith("not run (changed")
+               or entry["train"].get("status") != "done" else "to score")
+        table.add_row(p.arm.name, p.arm.model, str(p.train_images), str(p.batch_size), str(p.epochs),
+                      str(p.total_steps), f"{p.kimg:g}", ", ".join(f"{q.label} % ({q.step})" for q in p.points), now)
+    con.print(table)
+    con.print("dry run: nothing was trained or written", highlight=False)
+
+
+def _print(con, rows, out: Path) -> None:
+    from rich.table import Table
+
+    from covidxray.evaluate.report import fmt
+
+    table = Table()
+    for col in ("arm", "model", "FD ± std", "floor", "kimg", "train s", "status"):
+        table.add_column(col, justify="left" if col in ("arm", "model", "status") else "right")
+    for r in rows:
+        done = r["status"] == "done"
+        table.add_row(r["arm"], r["model"], fmt(r.get("fd")) if done else "-", fmt(r.get("fd_floor")) if done else "-",
+                      f"{r['kimg']:.3f}" if done else "-", f"{r['train_s']:.1f}" if done else "-", r["status"])
+    con.print(table)
+    con.print(f"wrote {out / 'study.md'}", highlight=False, soft_wrap=True, markup=False)

@@ -1,0 +1,295 @@
+"""Running a study: every arm trained by the one loop and scored by the one generator evaluation.
+
+For each arm of the plan (:func:`covidxray.study.spec.plan_study`), in ``OUT/arms/<arm>/``:
+
+1. **Train** through :func:`covidxray.train.loop.start_run` (a run folder ``00000-<model>/``) for the epochs of
+   its budget. The weights at each point of the budget are kept as ``checkpoints/point-<pct>.pt``, saved after
+   that point's step (the run trains once, to the end, so that a learning-rate schedule over its epochs is the
+   full budget's); the full budget is ``checkpoints/last.pt``. A ``max_minutes`` cap stops the training at the
+   first step past it (recorded as ``capped``; the points it did not reach are not scored).
+2. **Score** each point through :func:`covidxray.evaluate.generator.run_generator_evaluation` into
+   ``eval-<pct>/`` with the study's protocol (the downstream arms at the full budget only).
+
+The manifest ``OUT/study.json`` (written atomically after every change) records each stage: its key, status,
+and what it measured (kimg, training seconds, device; the scores). A rerun skips the stages whose key is
+recorded as done, resumes an interrupted training from its ``last.pt`` (bit-exact, by the loop's resume), and
+an arm whose training key changed has its old folder moved to ``OUT/replaced/`` and reruns alone. Ctrl-C in
+training stops after the current step with a checkpoint (the loop's own handling); anywhere else it leaves the
+stage undone; either way the study stops with exit 130 and the same command continues.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from covidxray.checkpoint import load_checkpoint
+from covidxray.errors import CovidXrayError
+from covidxray.evaluate.generator import GeneratorEvaluation, run_generator_evaluation
+from covidxray.outdir import check_output_dir, claim, read_marker
+from covidxray.study.report import write_report
+from covidxray.study.spec import ArmPlan, Point, StudySpec
+from covidxray.train.loop import resume_run, start_run
+from covidxray.utils import atomic_write_text
+
+KIND = "study"
+MANIFEST = "study.json"
+FORMAT = "covidxray-study"
+
+
+# -------------------------------------------------------------------------------------------- manifest
+def read_manifest(out: Path) -> dict[str, Any]:
+    """The manifest of the study in ``out`` (an empty one when there is none yet)."""
+    path = Path(out) / MANIFEST
+    if not path.is_file():
+        return {"format": FORMAT, "version": 1, "arms": {}}
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CovidXrayError(f"{path} is unreadable ({exc})",
+                             "Move it away to start the study's bookkeeping afresh (the arms then train again)") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("arms"), dict):
+        raise CovidXrayError(f"{path} is not a covidxray study manifest", "Choose another --out")
+    return manifest
+
+
+def update_manifest(out: Path, arm: str | None = None, entry: dict[str, Any] | None = None,
+                    **fields: Any) -> dict[str, Any]:
+    """Re-read the manifest, replace one arm's entry and top-level ``fields``, and write it atomically (re-read so
+    that another ``--arm`` process's arms are kept)."""
+    manifest = read_manifest(out)
+    if arm is not None:
+        manifest["arms"][arm] = entry
+    manifest.update(fields, updated=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    atomic_write_text(Path(out) / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+    return manifest
+
+
+def check_study_dir(out: Path, data: Path | None) -> Path:
+    """Refuse an OUT that is not new, empty or a study folder (:mod:`covidxray.outdir`), or a study of other data."""
+    check_output_dir(out, KIND, inputs=[data] if data is not None else [], option="--out")
+    marker = read_marker(out) if out.is_dir() else None
+    was = ((marker or {}).get("settings") or {}).get("data")
+    if data is not None and was and was != str(data.resolve()):
+        raise CovidXrayError(f"--out {out} holds a study of {was}, not of {data.resolve()}",
+                             "Choose a new --out for a study of other data")
+    return out
+
+
+def summarize(res: dict[str, Any]) -> dict[str, Any]:
+    """What the study keeps of one evaluation (its ``metrics.json`` keeps the rest)."""
+    m = res["metrics"]
+    fd = next((k for k in ("fid", "fd_unverified") if k in m), None)
+    kd = next((k for k in ("kid", "kd_unverified") if k in m), None)
+    memo = res.get("memorization")
+    down = res.get("downstream")
+    drawn = res["n"] * res["repeats"]
+    gen_s = res["timing"]["generate_s"]
+    return {"n": res["n"], "repeats": res["repeats"], "floor_n": res["floor_n"], "split": res["split"],
+            "reference_n": res["reference_n"], "fd_name": fd, "fd": m.get(fd), "fd_floor": m.get(f"{fd}_floor"),
+            "kd_name": kd, "kd": m.get(kd), "kd_floor": m.get(f"{kd}_floor"), "precision": m.get("precision"),
+            "recall": m.get("recall"), "copies": memo["copies"] if memo else None, "generate_s": gen_s,
+            "sample_s_per_1k": round(gen_s / drawn * 1000, 3) if drawn else None, "device": res["device"],
+            "downstream": None if not down else {k: down.get(k) for k in ("classifier", "seeds", "delta", "refused")},
+            "warnings": res["warnings"]}
+
+
+# ---------------------------------------------------------------------------------------------- runner
+class StudyRunner:
+    """Runs the planned arms of a study into ``out`` (see the module docstring).
+
+    Args:
+        spec: the loaded spec; plans: its arms planned against ``data`` (:func:`plan_study`).
+        data: the prepared folder every arm trains on and is scored against.
+        out: the study folder (checked by :func:`check_study_dir` first).
+        device: where arms train and are scored (``auto``, ``cpu``, ``cuda:N``).
+        sets: execution settings for every arm and downstream classifier (``--set``, already checked).
+        console: rich console for the training progress (None: none); log: one-line messages.
+    """
+
+    def __init__(self, spec: StudySpec, plans: list[ArmPlan], data: Path, out: Path, *, device: str = "auto",
+                 sets: list[str] | None = None, console=None, log: Callable[[str], None] | None = None):
+        self.spec, self.plans, self.data, self.out = spec, plans, Path(data), Path(out)
+        self.device, self.sets, self.console = device, list(sets or []), console
+        self.log = log or (lambda msg: None)
+
+    def keys(self) -> dict[str, dict[str, Any]]:
+        """Each arm's current training key and point keys (the report marks arms whose run is of an older spec)."""
+        return {p.arm.name: {"train": p.key, "points": {q.label: q.key for q in p.points}} for p in self.plans}
+
+    def run(self, only: str | None = None) -> list[dict[str, Any]]:
+        """Run every arm (or the arm ``only``), then write the report; returns its rows."""
+        check_study_dir(self.out, self.data)
+        claim(self.out, KIND, "study", {"data": str(self.data.resolve())})
+        update_manifest(self.out, study=self.spec.name, spec=str(self.spec.path), data=str(self.data.resolve()))
+        for plan in self.plans:
+            if only is None or plan.arm.name == only:
+                self._arm(plan)
+                self.report()
+        return self.report()
+
+    def report(self) -> list[dict[str, Any]]:
+        manifest = read_manifest(self.out)
+        rows = write_report(self.out, self.spec, manifest, self.keys())
+        update_manifest(self.out, report=rows)
+        return rows
+
+    # ------------------------------------------------------------------------------------------ arms
+    def _rel(self, path: Path) -> str:
+        return Path(path).relative_to(self.out).as_posix()
+
+    def _save(self, name: str, entry: dict[str, Any]) -> None:
+        update_manifest(self.out, name, entry)
+
+    def _arm(self, plan: ArmPlan) -> None:
+        name = plan.arm.name
+        entry = read_manifest(self.out)["arms"].get(name)
+        if entry is not None and entry.get("key") != plan.key:
+            self._set_aside(name, entry)
+            entry = None
+        if entry is None:
+            entry = self._new_entry(plan)
+            self._save(name, entry)
+        if entry["train"]["status"] == "done":
+            self.log(f"arm {name}: trained ({entry['train'].get('kimg')} kimg), not retrained")
+        else:
+            self._train(plan, entry)
+        for point in plan.points:
+            self._score(plan, entry, point)
+
+    def _set_aside(self, name: str, entry: dict[str, Any]) -> None:
+        """An arm whose training key changed: its old folder goes to OUT/replaced/<arm>-<old key>/."""
+        old = self.out / "arms" / name
+        if old.exists():
+            dest = self.out / "replaced" / f"{name}-{str(entry.get('key'))[:8]}"
+            if dest.exists():
+                shutil.rmtree(dest)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            old.rename(dest)
+            self.log(f"arm {name}: changed since its run; the old run moved to {dest}, the arm reruns")
+        else:
+            self.log(f"arm {name}: changed since its run; the arm reruns")
+
+    @staticmethod
+    def _new_entry(plan: ArmPlan) -> dict[str, Any]:
+        arm = plan.arm
+        return {"model": arm.model, "key": plan.key, "kimg_budget": arm.kimg, "kimg_planned": plan.kimg,
+                "epochs": plan.epochs, "batch_size": plan.batch_size, "train_images": plan.train_images,
+                "seed": arm.seed, "sets": list(arm.sets), "max_minutes": arm.max_minutes, "run": None,
+                "train": {"status": "pending", "seconds": 0.0},
+                "points": {p.label: {"fraction": p.fraction, "step_planned": p.step, "final": p.final,
+                                     "status": "pending"} for p in plan.points}}
+
+    def _train(self, plan: ArmPlan, entry: dict[str, Any]) -> None:
+        arm, name = plan.arm, plan.arm.name
+        arm_dir = self.out / "arms" / name
+        t = entry["train"]
+        run_dir = self.out / entry["run"] if entry.get("run") else None
+        resume = run_dir is not None and (run_dir / "checkpoints" / "last.pt").is_file()
+        if resume:
+            ckpt = load_checkpoint(run_dir, resume=True)  # a run that finished before the manifest said so
+            if ckpt["epoch"] >= plan.epochs or ckpt.get("stopped_early"):
+                return self._trained(name, entry, ckpt["step"], ckpt["images_seen"], ckpt["epoch"],
+                                     t.get("device"), False, bool(ckpt.get("stopped_early")), run_dir)
+            del ckpt
+        else:  # a first start, or one that left no checkpoint: nothing of it is worth keeping
+            if arm_dir.exists():
+                shutil.rmtree(arm_dir)
+            run_dir = arm_dir / f"00000-{arm.model}"
+            entry.update(run=self._rel(run_dir), points=self._new_entry(plan)["points"])
+            t["seconds"] = 0.0
+        self.log(f"arm {name}: {'resuming' if resume else 'training'} {arm.model} for {plan.kimg:g} kimg "
+                 f"({plan.epochs} epochs of {plan.steps_per_epoch} steps x {plan.batch_size} images) in {run_dir}")
+        pending = [p for p in plan.points if not p.final]
+        base = float(t.get("seconds") or 0.0)
+        cap = arm.max_minutes * 60 if arm.max_minutes else None
+        capped = [False]
+        t0 = time.perf_counter()
+
+        def on_step(trainer) -> None:
+            elapsed = base + time.perf_counter() - t0
+            for p in pending:
+                if trainer.step == p.step:
+                    path = trainer.save(p.checkpoint)
+                    entry["points"][p.label].update(status="reached", step=trainer.step,
+                                                    kimg=trainer.images_seen / 1000, seconds=round(elapsed, 2),
+                                                    checkpoint=self._rel(path))
+                    self._save(name, entry)
+            if cap is not None and elapsed >= cap and not capped[0]:
+                capped[0] = True
+                trainer.log(f"study: arm {name} reached its cap of {arm.max_minutes:g} minutes; training stops here")
+                trainer.request_stop()
+
+        t["status"] = "running"
+        self._save(name, entry)
+        finished = False
+        try:
+            if resume:
+                trainer, finished = resume_run(run_dir, device=self.device, console=self.console, on_step=on_step)
+            else:
+                cfg = copy.deepcopy(plan.cfg)
+                cfg.out = str(arm_dir)
+                trainer, finished = start_run(cfg, console=self.console, on_step=on_step)
+                entry["run"] = self._rel(trainer.run_dir)
+        except KeyboardInterrupt:
+            t["status"] = "interrupted"
+            raise
+        except BaseException:
+            t["status"] = "failed"
+            raise
+        finally:
+            t["seconds"] = round(base + time.perf_counter() - t0, 2)
+            self._save(name, entry)
+        if not finished and not capped[0]:  # Ctrl-C: the loop wrote a checkpoint; the same command resumes
+            t["status"] = "interrupted"
+            self._save(name, entry)
+            raise KeyboardInterrupt
+        s = trainer.state
+        self._trained(name, entry, s.step, s.images_seen, s.epoch, str(trainer.device), capped[0], s.stopped_early,
+                      trainer.run_dir)
+        del trainer
+        gc.collect()
+
+    def _trained(self, name: str, entry: dict[str, Any], step: int, images_seen: int, epochs: int, device: str | None,
+                 capped: bool, stopped_early: bool, run_dir: Path) -> None:
+        t = entry["train"]
+        t.update(status="done", step=step, kimg=images_seen / 1000, epochs=epochs, device=device, capped=capped,
+                 stopped_early=stopped_early)
+        for p in entry["points"].values():
+            if p["final"]:
+                p.update(status="reached", step=step, kimg=images_seen / 1000, seconds=t["seconds"],
+                         checkpoint=self._rel(run_dir / "checkpoints" / "last.pt"))
+            elif p["status"] != "reached":
+                p["status"] = "not reached"  # a capped or early-stopped run
+        self._save(name, entry)
+        self.log(f"arm {name}: trained {images_seen / 1000:g} kimg in {t['seconds']:.1f} s"
+                 + (" (capped)" if capped else "") + (" (stopped early)" if stopped_early else ""))
+
+    def _score(self, plan: ArmPlan, entry: dict[str, Any], point: Point) -> None:
+        name = plan.arm.name
+        p = entry["points"][point.label]
+        ev = p.get("eval") or {}
+        if ev.get("status") == "done" and ev.get("key") == point.key:
+            return
+        if p.get("status") != "reached":
+            return
+        e = self.spec.eval
+        down = None
+        if point.final and e.downstream is not None:
+            d = e.downstream
+            down = dict(classifier=d.classifier, seeds=d.seeds, synthetic_ratio=d.synthetic_ratio, epochs=d.epochs,
+                        pool=d.pool, sets=[*d.sets, *self.sets], console=self.console)
+        out = self.out / "arms" / name / point.eval_dir
+        self.log(f"arm {name}: scoring the {point.label} % point ({p.get('kimg')} kimg) into {out}")
+        req = GeneratorEvaluation(data=self.data, run=self.out / p["checkpoint"], split=e.split, n=e.n,
+                                  repeats=e.repeats, metrics=list(e.metrics), out=out, device=self.device,
+                                  batch_size=e.batch_size, seed=e.seed, downstream=down)
+        res = run_generator_evaluation(req, self.log)
+        p["eval"] = {"key": point.key, "status": "done", "out": self._rel(out), **summarize(res)}
+        self._save(name, entry)
+

@@ -1,0 +1,226 @@
+"""``covidxray study`` on phantoms: bad specs refused in one line before anything trains; the demo study end to
+end (one row per arm, points of each budget scored); a rerun retrains nothing; a changed arm reruns alone; Ctrl-C
+in training stops cleanly, the same command resumes it, and the resumed arm is the uninterrupted one."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from tests.fixtures import ANSI
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+REPO = Path(__file__).resolve().parents[2]
+DEMO = REPO / "configs" / "studies" / "demo.yaml"
+RUN = ["--set", "train.num_threads=1", "--device", "cpu"]
+ARMS = {"rawgan": "rawgan", "cvae": "cvae", "edm": "edm"}
+
+
+def _invoke(*args):
+    from typer.testing import CliRunner
+
+    from covidxray.cli import app
+
+    r = CliRunner().invoke(app, [str(a) for a in args])
+    r.clean_stdout = ANSI.sub("", r.stdout)
+    return r
+
+
+@pytest.fixture(scope="module")
+def demo_study(demo_prepared, standin, tmp_path_factory):
+    """The demo spec run once into a study folder (the stand-in as the FID network)."""
+    from covidxray.metrics import features as FE
+
+    out = tmp_path_factory.mktemp("study") / "demo"
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in {"TERM": "dumb", "COLUMNS": "200", "NO_COLOR": "1", FE.ENV_WEIGHTS: str(standin),
+                     FE.ENV_ALLOW_UNVERIFIED: "1"}.items():
+            mp.setenv(k, v)
+        r = _invoke("study", DEMO, "--data", demo_prepared, "--out", out, *RUN)
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def _mtimes(root: Path, pattern: str) -> dict[str, int]:
+    return {p.relative_to(root).as_posix(): p.stat().st_mtime_ns for p in root.rglob(pattern)}
+
+
+def _table_rows(md: str) -> list[str]:
+    """The rows of study.md's comparison table (the first table)."""
+    lines = md.splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.startswith("| arm |"))
+    rows = []
+    for ln in lines[start + 2:]:
+        if not ln.startswith("|"):
+            break
+        rows.append(ln)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ bad specs
+BASE = {"name": "bad", "eval": {"n": 12, "repeats": 1, "metrics": ["fid"]},
+        "arms": [{"name": "a", "model": "cvae", "kimg": 0.05, "sets": ["arch.channels=8"]}]}
+
+
+@pytest.fixture(scope="module")
+def no_masks(demo_prepared, tmp_path_factory) -> Path:
+    """The demo phantoms prepared without their lung masks (the manifest's mask column empty)."""
+    out = tmp_path_factory.mktemp("nomasks") / "prepared"
+    shutil.copytree(demo_prepared, out, ignore=shutil.ignore_patterns(".cache"))
+    rows = list(csv.DictReader(io.StringIO((out / "manifest.csv").read_text(encoding="utf-8"))))
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+    w.writeheader()
+    w.writerows({**r, "mask": ""} for r in rows)
+    (out / "manifest.csv").write_text(buf.getvalue(), encoding="utf-8")
+    return out
+
+
+def _arm(**kw):
+    return [{**BASE["arms"][0], **kw}]
+
+
+@pytest.mark.parametrize("case, change, must", [
+    ("unknown-model", {"arms": _arm(model="stylegan9")}, ["arm 'a'", "unknown model 'stylegan9'"]),
+    ("classifier", {"arms": _arm(model="resnet18")}, ["arm 'a'", "a study compares generators"]),
+    ("unknown-top-key", {"budget": 3}, ["unknown key 'budget'"]),
+    ("unknown-arm-key", {"arms": _arm(epochs=3)}, ["arm 1", "unknown key 'epochs'"]),
+    ("unknown-config-key", {"arms": _arm(sets=["loss.nope=1"])}, ["arm 'a'", "unknown config key 'loss.nope'"]),
+    ("bad-config-value", {"arms": _arm(sets={"arch.channels": -8})}, ["arm 'a'", "arch.channels"]),
+    ("budget-zero", {"arms": _arm(kimg=0)}, ["arm 'a'", "kimg must be a number > 0"]),
+    ("fixed-key", {"arms": _arm(sets=["train.epochs=3"])}, ["arm 'a'", "may not set 'train.epochs'"]),
+    ("twins", {"arms": _arm() + _arm()}, ["arms 1 and 2 are both named 'a'"]),
+    ("bad-point", {"arms": _arm(checkpoints_at=[0.5, 2])}, ["arm 'a'", "checkpoints_at"]),
+    ("bad-metric", {"eval": {"metrics": ["fid", "is"]}}, ["eval", "unknown metric(s) is"]),
+    ("mask-arm", {"arms": _arm(model="edm_mask", sets=[])}, ["arm 'a'", "edm_mask trains on lung masks"]),
+])
+def test_a_bad_spec_is_refused_in_one_line_before_anything_trains(case, change, must, cli, tmp_path, demo_prepared,
+                                                                 no_masks):
+    spec = tmp_path / "bad.yaml"
+    spec.write_text(yaml.safe_dump({**BASE, **change}), encoding="utf-8")
+    data = no_masks if case == "mask-arm" else demo_prepared
+    r = cli("study", spec, "--data", data, "--out", tmp_path / "s", *RUN)
+    lines = [ln for ln in r.clean_stderr.splitlines() if ln.strip()]
+    assert r.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (r.exit_code, r.output)
+    for text in [str(spec), *must]:
+        assert text in lines[0], (text, lines[0])
+    assert not (tmp_path / "s").exists()
+
+
+def test_the_execution_set_and_the_arm_option_are_checked(cli, tmp_path, demo_prepared):
+    r = cli("study", DEMO, "--data", demo_prepared, "--out", tmp_path / "s", "--set", "arch.channels=4")
+    assert r.exit_code == 2 and "takes the settings that do not change" in r.clean_stderr
+    r = cli("study", DEMO, "--data", demo_prepared, "--out", tmp_path / "s", "--arm", "nope")
+    assert r.exit_code == 2 and "has no arm 'nope'" in r.clean_stderr and "rawgan, cvae, edm" in r.clean_stderr
+    r = cli("study", DEMO, "--out", tmp_path / "s", "--report")
+    assert r.exit_code == 2 and "holds no study yet" in r.clean_stderr
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_dry_run_prints_the_plan_and_writes_nothing(cli, tmp_path, demo_prepared):
+    r = cli("study", DEMO, "--data", demo_prepared, "--out", tmp_path / "s", "--dry-run")
+    assert r.exit_code == 0, r.output
+    for arm in ARMS:  # 57 training phantoms in batches of 16: 48 images an epoch, 0.15 kimg -> 4 epochs, 12 steps
+        line = next(ln for ln in r.clean_stdout.splitlines() if f" {arm} " in ln)
+        assert "57" in line and " 4 " in line and "50 % (6), 100 % (12)" in line and "to train" in line
+    assert not (tmp_path / "s").exists()
+
+
+# ------------------------------------------------------------------------------------------ the demo study
+def test_the_demo_study_writes_one_row_per_arm_and_scores_each_point(demo_study):
+    md = (demo_study / "study.md").read_text(encoding="utf-8")
+    rows = _table_rows(md)
+    assert [r.split("|")[1].strip() for r in rows] == list(ARMS)
+    assert all("(12×1)" in r and "| cpu |" in r for r in rows), rows
+    manifest = json.loads((demo_study / "study.json").read_text(encoding="utf-8"))
+    for arm in ARMS:
+        entry = manifest["arms"][arm]
+        assert entry["train"]["status"] == "done" and entry["train"]["kimg"] == pytest.approx(0.192)
+        half, full = entry["points"]["50"], entry["points"]["100"]
+        assert (half["step"], half["kimg"], full["step"]) == (6, pytest.approx(0.096), 12)
+        assert half["seconds"] <= full["seconds"] == entry["train"]["seconds"]
+        assert (demo_study / half["checkpoint"]).is_file() and full["checkpoint"].endswith("checkpoints/last.pt")
+        for p in (half, full):
+            metrics = json.loads((demo_study / p["eval"]["out"] / "metrics.json").read_text(encoding="utf-8"))
+            assert metrics["source"]["path"] == str(demo_study / p["checkpoint"])
+            assert p["eval"]["fd"]["mean"] == metrics["metrics"]["fd_unverified"]["mean"]  # nothing recomputed
+    assert manifest["report"][0]["status"] == "done" and len(manifest["report"]) == 3
+
+
+def test_a_rerun_retrains_and_rescores_nothing(demo_study, cli, demo_prepared, unverified):
+    before = {**_mtimes(demo_study, "*.pt"), **_mtimes(demo_study, "metrics.json")}
+    r = cli("study", DEMO, "--data", demo_prepared, "--out", demo_study, *RUN)
+    assert r.exit_code == 0, r.output
+    assert r.clean_stdout.count("not retrained") == 3 and "scoring" not in r.clean_stdout
+    assert {**_mtimes(demo_study, "*.pt"), **_mtimes(demo_study, "metrics.json")} == before
+
+
+def test_a_changed_arm_reruns_alone(demo_study, cli, demo_prepared, unverified, tmp_path):
+    out = tmp_path / "study"
+    shutil.copytree(demo_study, out)  # (mtimes kept)
+    spec = yaml.safe_load(DEMO.read_text(encoding="utf-8"))
+    spec["arms"][2]["seed"] = 1  # edm
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(yaml.safe_dump(spec), encoding="utf-8")
+    before = _mtimes(out / "arms", "*.pt")
+    old_key = json.loads((out / "study.json").read_text())["arms"]["edm"]["key"]
+    r = cli("study", changed, "--data", demo_prepared, "--out", out, *RUN)
+    assert r.exit_code == 0, r.output
+    after = _mtimes(out / "arms", "*.pt")
+    assert {k: v for k, v in after.items() if not k.startswith("edm/")} == \
+           {k: v for k, v in before.items() if not k.startswith("edm/")}
+    assert all(after[k] != before[k] for k in after if k.startswith("edm/"))
+    assert (out / "replaced" / f"edm-{old_key[:8]}" / "eval-100" / "metrics.json").is_file()
+    manifest = json.loads((out / "study.json").read_text())
+    assert manifest["arms"]["edm"]["seed"] == 1 and manifest["arms"]["edm"]["key"] != old_key
+    assert len(_table_rows((out / "study.md").read_text())) == 3
+
+
+def test_ctrl_c_in_training_stops_cleanly_and_the_same_command_resumes_it(demo_study, cli, demo_prepared, unverified,
+                                                                          tmp_path, monkeypatch):
+    from covidxray.train.loop import Trainer
+
+    out = tmp_path / "study"
+    real, calls = Trainer.train_step, [0]
+
+    def stop_at_the_fifth(self, *args):  # what Ctrl-C does: stop after the current step, with a checkpoint
+        calls[0] += 1
+        if calls[0] == 5:
+            self.request_stop()
+        return real(self, *args)
+
+    monkeypatch.setattr(Trainer, "train_step", stop_at_the_fifth)
+    args = ["study", DEMO, "--data", demo_prepared, "--out", out, "--arm", "cvae", *RUN]
+    r = cli(*args)
+    assert r.exit_code == 130, r.output
+    entry = json.loads((out / "study.json").read_text())["arms"]["cvae"]
+    assert entry["train"]["status"] == "interrupted" and entry["points"]["50"]["status"] == "pending"
+    r = cli("study", DEMO, "--out", out, "--report")
+    assert r.exit_code == 0, r.output
+    rows = _table_rows((out / "study.md").read_text())
+    assert [r.split("|")[3].strip() for r in rows] == ["not run", "not run (training interrupted)", "not run"]
+
+    monkeypatch.setattr(Trainer, "train_step", real)
+    r = cli(*args)
+    assert r.exit_code == 0, r.output
+    assert "resuming cvae" in r.clean_stdout
+    rows = _table_rows((out / "study.md").read_text())
+    assert [r.split("|")[1].strip() for r in rows] == list(ARMS) and "not run" in rows[0] and "not run" in rows[2]
+    assert "(12×1)" in rows[1]
+    entry = json.loads((out / "study.json").read_text())["arms"]["cvae"]
+    assert entry["points"]["50"]["step"] == 6 and entry["train"]["step"] == 12
+    # the resumed arm is the uninterrupted one of the demo study, weight for weight
+    for rel in ("00000-cvae/checkpoints/point-50.pt", "00000-cvae/checkpoints/last.pt"):
+        a = torch.load(out / "arms" / "cvae" / rel, map_location="cpu", weights_only=False)["models"]
+        b = torch.load(demo_study / "arms" / "cvae" / rel, map_location="cpu", weights_only=False)["models"]
+        for name in b:
+            for k, v in b[name].items():
+                assert torch.equal(a[name][k], v), (rel, name, k)
