@@ -3,6 +3,8 @@ draws images from noise with EDM's sampler (docs/diffusion.md), per class, with 
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from covidxray.data.datasets import to_uint8
@@ -25,20 +27,30 @@ class _Sampling:
     cfg: "object"
     net: torch.nn.Module
 
+    @classmethod
+    def check_options(cls, steps: int | None = None, guidance: float | None = None, sampler: str | None = None
+                      ) -> dict:
+        """The options given, checked (a study checks its spec's with this before anything trains)."""
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, numbers.Integral)
+                                  or not 1 <= steps <= 1000):
+            raise CovidXrayError(f"--steps must be a whole number in [1, 1000], got {steps!r}")
+        if guidance is not None and (isinstance(guidance, bool) or not isinstance(guidance, numbers.Real)
+                                     or not 0 <= guidance <= 20):
+            raise CovidXrayError(f"--guidance must be a number in [0, 20], got {guidance!r}")
+        if sampler is not None and sampler not in edm.SAMPLERS:
+            raise CovidXrayError(f"--sampler must be one of {', '.join(edm.SAMPLERS)}, got {sampler!r}")
+        given = {"steps": steps, "guidance": guidance, "sampler": sampler}
+        return {k: v for k, v in given.items() if v is not None}
+
     def configure(self, steps: int | None = None, guidance: float | None = None, sampler: str | None = None
                   ) -> dict:
         e = self.cfg.edm
-        if steps is not None:
-            if not 1 <= steps <= 1000:
-                raise CovidXrayError(f"--steps must be in [1, 1000], got {steps}")
+        given = self.check_options(steps=steps, guidance=guidance, sampler=sampler)
+        if "steps" in given:
             e.steps = int(steps)
-        if guidance is not None:
-            if not 0 <= guidance <= 20:
-                raise CovidXrayError(f"--guidance must be in [0, 20], got {guidance:g}")
+        if "guidance" in given:
             e.guidance = float(guidance)
-        if sampler is not None:
-            if sampler not in edm.SAMPLERS:
-                raise CovidXrayError(f"--sampler must be one of {', '.join(edm.SAMPLERS)}, got {sampler!r}")
+        if "sampler" in given:
             e.sampler = sampler
         guided = self.net.n_classes > 0 and e.guidance not in (0, 1)
         return {"sampler": e.sampler, "steps": e.steps, "guidance": e.guidance,
@@ -122,7 +134,7 @@ class LoadedMaskDiffusion(_Sampling, MaskTranslator):
         return torch.cat(out) if out else torch.zeros((0, 1, size, size), dtype=torch.uint8)
 
 
-@register_loader("diffusion", (Generator, "draws"), (MaskTranslator, "masks"))
+@register_loader("diffusion", (Generator, "draws"), (MaskTranslator, "masks"), sampling=_Sampling)
 def load_diffusion(ckpt: dict) -> LoadedDiffusion | LoadedMaskDiffusion:
     """The denoiser of a diffusion checkpoint (EMA weights when present), eval mode: ``edm`` draws from noise,
     ``edm_mask`` draws X-rays for lung masks."""

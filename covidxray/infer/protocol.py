@@ -74,6 +74,17 @@ class Loaded:
     #: ``guidance``, ``sampler``).
     options: tuple[str, ...] = ()
 
+    @classmethod
+    def check_options(cls, **options: Any) -> dict[str, Any]:
+        """The sampling options given (``None`` values dropped), checked without a model: what :meth:`configure`
+        would refuse is refused here, so that a study spec fails before anything trains. A model without
+        options refuses any."""
+        given = [f"--{k}" for k, v in options.items() if v is not None]
+        if given:
+            raise CovidXrayError(f"{', '.join(given)} do(es) not apply to this model",
+                                 "They set a diffusion model's sampler; drop them")
+        return {}
+
     def configure(self, **options: Any) -> dict[str, Any]:
         """Set sampling options (names in :attr:`options`; ``None`` values are ignored) for every later draw, and
         return the sampling settings in force (recorded by ``sample`` and ``evaluate``); a model without
@@ -190,20 +201,27 @@ class MaskTranslator(Translator):
 LOADERS: dict[str, Callable[[dict[str, Any]], Loaded]] = {}
 #: family -> the capabilities its loaded models may have, each with the model feature it needs ("" = all models)
 CAPABILITIES: dict[str, tuple[tuple[type, str], ...]] = {}
+#: family -> the class whose ``options`` and ``check_options`` its loaded models have (default :class:`Loaded`:
+#: none), so that sampling options can be checked before a model of the family exists
+SAMPLING: dict[str, type] = {}
 
 L = TypeVar("L", bound=Loaded)
 
 
-def register_loader(family: str, *capabilities: "type | tuple[type, str]"):
+def register_loader(family: str, *capabilities: "type | tuple[type, str]", sampling: type | None = None):
     """Decorator: ``loader(ckpt) -> Loaded`` loads the trained models of ``family`` (a checkpoint dict, read).
 
     ``capabilities``: what its loaded models can do, each a capability class, or ``(class, feature)`` when only
     the models registered with that feature have it (the autoencoders with a ``prior`` generate).
+    ``sampling``: the class that gives its loaded models their sampling ``options`` and ``check_options``
+    (:func:`sampling_of`); None: they take none.
     """
 
     def decorator(loader):
         LOADERS[family] = loader
         CAPABILITIES[family] = tuple(c if isinstance(c, tuple) else (c, "") for c in capabilities)
+        if sampling is not None:
+            SAMPLING[family] = sampling
         return loader
 
     return decorator
@@ -236,6 +254,14 @@ def having(capability: type) -> list[str]:
     return [m.name for m in list_models()
             if any(issubclass(c, capability) and (not feature or feature in m.features)
                    for c, feature in CAPABILITIES.get(m.family, ()))]
+
+
+def sampling_of(family: str) -> type:
+    """The class whose ``options`` and ``check_options`` the loaded models of ``family`` have, known before any of
+    them is loaded (:class:`Loaded`, which takes none, for a family that registered none)."""
+    if family not in LOADERS:
+        _discover()
+    return SAMPLING.get(family, Loaded)
 
 
 def _refuse(path: str, family: str, model: str, capability: type, what: str, fix: str, why: str = ""):
