@@ -11,15 +11,29 @@ import numpy as np
 from covidxray.utils import atomic_path
 
 
-def save_confusion_png(confusion: Sequence[Sequence[int]], classes: Sequence[str], path: str | os.PathLike,
-                       title: str = "") -> Path:
-    """A confusion matrix as a paper-ready PNG: each cell shows its count and its share of the true class
-    (the row-normalised value, i.e. that class's recall on the diagonal), colour by that share."""
+def pyplot():
+    """matplotlib's pyplot on the headless Agg backend (imported on the first figure: ~0.5 s)."""
     import matplotlib  # local: matplotlib (~0.5 s) only when a figure is drawn
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt  # local: matplotlib (~0.5 s) only when a figure is drawn
 
+    return plt
+
+
+def save_figure(fig, path: str | os.PathLike, **savefig) -> Path:
+    """Write ``fig`` as a PNG atomically (a reader sees the old file or the new one, never half of one)."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", **savefig)
+    return path
+
+
+def save_confusion_png(confusion: Sequence[Sequence[int]], classes: Sequence[str], path: str | os.PathLike,
+                       title: str = "") -> Path:
+    """A confusion matrix as a paper-ready PNG: each cell shows its count and its share of the true class
+    (the row-normalised value, i.e. that class's recall on the diagonal), colour by that share."""
+    plt = pyplot()
     m = np.asarray(confusion, dtype=float)
     rows = m.sum(1, keepdims=True)
     share = np.divide(m, rows, out=np.zeros_like(m), where=rows > 0)
@@ -40,9 +54,6 @@ def save_confusion_png(confusion: Sequence[Sequence[int]], classes: Sequence[str
             ax.set_title(title, fontsize=10)
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
         fig.tight_layout()
-        path = Path(path)
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png", bbox_inches="tight")
+        return save_figure(fig, path, bbox_inches="tight")
     finally:
         plt.close(fig)
-    return path
