@@ -19,18 +19,19 @@ def study_cmd(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="The study folder (default: studies/<spec name>); "
                                        "rerun the same command to continue it."),
     arm: Optional[str] = typer.Option(None, "--arm", help="Run this arm alone (into the same study folder)."),
-    report: bool = typer.Option(False, "--report", help="Only write OUT/study.md from the arms that have finished "
-                                "(the others marked); trains nothing."),
+    report: bool = typer.Option(False, "--report", help="Only write OUT/study.md and its figures from the arms that "
+                                "have finished (the others marked; every sample grid redrawn); trains nothing."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Check the spec against --data, print the plan (epochs, "
                                  "steps, points, what is done) and exit."),
+    probe: bool = typer.Option(False, "--probe", help="A dry run that also trains each arm for a few steps (in a "
+                               "temporary folder, removed) and prints its img/s and projected training minutes."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N (training and scoring)."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="Execution setting of every arm that does not change "
                                              "what it learns, e.g. train.num_threads=4 (repeatable)."),
 ) -> None:
     """Train every arm of SPEC through `train`, score it through `evaluate` at points of its budget, and write
     OUT/study.md: one row per arm, and each arm's quality per compute. A rerun skips what is done."""
-    from covidxray.study.report import write_report
-    from covidxray.study.run import StudyRunner, check_study_dir, read_manifest, update_manifest
+    from covidxray.study.run import StudyRunner, check_study_dir
     from covidxray.study.spec import load_spec, plan_study
 
     con = console()
@@ -43,19 +44,22 @@ def study_cmd(
         check_study_dir(out, data)
         if not out.is_dir():
             raise CovidXrayError(f"--out {out} holds no study yet", f"Run `covidxray study {spec} --data PREPARED` first")
-        keys = None
-        if data is not None:  # with the data, arms whose run is of an older spec are marked so
-            keys = StudyRunner(s, plan_study(s, data, device, set_), data, out).keys()
-        rows = write_report(out, s, read_manifest(out), keys)
-        update_manifest(out, report=rows)
+        # With the data, arms whose run is of an older spec are marked so (and get no figures).
+        plans = plan_study(s, data, device, set_) if data is not None else None
+        rows = StudyRunner(s, plans, data, out, device=device, log=log).report(redraw=True)
         return _print(con, rows, out)
     if data is None:
         raise CovidXrayError("--data is required", "Pass the prepared folder, e.g. --data data/cxr64")
     plans = plan_study(s, data, device, set_)
     check_study_dir(out, data)
     runner = StudyRunner(s, plans, data, out, device=device, sets=set_, console=con, log=log)
-    if dry_run:
-        return _plan(con, runner, arm)
+    if dry_run or probe:
+        _plan(con, runner, arm)
+        if probe:
+            _probe(con, runner, arm)
+        con.print("dry run: nothing was kept" if probe else "dry run: nothing was trained or written",
+                  highlight=False)
+        return
     rows = runner.run(arm)
     _print(con, rows, out)
 
@@ -81,7 +85,35 @@ def _plan(con, runner, only: str | None) -> None:
         table.add_row(p.arm.name, p.arm.model, str(p.train_images), str(p.batch_size), str(p.epochs),
                       str(p.total_steps), f"{p.kimg:g}", ", ".join(f"{q.label} % ({q.step})" for q in p.points), now)
     con.print(table)
-    con.print("dry run: nothing was trained or written", highlight=False)
+
+
+def _probe(con, runner, only: str | None) -> None:
+    from rich.table import Table
+
+    from covidxray.study.run import probe
+
+    rows = []
+    for p in runner.plans:
+        if only is None or p.arm.name == only:
+            con.print(f"probing arm {p.arm.name} ({p.arm.model}): a warm-up step, then 3 timed steps", highlight=False,
+                      markup=False)
+            rows.append(probe(p))
+    table = Table(title="probe: training steps measured, the budget's training time projected from them")
+    for col in ("arm", "model", "device", "batch", "s/step", "img/s", "steps", "train min (projected)", "probe s"):
+        table.add_column(col, justify="left" if col in ("arm", "model", "device") else "right")
+    for r in rows:
+        ok = r["step_s"] is not None
+        table.add_row(r["arm"], r["model"], r["device"], str(r["batch_size"]), f"{r['step_s']:.3f}" if ok else "-",
+                      f"{r['images_per_s']:.1f}" if ok else "-", str(r["total_steps"]),
+                      _minutes(r["train_minutes"]) if ok else "-", f"{r['probe_s']:.1f}")
+    con.print(table)
+    total = sum(r["train_minutes"] or 0.0 for r in rows)
+    con.print(f"projected training: {_minutes(total)} min in all (steps only: start-up, per-epoch validation, "
+              "snapshots and checkpoints, and the scoring come on top)", highlight=False)
+
+
+def _minutes(m: float) -> str:
+    return f"{m:.1f}" if m >= 10 else f"{m:.2g}"
 
 
 def _print(con, rows, out: Path) -> None:

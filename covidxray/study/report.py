@@ -3,18 +3,22 @@
 One row per arm of the spec at its full budget - FID ± std (N) beside its real-vs-real floor, KID, precision /
 recall, copies, the downstream Δ with its 95 % interval when the protocol has one, the kimg trained, the
 training seconds and the sampling seconds per 1000 images - with the arms that have not finished marked as
-such; then, per arm, its quality-per-compute points (kimg, training seconds, FID, floor). The numbers are
-those of each point's ``metrics.json`` (:func:`covidxray.study.run.summarize`); the formatting is
+such; the figures (:mod:`covidxray.study.figures`: quality-per-compute curves, the downstream forest plot, the
+sample grids); per arm, its quality-per-compute points (kimg, training seconds, FID, floor); and the
+environment the study ran in (device, versions, git commit, data fingerprint, the spec verbatim). The numbers
+are those of each point's ``metrics.json`` (:func:`covidxray.study.run.summarize`); the formatting is
 :mod:`covidxray.evaluate.report`'s.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
 
 from covidxray.evaluate.report import fmt
+from covidxray.study.figures import CURVES, FOREST, GRIDS, save_curves, save_forest, save_grids, scored_points
 from covidxray.study.spec import StudySpec
 from covidxray.utils import atomic_write_text
 
@@ -87,10 +91,70 @@ def report_rows(spec: StudySpec, manifest: dict[str, Any], keys: dict[str, dict[
     return rows
 
 
-def study_markdown(spec: StudySpec, manifest: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+def fd_label(rows: list[dict[str, Any]]) -> str:
+    """What the report calls the Fréchet distance: FID, or FD when an unverified feature network gave it."""
+    return "FD (unverified net)" if any(r.get("fd_name") == "fd_unverified" for r in rows) else "FID"
+
+
+def _sampling_line(spec: StudySpec) -> str:
+    takers = [a for a in spec.arms if a.sampling]
+    if not takers:
+        return ("- sampler options: " + (f"{_kv(spec.eval.sampling)} for the models that take them (none here)"
+                                         if spec.eval.sampling else "each run's own"))
+    return ("- sampler options (the models that take them; the others have none): "
+            + "; ".join(f"{a.name}: {_kv(a.sampling)}" for a in takers))
+
+
+def _kv(d: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in d.items()) or "the run's own"
+
+
+def environment_markdown(spec: StudySpec, manifest: dict[str, Any]) -> list[str]:
+    """The environment section: where and with what the study ran, and the spec verbatim."""
+    env = manifest.get("environment") or {}
+    lines = ["## Environment", ""]
+    if env:
+        commit = env.get("git_commit")
+        lines += [
+            f"- device: `{env.get('device', '?')}` ({env.get('device_name') or '?'}; {env.get('cpu_count', '?')} CPU "
+            f"cores); host `{env.get('host', '?')}`",
+            f"- software: covidxray {env.get('covidxray', '?')}"
+            + (f" (git `{commit[:12]}`{', with uncommitted changes' if env.get('git_dirty') else ''})" if commit
+               else " (no git commit known)")
+            + f", torch {env.get('torch', '?')}" + (f" (CUDA {env['cuda']})" if env.get("cuda") else "")
+            + f", Python {env.get('python', '?')}",
+            f"- data: `{env.get('data', '?')}`, fingerprint `{env.get('data_fingerprint') or '?'}` (a hash of its "
+            f"`manifest.csv` and `prepare.json`)",
+            f"- as of the latest run, {env.get('date', '?')}",
+        ]
+    else:
+        lines.append("- not recorded (the study was run by an older covidxray)")
+    trained = {a.name: (manifest.get("arms", {}).get(a.name) or {}).get("train", {}).get("software")
+               for a in spec.arms}
+    versions = {json.dumps(v, sort_keys=True) for v in trained.values() if v}
+    if len(versions) > 1:
+        lines.append("- **the arms were trained with different software**: "
+                     + "; ".join(f"{a}: covidxray {v['covidxray']} `{(v.get('git_commit') or '?')[:12]}`, torch "
+                                 f"{v['torch']}" for a, v in trained.items() if v))
+    lines += ["", f"The spec (`{spec.path}`), verbatim:", "", "```yaml", (spec.text or env.get("spec") or "").rstrip(),
+              "```", ""]
+    return lines
+
+
+def figures_markdown(figures: dict[str, str]) -> list[str]:
+    if not figures:
+        return []
+    lines = ["## Figures", ""]
+    for name, caption in figures.items():
+        lines += [f"![{name}]({name})", "", f"*{caption}*", ""]
+    return lines
+
+
+def study_markdown(spec: StudySpec, manifest: dict[str, Any], rows: list[dict[str, Any]],
+                   figures: dict[str, str] | None = None) -> str:
     e = spec.eval
     unverified = any(r.get("fd_name") == "fd_unverified" for r in rows)
-    fd = "FD (unverified net)" if unverified else "FID"
+    fd = fd_label(rows)
     lines = [f"# Study `{spec.name}`", ""]
     if spec.description:
         lines += [spec.description.strip(), ""]
@@ -98,9 +162,13 @@ def study_markdown(spec: StudySpec, manifest: dict[str, Any], rows: list[dict[st
     lines += [
         f"- spec: `{spec.path}`; data: `{manifest.get('data', '?')}`"
         + (f" (classes {', '.join(spec.data.classes)})" if spec.data.classes else ""),
+        "- every arm got the same data split (`train`), reference set, seeds and evaluation settings"
+        + (f" (training seed {spec.arms[0].seed})" if len({a.seed for a in spec.arms}) == 1 else
+           " (training seeds: " + ", ".join(f"{a.name} {a.seed}" for a in spec.arms) + ")"),
         f"- every arm scored the same way: N = {e.n if e.n is not None else 'the real training images'} generated "
         f"images × {e.repeats} draw(s) (seed {e.seed}) against the `{e.split}` split, metrics "
         f"{', '.join(e.metrics)}; floor: as many real training images against the same reference",
+        _sampling_line(spec),
         "- downstream: " + ("none" if down is None else
                             f"`{down.classifier}`, {down.seeds} seed(s), balanced accuracy of real + synthetic − real "
                             f"only, at the full budget"),
@@ -125,7 +193,8 @@ def study_markdown(spec: StudySpec, manifest: dict[str, Any], rows: list[dict[st
                      f"{'-' if r.get('copies') is None else format(r['copies'] * 100, '.1f') + ' %'} | "
                      f"{_delta(r.get('downstream'))} | {kimg} | {_num(r['train_s'], 1)} | "
                      f"{_sig(r.get('sample_s_per_1k'))} | {r.get('device') or '-'} |")
-    lines += ["", "## Quality per compute", "",
+    lines += [""] + figures_markdown(figures or {})
+    lines += ["## Quality per compute", "",
               "Each arm scored at points of its budget: the weights after that share of its training steps.", ""]
     for arm in spec.arms:
         entry = manifest.get("arms", {}).get(arm.name)
@@ -143,13 +212,43 @@ def study_markdown(spec: StudySpec, manifest: dict[str, Any], rows: list[dict[st
                          f"{fmt(ev.get('kd'), 2, 1e3) if done else '-'} | "
                          f"{('`' + ev['out'] + '`') if done else p.get('status', 'pending')} |")
         lines.append("")
+    lines += environment_markdown(spec, manifest)
     lines.append(f"Written {time.strftime('%Y-%m-%d %H:%M:%S')} from `study.json`.")
     return "\n".join(lines) + "\n"
 
 
+def write_figures(out: Path, spec: StudySpec, manifest: dict[str, Any], rows: list[dict[str, Any]],
+                  keys: dict[str, dict[str, Any]] | None = None) -> dict[str, str]:
+    """The curves, the forest plot and ``grids.png`` (from the grids drawn already) into ``out``; returns the
+    figures written, name -> caption. A figure with nothing to show is removed (an old one would mislead)."""
+    out = Path(out)
+    figures: dict[str, str] = {}
+    fd = fd_label(rows)
+    points = scored_points(spec, manifest, keys)
+    e = spec.eval
+    for x, name in CURVES.items():
+        if save_curves(out / name, points, x, fd):
+            figures[name] = (f"{fd} of each arm at the scored points of its budget against "
+                             f"{'the kimg trained' if x == 'kimg' else 'its training seconds'} (mean ± std over "
+                             f"{e.repeats} draw(s)); grey: the real-vs-real floor")
+    if save_forest(out / FOREST, rows):
+        figures[FOREST] = "downstream Δ balanced accuracy (real + synthetic − real only) per arm, 95 % interval"
+    names = {a.name for a in spec.arms}
+    grids = {a: g for a, g in (manifest.get("grids") or {}).items() if a in names and
+             (keys is None or (manifest["arms"].get(a) or {}).get("key") == keys[a]["train"])}
+    if save_grids(out / GRIDS, out, grids, [a.name for a in spec.arms]):
+        figures[GRIDS] = (f"samples of each arm at its full budget (seed {e.seed}; one row per class for a "
+                          f"conditional arm); each arm's alone: " + ", ".join(f"`{g['file']}`" for g in grids.values()))
+    for name in (*CURVES.values(), FOREST, GRIDS):
+        if name not in figures:
+            (out / name).unlink(missing_ok=True)
+    return figures
+
+
 def write_report(out: Path, spec: StudySpec, manifest: dict[str, Any],
                  keys: dict[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
-    """Write ``OUT/study.md``; returns its rows (the caller keeps them in the manifest)."""
+    """Write ``OUT/study.md`` and its figures; returns its rows (the caller keeps them in the manifest)."""
     rows = report_rows(spec, manifest, keys)
-    atomic_write_text(Path(out) / REPORT, study_markdown(spec, manifest, rows))
+    figures = write_figures(out, spec, manifest, rows, keys)
+    atomic_write_text(Path(out) / REPORT, study_markdown(spec, manifest, rows, figures))
     return rows

@@ -8,7 +8,13 @@ For each arm of the plan (:func:`covidxray.study.spec.plan_study`), in ``OUT/arm
    full budget's); the full budget is ``checkpoints/last.pt``. A ``max_minutes`` cap stops the training at the
    first step past it (recorded as ``capped``; the points it did not reach are not scored).
 2. **Score** each point through :func:`covidxray.evaluate.generator.run_generator_evaluation` into
-   ``eval-<pct>/`` with the study's protocol (the downstream arms at the full budget only).
+   ``eval-<pct>/`` with the study's protocol (the downstream arms at the full budget only) and the arm's sampler
+   options (``eval.sampling``, the arm's own on top; only for a model that takes them).
+3. **Report** (:mod:`covidxray.study.report`): ``study.md`` and its figures (:mod:`covidxray.study.figures`),
+   after every arm; the sample grid of an arm is drawn once its training is done.
+
+Every run records the environment it ran in (:func:`environment`: device, versions, git commit, a fingerprint
+of the data, the spec verbatim) in the manifest, and each arm the software it was trained with.
 
 The manifest ``OUT/study.json`` (written atomically after every change) records each stage: its key, status,
 and what it measured (kimg, training seconds, device; the scores). A rerun skips the stages whose key is
@@ -22,20 +28,32 @@ from __future__ import annotations
 
 import copy
 import gc
+import hashlib
 import json
+import math
+import os
+import platform
 import shutil
+import statistics
+import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
+import covidxray
 from covidxray.checkpoint import load_checkpoint
 from covidxray.errors import CovidXrayError
 from covidxray.evaluate.generator import GeneratorEvaluation, run_generator_evaluation
 from covidxray.outdir import check_output_dir, claim, read_marker
+from covidxray.study.figures import draw_grid, grid_key
 from covidxray.study.report import write_report
 from covidxray.study.spec import ArmPlan, Point, StudySpec
+from covidxray.train.graphs import WARMUP as GRAPH_WARMUP
 from covidxray.train.loop import resume_run, start_run
-from covidxray.utils import atomic_write_text
+from covidxray.utils import atomic_write_text, resolve_device
 
 KIND = "study"
 MANIFEST = "study.json"
@@ -99,45 +117,141 @@ def summarize(res: dict[str, Any]) -> dict[str, Any]:
             "warnings": res["warnings"]}
 
 
+# ---------------------------------------------------------------------------------------------- environment
+def data_fingerprint(data: Path) -> str | None:
+    """A hash of the prepared folder's ``manifest.csv`` and ``prepare.json`` (its file list, splits, labels and
+    preparation options): the same fingerprint, the same data. None when either is unreadable."""
+    h = hashlib.sha256()
+    try:
+        for name in ("manifest.csv", "prepare.json"):
+            h.update(name.encode("utf-8") + b"\0" + (Path(data) / name).read_bytes() + b"\0")
+    except OSError:
+        return None
+    return h.hexdigest()[:16]
+
+
+def git_state() -> dict[str, Any]:
+    """The git commit of the covidxray checkout this process runs from, and whether tracked files differ from it
+    (both None where it is not a git checkout, or git is missing)."""
+    repo = Path(covidxray.__file__).resolve().parents[1]
+    if not (repo / ".git").exists():
+        return {"commit": None, "dirty": None}
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10)
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+                                capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+    commit = head.stdout.strip() if head.returncode == 0 else ""
+    return {"commit": commit or None, "dirty": bool(status.stdout.strip()) if commit and status.returncode == 0
+            else None}
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            name = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
+    except OSError:
+        name = ""
+    return name or platform.processor() or platform.machine()
+
+
+def software() -> dict[str, Any]:
+    """The versions that decide what an arm learns and scores: covidxray (and its git commit), torch, Python."""
+    git = git_state()
+    return {"covidxray": covidxray.__version__, "git_commit": git["commit"], "git_dirty": git["dirty"],
+            "torch": torch.__version__, "python": platform.python_version()}
+
+
+def environment(spec: StudySpec, data: Path, device: str) -> dict[str, Any]:
+    """Where and with what a study runs (kept in the manifest, shown by the report): the device, the software,
+    a fingerprint of the data and the spec verbatim."""
+    dev = resolve_device(device)
+    return {"device": str(dev),
+            "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name(),
+            "cpu_count": os.cpu_count(), **software(), "cuda": torch.version.cuda if dev.type == "cuda" else None,
+            "host": platform.node(), "data": str(Path(data).resolve()), "data_fingerprint": data_fingerprint(data),
+            "spec_path": str(spec.path), "spec": spec.text, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
 # ---------------------------------------------------------------------------------------------- runner
 class StudyRunner:
     """Runs the planned arms of a study into ``out`` (see the module docstring).
 
     Args:
-        spec: the loaded spec; plans: its arms planned against ``data`` (:func:`plan_study`).
-        data: the prepared folder every arm trains on and is scored against.
+        spec: the loaded spec; plans: its arms planned against ``data`` (:func:`plan_study`), or None for a
+            runner that only reports (``--report`` without ``--data``: no arm can be told changed).
+        data: the prepared folder every arm trains on and is scored against (None: a report only).
         out: the study folder (checked by :func:`check_study_dir` first).
         device: where arms train and are scored (``auto``, ``cpu``, ``cuda:N``).
         sets: execution settings for every arm and downstream classifier (``--set``, already checked).
         console: rich console for the training progress (None: none); log: one-line messages.
     """
 
-    def __init__(self, spec: StudySpec, plans: list[ArmPlan], data: Path, out: Path, *, device: str = "auto",
-                 sets: list[str] | None = None, console=None, log: Callable[[str], None] | None = None):
-        self.spec, self.plans, self.data, self.out = spec, plans, Path(data), Path(out)
+    def __init__(self, spec: StudySpec, plans: list[ArmPlan] | None, data: Path | None, out: Path, *,
+                 device: str = "auto", sets: list[str] | None = None, console=None,
+                 log: Callable[[str], None] | None = None):
+        self.spec, self.plans, self.out = spec, plans, Path(out)
+        self.data = None if data is None else Path(data)
         self.device, self.sets, self.console = device, list(sets or []), console
         self.log = log or (lambda msg: None)
 
-    def keys(self) -> dict[str, dict[str, Any]]:
-        """Each arm's current training key and point keys (the report marks arms whose run is of an older spec)."""
+    def keys(self) -> dict[str, dict[str, Any]] | None:
+        """Each arm's current training key and point keys (the report marks arms whose run is of an older spec);
+        None without plans."""
+        if self.plans is None:
+            return None
         return {p.arm.name: {"train": p.key, "points": {q.label: q.key for q in p.points}} for p in self.plans}
 
     def run(self, only: str | None = None) -> list[dict[str, Any]]:
         """Run every arm (or the arm ``only``), then write the report; returns its rows."""
+        if self.plans is None or self.data is None:
+            raise ValueError("a StudyRunner without plans and data only reports")
         check_study_dir(self.out, self.data)
         claim(self.out, KIND, "study", {"data": str(self.data.resolve())})
-        update_manifest(self.out, study=self.spec.name, spec=str(self.spec.path), data=str(self.data.resolve()))
+        update_manifest(self.out, study=self.spec.name, spec=str(self.spec.path), data=str(self.data.resolve()),
+                        environment=environment(self.spec, self.data, self.device))
         for plan in self.plans:
             if only is None or plan.arm.name == only:
                 self._arm(plan)
                 self.report()
         return self.report()
 
-    def report(self) -> list[dict[str, Any]]:
+    def report(self, redraw: bool = False) -> list[dict[str, Any]]:
+        """Draw the sample grids that are missing or stale (all of them with ``redraw``), then write ``study.md``
+        and its figures; returns the report's rows (also kept in the manifest)."""
+        self.grids(redraw)
         manifest = read_manifest(self.out)
         rows = write_report(self.out, self.spec, manifest, self.keys())
         update_manifest(self.out, report=rows)
         return rows
+
+    def grids(self, redraw: bool = False) -> None:
+        """``grid_<arm>.png`` of every trained arm of the spec whose grid is missing, or was drawn from another
+        training or other sampler options (:mod:`covidxray.study.figures`)."""
+        manifest = read_manifest(self.out)
+        keys = self.keys()
+        for arm in self.spec.arms:
+            entry = manifest["arms"].get(arm.name)
+            if entry is None or (keys is not None and entry.get("key") != keys[arm.name]["train"]):
+                continue
+            final = next((p for p in entry.get("points", {}).values() if p.get("final")), {})
+            if entry["train"].get("status") != "done" or not final.get("checkpoint"):
+                continue
+            key = grid_key(entry, arm.sampling, self.spec.eval.seed)
+            old = manifest.get("grids", {}).get(arm.name) or {}
+            if not redraw and old.get("key") == key and (self.out / old.get("file", "")).is_file():
+                continue
+            try:
+                record = draw_grid(self.out, arm.name, self.out / final["checkpoint"], arm.sampling,
+                                   self.spec.eval.seed, self.device, self.log)
+            except CovidXrayError as exc:  # e.g. a mask arm's training masks moved: the report goes on without it
+                self.log(f"arm {arm.name}: no sample grid ({exc.message})")
+                continue
+            self.log(f"arm {arm.name}: drew {record['file']}")
+            grids = read_manifest(self.out).get("grids", {})
+            grids[arm.name] = {**record, "key": key, "checkpoint": final["checkpoint"]}
+            manifest = update_manifest(self.out, grids=grids)
 
     # ------------------------------------------------------------------------------------------ arms
     def _rel(self, path: Path) -> str:
@@ -225,7 +339,7 @@ class StudyRunner:
                 trainer.log(f"study: arm {name} reached its cap of {arm.max_minutes:g} minutes; training stops here")
                 trainer.request_stop()
 
-        t["status"] = "running"
+        t.update(status="running", software=software())
         self._save(name, entry)
         finished = False
         try:
@@ -288,8 +402,54 @@ class StudyRunner:
         self.log(f"arm {name}: scoring the {point.label} % point ({p.get('kimg')} kimg) into {out}")
         req = GeneratorEvaluation(data=self.data, run=self.out / p["checkpoint"], split=e.split, n=e.n,
                                   repeats=e.repeats, metrics=list(e.metrics), out=out, device=self.device,
-                                  batch_size=e.batch_size, seed=e.seed, downstream=down)
+                                  batch_size=e.batch_size, seed=e.seed, downstream=down,
+                                  sampling=dict(plan.arm.sampling))
         res = run_generator_evaluation(req, self.log)
         p["eval"] = {"key": point.key, "status": "done", "out": self._rel(out), **summarize(res)}
         self._save(name, entry)
 
+
+
+# ----------------------------------------------------------------------------------------------- probe
+def probe(plan: ArmPlan, steps: int = 3, warmup: int = 1, console=None) -> dict[str, Any]:
+    """Train ``plan``'s arm for ``warmup + steps`` steps through the one loop, in a temporary folder that is
+    removed, and project its budget's training time from the median seconds of the measured steps.
+
+    A step whose interval holds the end of an epoch (statistics, validation, snapshot, checkpoint) is left out
+    when another one is not; the projection is of the steps alone (``total_steps`` x s/step), without start-up,
+    per-epoch work or scoring. With CUDA graphs their eager steps and the capture count as warm-up too.
+    """
+    warmup = max(1, warmup)  # the first step builds kernels and caches: never timed
+    most = warmup + GRAPH_WARMUP + 1
+    cfg = copy.deepcopy(plan.cfg)
+    tmp = Path(tempfile.mkdtemp(prefix="covidxray-probe-"))
+    cfg.out = str(tmp)
+    cfg.train.epochs = max(1, math.ceil((most + steps) / plan.steps_per_epoch))
+    marks: list[tuple[float, int]] = []
+    skip = [warmup]
+
+    def on_step(trainer) -> None:
+        if not marks and trainer.graphs is not None:
+            skip[0] = most
+        marks.append((time.perf_counter(), trainer.state.batch_in_epoch))
+        if len(marks) >= skip[0] + steps:
+            trainer.request_stop()
+
+    t0 = time.perf_counter()
+    try:
+        trainer, _ = start_run(cfg, console=console, on_step=on_step)
+        device = str(trainer.device)
+        del trainer
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # the next arm's probe starts from an empty cache, as its run would
+    wall = time.perf_counter() - t0
+    gaps = [(b[0] - a[0], b[1] == 1) for a, b in zip(marks[skip[0] - 1:], marks[skip[0]:])]
+    clean = [g for g, new_epoch in gaps if not new_epoch] or [g for g, _ in gaps]
+    step_s = statistics.median(clean) if clean else None
+    return {"arm": plan.arm.name, "model": plan.arm.model, "device": device, "batch_size": plan.batch_size,
+            "steps_warmup": skip[0], "steps_measured": len(clean), "step_s": step_s,
+            "images_per_s": plan.batch_size / step_s if step_s else None, "total_steps": plan.total_steps,
+            "train_minutes": plan.total_steps * step_s / 60 if step_s else None, "probe_s": wall}

@@ -7,9 +7,11 @@ A spec (``configs/studies/demo.yaml`` is one; docs/study.md describes every key)
     seed: 0                         # train.seed of every arm without its own
     checkpoints_at: [0.25, 0.5, 1.0]  # points of each budget that are scored (fractions of it)
     sets: [train.grid_size=4]       # overrides of every arm (before the arm's own)
-    eval: {n: 500, repeats: 3, split: test, metrics: [fid, kid], seed: 0, downstream: null}
+    eval: {n: 500, repeats: 3, split: test, metrics: [fid, kid], seed: 0, downstream: null,
+           sampling: {steps: 18, sampler: heun}}   # sampler options of the arms whose model takes them
     arms:
       - {name: cgan-max, model: cgan, kimg: 200, sets: [loss.uncertainty=max], max_minutes: 120}
+      - {name: edm-fast, model: edm, kimg: 200, sampling: {sampler: dpm2m, steps: 10}}
 
 :func:`load_spec` reads and checks the spec alone (unknown keys, types, budgets, names); :func:`plan_study`
 checks it against the prepared data - every arm's configuration resolved by
@@ -23,9 +25,15 @@ incomplete batch of an epoch dropped), so an arm of ``kimg`` thousand images tra
 training images: the budget rounds up to whole epochs (the kimg reached is recorded). A point at fraction
 ``f`` is the weights after ``ceil(f * total_steps)`` steps.
 
+**Sampling.** ``eval.sampling`` (``steps``, ``sampler``, ``guidance``) reaches the evaluation of every arm whose
+model takes sampler options (:func:`covidxray.infer.protocol.sampling_of`: the diffusion models); the others
+ignore it. An arm's own ``sampling`` overrides it key by key, and is refused on a model that takes none. The
+values are checked here, by the family's own check, before anything trains.
+
 **Keys.** Each arm's training stage is keyed by a hash of its resolved configuration (without the settings
 that do not change the weights: :data:`EXECUTION` and the device), its budget, points and cap; each scoring
-stage by the training key, the evaluation protocol and the point. A rerun redoes the stages whose key changed.
+stage by the training key, the evaluation protocol (with the arm's own sampling options in place of
+``eval.sampling``) and the point. A rerun redoes the stages whose key changed.
 """
 
 from __future__ import annotations
@@ -46,7 +54,7 @@ from covidxray.data.datasets import read_prepared_info, read_records
 from covidxray.errors import CovidXrayError
 from covidxray.evaluate.downstream import check_downstream_args
 from covidxray.evaluate.generator import parse_metrics
-from covidxray.infer.protocol import Generator, MaskTranslator, having
+from covidxray.infer.protocol import Generator, MaskTranslator, having, sampling_of
 from covidxray.models.registry import get_model
 from covidxray.train.tasks import get_task
 
@@ -69,6 +77,10 @@ EXECUTION = ("train.num_threads", "train.log_every", "train.checkpoint_every", "
 
 #: Points scored when neither the spec nor the arm names them (fractions of the budget; 1.0 is always added).
 DEFAULT_POINTS = (0.1, 0.25, 0.5, 1.0)
+
+#: The sampler options ``eval.sampling`` and an arm's ``sampling`` may name (each model takes those of its
+#: family's :func:`~covidxray.infer.protocol.sampling_of`).
+SAMPLING = ("steps", "sampler", "guidance")
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
@@ -105,6 +117,8 @@ class EvalProtocol:
     seed: int = 0                       # seed of the draws (draw r uses seed + r)
     batch_size: int = 64                # images per forward pass
     downstream: Downstream | None = None  # at the full budget only; None = no downstream arms
+    sampling: dict[str, Any] = field(default_factory=dict)  # sampler options (steps, sampler, guidance) of the
+                                        # arms whose model takes them; {} = each run's own
 
 
 @dataclass(frozen=True)
@@ -118,6 +132,8 @@ class Arm:
     seed: int = 0                       # train.seed
     checkpoints_at: tuple[float, ...] = (1.0,)  # scored points, fractions of the budget in (0, 1]
     max_minutes: float | None = None    # wall-clock cap of its training (a safety); None = none
+    sampling: dict[str, Any] = field(default_factory=dict)  # the sampler options its evaluations use: eval.sampling
+                                        # with the arm's own on top, those its model takes ({} for the others)
 
     @property
     def images(self) -> int:
@@ -137,6 +153,7 @@ class StudySpec:
     sets: tuple[str, ...]
     eval: EvalProtocol
     arms: tuple[Arm, ...]
+    text: str = ""                      # the spec file as read (the report quotes it verbatim)
 
     def arm(self, name: str) -> Arm:
         for a in self.arms:
@@ -236,8 +253,8 @@ def _flatten(nested: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 TOP = ("name", "description", "data", "seed", "checkpoints_at", "sets", "eval", "arms")
-ARM = ("name", "model", "kimg", "sets", "seed", "checkpoints_at", "max_minutes")
-EVAL = ("n", "repeats", "split", "metrics", "seed", "batch_size", "downstream")
+ARM = ("name", "model", "kimg", "sets", "seed", "checkpoints_at", "max_minutes", "sampling")
+EVAL = ("n", "repeats", "split", "metrics", "seed", "batch_size", "downstream", "sampling")
 DOWNSTREAM = ("classifier", "seeds", "epochs", "synthetic_ratio", "pool", "sets")
 DATA = ("size", "masks", "classes")
 
@@ -248,7 +265,8 @@ def load_spec(path: str | Path) -> StudySpec:
     if not path.is_file():
         raise CovidXrayError(f"study spec {path} does not exist", "Pass a YAML file such as configs/studies/demo.yaml")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        raw = yaml.safe_load(text)
     except (OSError, UnicodeDecodeError) as exc:
         raise CovidXrayError(f"study spec {path} is unreadable ({exc})") from None
     except yaml.YAMLError as exc:
@@ -297,8 +315,33 @@ def load_spec(path: str | Path) -> StudySpec:
             name=arm_name, model=model, kimg=kimg, sets=r.sets(a.get("sets"), where),
             seed=r.integer(a.get("seed", seed), where, "seed"),
             checkpoints_at=r.fractions(a["checkpoints_at"], where) if "checkpoints_at" in a else points,
-            max_minutes=None if a.get("max_minutes") is None else r.number(a["max_minutes"], where, "max_minutes")))
-    return StudySpec(path, name, str(top.get("description") or ""), data, seed, common, protocol, tuple(arms))
+            max_minutes=None if a.get("max_minutes") is None else r.number(a["max_minutes"], where, "max_minutes"),
+            sampling=_arm_sampling(r, where, model, protocol.sampling, a.get("sampling"))))
+    return StudySpec(path, name, str(top.get("description") or ""), data, seed, common, protocol, tuple(arms), text)
+
+
+def _sampling(r: _Reader, where: str, value: Any) -> dict[str, Any]:
+    """``sampling:`` as a mapping of :data:`SAMPLING` keys (None values dropped)."""
+    if value is None:
+        return {}
+    return {k: v for k, v in r.mapping(value, where, SAMPLING).items() if v is not None}
+
+
+def _arm_sampling(r: _Reader, where: str, model: str, common: dict[str, Any], own: Any) -> dict[str, Any]:
+    """The sampler options an arm's evaluations use: ``eval.sampling`` with the arm's own on top, checked by its
+    model's family; {} for a model that takes none (which ignores ``eval.sampling`` and refuses its own)."""
+    own = _sampling(r, f"{where}: sampling", own)
+    kind = sampling_of(get_model(model).family)
+    if own and not kind.options:
+        takers = sorted(m for m in having(Generator) + having(MaskTranslator)
+                        if sampling_of(get_model(m).family).options)
+        raise r.error(where, f"sampling: the {model} model takes no sampler options (those are for "
+                      f"{', '.join(takers)})", "Drop the arm's sampling:")
+    merged = {k: v for k, v in {**common, **own}.items() if k in kind.options}
+    try:
+        return kind.check_options(**merged)
+    except CovidXrayError as exc:
+        raise r.error(f"{where}: sampling", exc.message.replace("--", ""), exc.hint) from None
 
 
 def _eval(r: _Reader, e: Any) -> EvalProtocol:
@@ -329,6 +372,7 @@ def _eval(r: _Reader, e: Any) -> EvalProtocol:
         except CovidXrayError as exc:
             raise r.error("eval.downstream", exc.message.replace("--", ""), exc.hint) from None
     return EvalProtocol(
+        sampling=_sampling(r, "eval.sampling", e.get("sampling")),
         n=None if e.get("n") is None else r.integer(e["n"], "eval", "n", 2),
         repeats=r.integer(e.get("repeats", default.repeats), "eval", "repeats", 1),
         split=split, metrics=metrics, seed=r.integer(e.get("seed", default.seed), "eval", "seed"),
@@ -462,6 +506,9 @@ def plan_study(spec: StudySpec, data: str | Path, device: str = "auto", sets: li
         plan.key = digest({"config": _config_for_key(cfg), "images": arm.images,
                            "points": [(p.label, p.step) for p in plan.points], "max_minutes": arm.max_minutes})
         protocol = dataclasses.asdict(spec.eval)
+        del protocol["sampling"]  # what this arm's scoring uses instead (absent when none: older keys hold)
+        if arm.sampling:
+            protocol["sampling"] = arm.sampling
         for p in plan.points:
             scored = {**protocol, "downstream": protocol["downstream"] if p.final else None}
             p.key = digest({"train": plan.key, "eval": scored, "point": p.label})

@@ -1,6 +1,8 @@
 """``covidxray study`` on phantoms: bad specs refused in one line before anything trains; the demo study end to
-end (one row per arm, points of each budget scored); a rerun retrains nothing; a changed arm reruns alone; Ctrl-C
-in training stops cleanly, the same command resumes it, and the resumed arm is the uninterrupted one."""
+end (one row per arm, points of each budget scored, the figures and the environment written, the sampler options
+in the diffusion arm's metrics.json); a rerun retrains and redraws nothing; a changed arm reruns alone; Ctrl-C in
+training stops cleanly, the same command resumes it, and the resumed arm is the uninterrupted one; the shipped
+specs plan on phantoms; ``--probe`` measures each arm and keeps nothing."""
 
 from __future__ import annotations
 
@@ -20,6 +22,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "configs" / "studies" / "demo.yaml"
+FIGURES = ("curves_kimg.png", "curves_seconds.png", "grids.png", "grid_rawgan.png", "grid_cvae.png", "grid_edm.png")
+PNG = b"\x89PNG\r\n\x1a\n"
 RUN = ["--set", "train.num_threads=1", "--device", "cpu"]
 ARMS = {"rawgan": "rawgan", "cvae": "cvae", "edm": "edm"}
 
@@ -101,6 +105,12 @@ def _arm(**kw):
     ("bad-point", {"arms": _arm(checkpoints_at=[0.5, 2])}, ["arm 'a'", "checkpoints_at"]),
     ("bad-metric", {"eval": {"metrics": ["fid", "is"]}}, ["eval", "unknown metric(s) is"]),
     ("mask-arm", {"arms": _arm(model="edm_mask", sets=[])}, ["arm 'a'", "edm_mask trains on lung masks"]),
+    ("sampling-on-a-vae", {"arms": _arm(sampling={"steps": 4})}, ["arm 'a'", "takes no sampler options", "edm"]),
+    ("bad-sampling-value", {"arms": _arm(model="edm", sets=[], sampling={"steps": 0})},
+     ["arm 'a': sampling", "steps must be a whole number in [1, 1000]"]),
+    ("bad-eval-sampling", {"eval": {"sampling": {"sampler": "ddim"}}, "arms": _arm(model="edm", sets=[])},
+     ["arm 'a': sampling", "sampler must be one of heun, euler, dpm2m"]),
+    ("unknown-sampling-key", {"eval": {"sampling": {"eta": 1}}}, ["eval.sampling", "unknown key 'eta'"]),
 ])
 def test_a_bad_spec_is_refused_in_one_line_before_anything_trains(case, change, must, cli, tmp_path, demo_prepared,
                                                                  no_masks):
@@ -155,12 +165,67 @@ def test_the_demo_study_writes_one_row_per_arm_and_scores_each_point(demo_study)
     assert manifest["report"][0]["status"] == "done" and len(manifest["report"]) == 3
 
 
+def test_the_demo_study_draws_its_figures_and_links_them(demo_study):
+    md = (demo_study / "study.md").read_text(encoding="utf-8")
+    for name in FIGURES:
+        data = (demo_study / name).read_bytes()
+        assert data.startswith(PNG) and len(data) > 1000, name
+    for name in ("curves_kimg.png", "curves_seconds.png", "grids.png"):
+        assert f"]({name})" in md, name
+    assert not (demo_study / "forest_downstream.png").exists()  # no arm has a downstream result
+    grids = json.loads((demo_study / "study.json").read_text(encoding="utf-8"))["grids"]
+    assert grids["rawgan"]["rows"] == [] and grids["cvae"]["rows"] == ["covid", "normal", "viral_pneumonia"]
+    assert grids["edm"]["checkpoint"].endswith("checkpoints/last.pt") and grids["edm"]["sampling"]["steps"] == 2
+    assert not list(demo_study.glob(".*.tmp"))  # every figure written atomically, no temporaries left
+
+
+def test_the_forest_plot_shows_each_arm_with_a_downstream_delta(tmp_path):
+    from covidxray.study.figures import save_forest
+
+    rows = [{"arm": "a", "status": "done", "downstream": {"delta": {"mean": 0.02, "ci95": [-0.01, 0.05], "n": 3}}},
+            {"arm": "b", "status": "done", "downstream": {"delta": {"mean": -0.03, "ci95": None, "n": 1}}},
+            {"arm": "c", "status": "done", "downstream": None}, {"arm": "d", "status": "not run"}]
+    assert save_forest(tmp_path / "f.png", rows) == tmp_path / "f.png"
+    assert (tmp_path / "f.png").read_bytes().startswith(PNG)
+    assert save_forest(tmp_path / "g.png", rows[2:]) is None and not (tmp_path / "g.png").exists()
+
+
+def test_the_report_records_the_environment_and_the_spec(demo_study, demo_prepared):
+    md = (demo_study / "study.md").read_text(encoding="utf-8")
+    env = json.loads((demo_study / "study.json").read_text(encoding="utf-8"))["environment"]
+    assert env["device"] == "cpu" and env["torch"] == torch.__version__ and env["covidxray"]
+    assert env["data"] == str(demo_prepared.resolve()) and len(env["data_fingerprint"]) == 16
+    assert env["spec"] == DEMO.read_text(encoding="utf-8")
+    section = md[md.index("## Environment"):]
+    assert f"torch {torch.__version__}" in section and env["data_fingerprint"] in section
+    assert "every arm got the same data split" in md
+    assert "```yaml\n" + DEMO.read_text(encoding="utf-8").rstrip() + "\n```" in section  # the spec verbatim
+
+
+def test_the_sampler_options_reach_the_diffusion_arm_only(demo_study):
+    manifest = json.loads((demo_study / "study.json").read_text(encoding="utf-8"))
+    for arm in ARMS:
+        for p in manifest["arms"][arm]["points"].values():
+            source = json.loads((demo_study / p["eval"]["out"] / "metrics.json").read_text(encoding="utf-8"))["source"]
+            if arm == "edm":  # eval.sampling {steps: 2} with the arm's own {sampler: euler} on top
+                assert source["sampling"] == {"sampler": "euler", "steps": 2, "guidance": 1.0,
+                                              "network_evaluations": 2}
+            else:
+                assert "sampling" not in source
+
+
 def test_a_rerun_retrains_and_rescores_nothing(demo_study, cli, demo_prepared, unverified):
     before = {**_mtimes(demo_study, "*.pt"), **_mtimes(demo_study, "metrics.json")}
+    grids = _mtimes(demo_study, "grid_*.png")
     r = cli("study", DEMO, "--data", demo_prepared, "--out", demo_study, *RUN)
     assert r.exit_code == 0, r.output
     assert r.clean_stdout.count("not retrained") == 3 and "scoring" not in r.clean_stdout
     assert {**_mtimes(demo_study, "*.pt"), **_mtimes(demo_study, "metrics.json")} == before
+    assert _mtimes(demo_study, "grid_*.png") == grids and "drew" not in r.clean_stdout  # nor redraws a grid
+    r = cli("study", DEMO, "--out", demo_study, "--report", "--device", "cpu")  # --report redraws every figure
+    assert r.exit_code == 0, r.output
+    after = _mtimes(demo_study, "grid_*.png")
+    assert after.keys() == grids.keys() and all(after[k] != grids[k] for k in grids)
 
 
 def test_a_changed_arm_reruns_alone(demo_study, cli, demo_prepared, unverified, tmp_path):
@@ -179,6 +244,7 @@ def test_a_changed_arm_reruns_alone(demo_study, cli, demo_prepared, unverified, 
            {k: v for k, v in before.items() if not k.startswith("edm/")}
     assert all(after[k] != before[k] for k in after if k.startswith("edm/"))
     assert (out / "replaced" / f"edm-{old_key[:8]}" / "eval-100" / "metrics.json").is_file()
+    assert "arm edm: drew grid_edm.png" in r.clean_stdout and "drew grid_cvae" not in r.clean_stdout
     manifest = json.loads((out / "study.json").read_text())
     assert manifest["arms"]["edm"]["seed"] == 1 and manifest["arms"]["edm"]["key"] != old_key
     assert len(_table_rows((out / "study.md").read_text())) == 3
@@ -224,3 +290,36 @@ def test_ctrl_c_in_training_stops_cleanly_and_the_same_command_resumes_it(demo_s
         for name in b:
             for k, v in b[name].items():
                 assert torch.equal(a[name][k], v), (rel, name, k)
+
+
+# ------------------------------------------------------------------------------------------ shipped specs, probe
+@pytest.mark.parametrize("name, size, arms", [
+    ("cpu", 64, ["cgan", "acgan", "cvae", "pix2pix", "edm", "edm_mask"]),
+    ("seed", 128, ["rawgan", "cgan", "cgan-umax", "cgan-umin", "acgan", "unetcgan", "vae", "cvae", "pix2pix", "edm",
+                   "edm_mask"]),
+])
+def test_the_shipped_specs_plan_on_phantoms(name, size, arms, cli, tmp_path, demo_at_size):
+    spec = REPO / "configs" / "studies" / f"{name}.yaml"
+    r = cli("study", spec, "--data", demo_at_size(size), "--out", tmp_path / "s", "--dry-run")
+    assert r.exit_code == 0, r.output
+    planned = [ln.split("│")[1].strip() for ln in r.clean_stdout.splitlines() if ln.count("│") > 5]
+    assert planned == arms, r.clean_stdout
+    assert all("to train" in ln for ln in r.clean_stdout.splitlines() if ln.count("│") > 5)
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_probe_measures_each_arm_and_keeps_nothing(cli, tmp_path, demo_prepared, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    r = cli("study", DEMO, "--data", demo_prepared, "--out", tmp_path / "s", "--probe", *RUN)
+    assert r.exit_code == 0, r.output
+    lines = r.clean_stdout.splitlines()
+    start = next(i for i, ln in enumerate(lines) if "probe: training steps measured" in ln)
+    rows = [ln.split("│") for ln in lines[start:] if ln.count("│") > 5]
+    assert [c[1].strip() for c in rows] == list(ARMS)
+    for c in rows:  # batch 16, s/step, img/s, 12 steps, projected minutes
+        assert c[4].strip() == "16" and float(c[5]) > 0 and float(c[6]) > 0 and c[7].strip() == "12"
+    assert "projected training" in r.clean_stdout
+    assert not (tmp_path / "s").exists() and not list((tmp_path / "tmp").iterdir())
