@@ -42,6 +42,7 @@ import statistics
 import subprocess
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -89,12 +90,20 @@ def read_manifest(out: Path) -> dict[str, Any]:
 @contextlib.contextmanager
 def manifest_lock(out: Path):
     """Hold an exclusive lock on ``OUT/.study.lock`` (blocking): one read-modify-write of the manifest at a time,
-    across processes (``--arm`` processes of one study) and threads. Without ``fcntl`` (Windows) it locks nothing."""
+    across processes (``--arm`` processes of one study) and threads. Without ``fcntl`` (Windows), or on a file
+    system that refuses ``flock`` (Lustre mounted without ``-o flock``), it locks nothing (with a warning there):
+    one process at a time is then safe, as before the lock."""
     if fcntl is None:
         yield
         return
     with open(Path(out) / LOCK, "a") as fh:  # each open is its own lock owner (flock), so threads exclude too
-        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        except OSError as exc:
+            warnings.warn(f"{Path(out) / LOCK}: this file system refuses locks ({exc.strerror or exc}); study.json is "
+                          f"updated unlocked: run one --arm process at a time on this folder", stacklevel=3)
+            yield
+            return
         try:
             yield
         finally:

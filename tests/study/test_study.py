@@ -236,6 +236,23 @@ def test_processes_updating_one_manifest_at_once_keep_each_others_arms(tmp_path)
     assert (out / LOCK).is_file() and not list(out.glob("*.tmp"))
 
 
+def test_a_file_system_without_locks_updates_unlocked_with_a_warning(tmp_path, monkeypatch):
+    import errno
+
+    from covidxray.study import run
+
+    def refuse(fd, op):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    if run.fcntl is None:
+        pytest.skip("no fcntl here")
+    monkeypatch.setattr(run.fcntl, "flock", refuse)
+    (tmp_path / "s").mkdir()
+    with pytest.warns(UserWarning, match="refuses locks .*one --arm process at a time"):
+        run.update_manifest(tmp_path / "s", "a", {"n": 1})
+    assert run.read_manifest(tmp_path / "s")["arms"] == {"a": {"n": 1}}
+
+
 # ------------------------------------------------------------------------------------------ TensorBoard
 def test_the_arms_write_tensorboard_scalars_where_the_package_is(cli, tmp_path, demo_prepared, monkeypatch):
     from covidxray.study.spec import load_spec, plan_study
