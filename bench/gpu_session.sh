@@ -30,7 +30,8 @@
 #      H200's of docs/benchmarks.md less ~20 %: rawgan/cgan/acgan ~10k img/s, cgan-umax/umin (MC dropout) ~5k,
 #      unetcgan and pix2pix ~3k, vae/cvae ~8k, edm/edm_mask (GPU preset, 10.1 M parameters, not measured) ~1.5k:
 #      ~3.5 s per kimg of every arm together, so the whole spec would train ~65 min. SCALE_T=0.02 (34 kimg an arm,
-#      ~35 epochs) trains ~2 min in all. The scoring does not scale with it and is the larger part: seed.yaml
+#      36 epochs, 540 steps of 64) trains ~2 min in all (more if seed.yaml's batch of 64, half the benchmarks' 128,
+#      leaves the steps launch-bound: the summary's img/s per arm will tell). The scoring does not scale with it and is the larger part: seed.yaml
 #      scores 4 points of 500 x 5 images (the diffusion arms 35 network evaluations an image) and at the full
 #      budget 9 resnet18 runs of 30 epochs (3 seeds x real / real + synthetic / synthetic), estimated ~1 min per
 #      GAN arm and ~3 min per diffusion arm on an H100 (not measured): about 15 min for the whole study, so the cap
