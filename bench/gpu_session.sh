@@ -23,6 +23,21 @@
 #      200) capped at CAP_E s (270), then `covidxray evaluate RUN -n 500 --repeats 3` (the wheels of Q);
 #      E_FID=1 then also scores MONAI's DiffusionModelUNet trained for the same kimg (bench/diffusion.py
 #      --fid-kimg --fid-run; needs the monai and einops wheels too)
+#   T. `covidxray study configs/studies/seed.yaml --data $D128 --device cuda --scale $SCALE_T` (the wheels of Q; the
+#      128 px data, so PREP_SIZES must hold 128), capped at CAP_T s (540), then `--report`; study.md, study.json,
+#      the figures and each arm's stats.jsonl land in results/study-seed/, one summary line per arm.
+#      Sizing: seed.yaml is 11 arms x 1700 kimg = 18,700 kimg. Assumed H100 training rates at 128 px, from the
+#      H200's of docs/benchmarks.md less ~20 %: rawgan/cgan/acgan ~10k img/s, cgan-umax/umin (MC dropout) ~5k,
+#      unetcgan and pix2pix ~3k, vae/cvae ~8k, edm/edm_mask (GPU preset, 10.1 M parameters, not measured) ~1.5k:
+#      ~3.5 s per kimg of every arm together, so the whole spec would train ~65 min. SCALE_T=0.02 (34 kimg an arm,
+#      36 epochs, 540 steps of 64) trains ~2 min in all (more if seed.yaml's batch of 64, half the benchmarks' 128,
+#      leaves the steps launch-bound: the summary's img/s per arm will tell). The scoring does not scale with it and is the larger part: seed.yaml
+#      scores 4 points of 500 x 5 images (the diffusion arms 35 network evaluations an image) and at the full
+#      budget 9 resnet18 runs of 30 epochs (3 seeds x real / real + synthetic / synthetic), estimated ~1 min per
+#      GAN arm and ~3 min per diffusion arm on an H100 (not measured): about 15 min for the whole study, so the cap
+#      ends it after roughly the first half of the arms (spec order: rawgan, cgan, cgan-umax, ...); the report
+#      marks the others "not run" and the summary counts them. ARMS_T="cgan edm" runs those arms alone (--arm).
+#      QUICK=1: configs/studies/demo.yaml on phantoms (`prepare --demo`), one thread, a stand-in 'Inception'.
 # Everything lands in $OUT/results.tar.gz (GIFs beside it); the summary table is printed last.
 # Needs (carried, git-ignored): .devdata/cxr-real (a copy of the real set, Kaggle v4 layout; prepared here in
 # seconds) and, for B's peer run, .devdata/peer/main.py (pytorch/examples dcgan/main.py, never committed).
@@ -37,6 +52,7 @@
 #   B_EAGER=1        phase B also times cgan and rawgan at 128 px with train.cuda_graphs=no
 #   SETS_C           extra config values of the schedule run (e.g. "train.compile=true")
 #   KIMG_E, CAP_E    phase E's budget in kimg (200) and its training's time cap in s (270);  E_FID=1 (see E)
+#   SCALE_T, CAP_T   phase T's --scale (0.02; QUICK 0.5) and its time cap in s (540);  ARMS_T  arms to run (all)
 #   BUDGET           seconds for the whole script (560); later phases get what is left
 set -u
 cd "$(dirname "$0")/.."
@@ -207,6 +223,71 @@ run=$(ls -d "$RUNS"/cgan/*cgan* 2>/dev/null | head -1)
 [ -n "$run" ] && cx gif "$run" -o "$R/cgan.gif" --fps 6 --max-side 480 > /dev/null
 }
 
+# QUICK: a stand-in 'Inception' (adaptive pooling; scores are fd_unverified), so that a CPU rehearsal scores without
+# the FID network; after `standin`, FE holds the environment that selects it.
+FE=()
+standin() {
+[ -f "$R/../standin.pt" ] || python3 -W ignore -c "import torch, torch.nn.functional as F
+class StandIn(torch.nn.Module):
+    def forward(self, x): return F.adaptive_avg_pool2d(x, 6).flatten(1)
+torch.jit.trace(StandIn(), torch.zeros(1, 3, 299, 299)).save('$R/../standin.pt')"
+FE=(COVIDXRAY_INCEPTION_WEIGHTS="$R/../standin.pt" COVIDXRAY_ALLOW_UNVERIFIED_INCEPTION=1)
+}
+
+phase_T() {
+local spec=configs/studies/seed.yaml data=$D128 scale=${SCALE_T:-0.02} out="$RUNS/study-seed" sets=() fe=()
+local capt=${CAP_T:-540} arms=() start rc=0 a rest
+local study_s=$(( capt > 95 ? capt - 45 : 50 ))   # the last 45 s of the cap: --report, copies, the summary
+if [ "$QUICK" = 1 ]; then   # a CPU rehearsal of the plumbing: the demo spec on phantoms, one thread
+  spec=configs/studies/demo.yaml; data=$DR/demo; scale=${SCALE_T:-0.5}; out="$RUNS/study-demo"
+  sets=(--set train.num_threads=1); standin; fe=("${FE[@]}")
+  python3 -m covidxray prepare --demo $data --size 64 --per-class 24 > "$R/prepare-demo.log" 2>&1 \
+      || { echo "T: prepare --demo failed"; tail -5 "$R/prepare-demo.log"; return; }
+fi
+read -r -a arms <<< "${ARMS_T:-}"
+say "T study $spec --scale $scale on $data (${capt} s cap${ARMS_T:+; arms $ARMS_T})"
+eval_wheels
+start=$(date +%s)
+if [ ${#arms[@]} = 0 ]; then
+  env "${fe[@]}" timeout -k 10 $(cap $study_s) python3 -m covidxray study $spec --data $data --device $DEV \
+      --scale $scale --out "$out" "${sets[@]}" > "$R/study.log" 2>&1 || rc=$?
+else
+  for a in "${arms[@]}"; do
+    rest=$(( study_s - ($(date +%s) - start) )); (( rest < 5 )) && rest=5
+    env "${fe[@]}" timeout -k 10 $(cap $rest) python3 -m covidxray study $spec \
+        --data $data --device $DEV --scale $scale --out "$out" --arm $a "${sets[@]}" >> "$R/study.log" 2>&1 \
+        || { rc=$?; break; }
+  done
+fi
+[ $rc = 0 ] || echo "study exit $rc (124/130/143: cut by the cap; the report marks what did not finish)"
+env "${fe[@]}" timeout $(cap 45) python3 -m covidxray study $spec --data $data --device $DEV --scale $scale \
+    --out "$out" --report "${sets[@]}" >> "$R/study.log" 2>&1 || echo "study --report exit $?"
+local dest="$R/$(basename "$out")"; mkdir -p "$dest"
+cp "$out"/study.md "$out"/study.json "$out"/*.png "$dest"/ 2>/dev/null
+for a in "$out"/arms/*/; do
+  [ -d "$a" ] && cp "$a"*/stats.jsonl "$dest/stats-$(basename "$a").jsonl" 2>/dev/null
+done
+python3 - "$out/study.json" $(( $(date +%s) - start )) $capt > "$R/study.txt" <<'PY' || echo "T: no study.json (see study.log)"
+import json, sys
+m = json.load(open(sys.argv[1])); rows = m.get("report") or []; arms = m["arms"]
+pairs = sorted({(e["kimg_spec"], e["kimg_budget"]) for e in arms.values() if e.get("kimg_spec") is not None})
+budgets = ", ".join(f"{a:g} -> {b:g} kimg" for a, b in pairs)
+done = [r for r in rows if r["status"] == "done"]
+print(f"T study {m.get('spec')}: budgets scaled by {m.get('scale', 1):g}" + (f" ({budgets} an arm)" if budgets else "")
+      + f": {len(done)} of {len(rows)} arms done in {sys.argv[2]} s (cap {sys.argv[3]} s), device "
+      f"{m['environment']['device_name']}")
+for r in rows:
+    e = arms.get(r["arm"]) or {}; t = e.get("train") or {}
+    rate = f", {t['kimg'] * 1000 / t['seconds']:.0f} img/s" if t.get("kimg") and t.get("seconds") else ""
+    fd = r.get("fd") or {}; fl = r.get("fd_floor") or {}
+    score = (f"{r['fd_name']} {fd['mean']:.1f} +- {fd['std']:.1f} (floor {fl['mean']:.1f}), " if fd else "")
+    trained = f"{t['kimg']:g} kimg in {t['seconds']:.0f} s train{rate}" if t.get("kimg") else ""
+    print(f"  {r['arm']:10s} {r['status']}" + (f": {score}{trained}" if score or trained else "")
+          + (f", sample {r['sample_s_per_1k']:.3g} s/1k" if r.get("sample_s_per_1k") is not None else ""))
+PY
+cat "$R/study.txt" 2>/dev/null
+}
+
 # The GPU preset at 128 px (configs/edm.yaml, commented there): 10.1 M parameters.
 EDM_GPU="--set data.image_size=128 --set arch.channels=64 --set arch.depth=4 --set arch.emb_dim=256 \
   --set train.batch_size=64 --set optim.lr=5e-4"
@@ -214,11 +295,7 @@ phase_E() {
 local kimg=${KIMG_E:-200} n=500 fe=() q="" mch="64,128,192,192" tiny=""
 if [ "$QUICK" = 1 ]; then   # a CPU rehearsal of the plumbing: a tiny denoiser, and a stand-in 'Inception' (fd_unverified)
   kimg=0.1; n=16; q="--quick"; tiny="--set arch.channels=8 --set arch.depth=2 --set train.batch_size=32"
-  python3 -W ignore -c "import torch, torch.nn.functional as F
-class StandIn(torch.nn.Module):
-    def forward(self, x): return F.adaptive_avg_pool2d(x, 6).flatten(1)
-torch.jit.trace(StandIn(), torch.zeros(1, 3, 299, 299)).save('$R/../standin.pt')"
-  fe=(COVIDXRAY_INCEPTION_WEIGHTS="$R/../standin.pt" COVIDXRAY_ALLOW_UNVERIFIED_INCEPTION=1)
+  standin; fe=("${FE[@]}")
 fi
 local ntrain epochs
 ntrain=$(python3 -c "import json; print(sum(json.load(open('$D128/prepare.json'))['counts']['train'].values()))")
@@ -258,4 +335,5 @@ for ph in $PHASES; do "phase_$ph"; done   # in the order given
 pack
 say "summary"
 [ -f "$R/bench.log" ] && tail -42 "$R/bench.log"; [ -f "$R/peer.log" ] && tail -10 "$R/peer.log"
-[ -f "$R/schedule.log" ] && tail -16 "$R/schedule.log"; [ -f "$R/edm128.txt" ] && cat "$R/edm128.txt"; ls "$R/grids"
+[ -f "$R/schedule.log" ] && tail -16 "$R/schedule.log"; [ -f "$R/edm128.txt" ] && cat "$R/edm128.txt"
+[ -f "$R/study.txt" ] && cat "$R/study.txt"; ls "$R/grids"

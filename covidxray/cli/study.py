@@ -25,25 +25,37 @@ def study_cmd(
                                  "steps, points, what is done) and exit."),
     probe: bool = typer.Option(False, "--probe", help="A dry run that also trains each arm for a few steps (in a "
                                "temporary folder, removed) and prints its img/s and projected training minutes."),
+    scale: Optional[float] = typer.Option(None, "--scale", metavar="F", help="Multiply every arm's kimg (and "
+                                          "max_minutes) by F in (0, 1]: a scaled-down run of the spec, another study "
+                                          "(default 1; --report: the scale the study ran at)."),
+    list_arms: bool = typer.Option(False, "--list-arms", help="Print the spec's arm names, one a line, and exit "
+                                   "(e.g. for a SLURM job array: docs/distributed.md)."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N (training and scoring)."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="Execution setting of every arm that does not change "
                                              "what it learns, e.g. train.num_threads=4 (repeatable)."),
 ) -> None:
     """Train every arm of SPEC through `train`, score it through `evaluate` at points of its budget, and write
     OUT/study.md: one row per arm, and each arm's quality per compute. A rerun skips what is done."""
-    from covidxray.study.run import StudyRunner, check_study_dir
-    from covidxray.study.spec import load_spec, plan_study
+    from covidxray.study.run import StudyRunner, check_folder_scale, check_study_dir, recorded_scale
+    from covidxray.study.spec import load_spec, plan_study, scale_spec
 
     con = console()
     log = lambda msg: con.print(msg, highlight=False, soft_wrap=True, markup=False)  # noqa: E731
     s = load_spec(spec)
+    if list_arms:
+        typer.echo("\n".join(a.name for a in s.arms))
+        return
     if arm is not None:
         s.arm(arm)  # an unknown name fails here, listing the arms
     out = out if out is not None else Path("studies") / s.name
+    if scale is None:  # --report reports the study at the scale it ran at
+        scale = (recorded_scale(out) if report and out.is_dir() else None) or 1.0
+    s = scale_spec(s, scale)
     if report:
         check_study_dir(out, data)
         if not out.is_dir():
             raise CovidXrayError(f"--out {out} holds no study yet", f"Run `covidxray study {spec} --data PREPARED` first")
+        check_folder_scale(out, s.scale)
         # With the data, arms whose run is of an older spec are marked so (and get no figures).
         plans = plan_study(s, data, device, set_) if data is not None else None
         rows = StudyRunner(s, plans, data, out, device=device, log=log).report(redraw=True)
@@ -52,6 +64,7 @@ def study_cmd(
         raise CovidXrayError("--data is required", "Pass the prepared folder, e.g. --data data/cxr64")
     plans = plan_study(s, data, device, set_)
     check_study_dir(out, data)
+    check_folder_scale(out, s.scale)
     runner = StudyRunner(s, plans, data, out, device=device, sets=set_, console=con, log=log)
     if dry_run or probe:
         _plan(con, runner, arm)
@@ -67,12 +80,14 @@ def study_cmd(
 def _plan(con, runner, only: str | None) -> None:
     from rich.table import Table
 
-    from covidxray.study.report import arm_status
+    from covidxray.study.report import arm_status, scale_sentence
     from covidxray.study.run import read_manifest
 
     manifest = read_manifest(runner.out) if runner.out.is_dir() else {"arms": {}}
     keys = runner.keys()
-    table = Table(title=f"study {runner.spec.name}: {runner.spec.path} on {runner.data} -> {runner.out}")
+    spec = runner.spec
+    scaled = f", budgets scaled by {spec.scale:g}" if spec.scale != 1.0 else ""
+    table = Table(title=f"study {spec.name}: {spec.path} on {runner.data} -> {runner.out}{scaled}")
     for col in ("arm", "model", "train images", "batch", "epochs", "steps", "kimg", "points (step)", "now"):
         table.add_column(col, justify="left" if col in ("arm", "model", "points (step)", "now") else "right")
     for p in runner.plans:
@@ -82,9 +97,12 @@ def _plan(con, runner, only: str | None) -> None:
         status = arm_status(entry, keys[p.arm.name])
         now = ("done" if status == "done" else "to train" if entry is None or status.startswith("not run (changed")
                or entry["train"].get("status") != "done" else "to score")
+        kimg = f"{p.kimg:g}" + (f" ({p.arm.spec_kimg:g} × {spec.scale:g})" if p.arm.spec_kimg is not None else "")
         table.add_row(p.arm.name, p.arm.model, str(p.train_images), str(p.batch_size), str(p.epochs),
-                      str(p.total_steps), f"{p.kimg:g}", ", ".join(f"{q.label} % ({q.step})" for q in p.points), now)
+                      str(p.total_steps), kimg, ", ".join(f"{q.label} % ({q.step})" for q in p.points), now)
     con.print(table)
+    if spec.scale != 1.0:
+        con.print(scale_sentence(spec), highlight=False, markup=False, soft_wrap=True)
 
 
 def _probe(con, runner, only: str | None) -> None:

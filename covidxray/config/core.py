@@ -71,6 +71,8 @@ class TrainConfig:
     snapshot_every: int = 1             # write the family's snapshot (GANs: samples/epoch_XXXX.png) every N epochs
     checkpoint_every: int = 5           # update checkpoints/last.pt every N epochs (also at the end and on Ctrl-C)
     keep_every: int = 0                 # also keep checkpoints/epoch_XXXX.pt every N epochs; 0 = never
+    tensorboard: bool = False           # also write every stats.jsonl record's numbers as TensorBoard scalars under
+                                        # RUN/tensorboard/ (needs `pip install covidxray[tensorboard]`)
     amp: str = "auto"                   # mixed precision: auto (bf16 on CUDA; classifiers also on CPUs with native bf16,
                                         # AMX / AVX512-BF16; else off) | bf16 | fp16 (CUDA) | off
     channels_last: bool = True          # channels_last memory format (faster convolutions on GPUs and CPUs)

@@ -1,6 +1,7 @@
 """The study's report, ``study.md``, written from the manifest (``study.json``) alone.
 
-One row per arm of the spec at its full budget - FID ± std (N) beside its real-vs-real floor, KID, precision /
+A study run with ``--scale`` says so first, in bold: by how much, and what the spec's budgets became. Then one
+row per arm of the spec at its full budget - FID ± std (N) beside its real-vs-real floor, KID, precision /
 recall, copies, the downstream Δ with its 95 % interval when the protocol has one, the kimg trained, the
 training seconds and the sampling seconds per 1000 images - with the arms that have not finished marked as
 such; the figures (:mod:`covidxray.study.figures`: quality-per-compute curves, the downstream forest plot, the
@@ -109,6 +110,21 @@ def _kv(d: dict[str, Any]) -> str:
     return ", ".join(f"{k} {v}" for k, v in d.items()) or "the run's own"
 
 
+def _and(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} and {items[-1]}"
+
+
+def scale_sentence(spec: StudySpec) -> str:
+    """What ``--scale`` did to a study's budgets, in one sentence ("" for an unscaled study)."""
+    if spec.scale == 1.0:
+        return ""
+    pairs = list(dict.fromkeys((a.spec_kimg if a.spec_kimg is not None else a.kimg, a.kimg) for a in spec.arms))
+    return (f"budgets scaled by {spec.scale:g} (--scale {spec.scale:g}): {Path(spec.path).name}'s "
+            f"{_and([f'{k:g}' for k, _ in pairs])} kimg became {_and([f'{k:g}' for _, k in pairs])} kimg "
+            f"{'per arm' if len(pairs) == 1 else 'respectively'}, each max_minutes cap likewise: a scaled-down run "
+            f"of the spec, not its budgets")
+
+
 def environment_markdown(spec: StudySpec, manifest: dict[str, Any]) -> list[str]:
     """The environment section: where and with what the study ran, and the spec verbatim."""
     env = manifest.get("environment") or {}
@@ -155,10 +171,12 @@ def study_markdown(spec: StudySpec, manifest: dict[str, Any], rows: list[dict[st
     e = spec.eval
     unverified = any(r.get("fd_name") == "fd_unverified" for r in rows)
     fd = fd_label(rows)
-    lines = [f"# Study `{spec.name}`", ""]
+    lines = [f"# Study `{spec.name}`" + (f" (budgets scaled by {spec.scale:g})" if spec.scale != 1.0 else ""), ""]
     if spec.description:
         lines += [spec.description.strip(), ""]
     down = e.downstream
+    if spec.scale != 1.0:  # first and in bold: every number below is of the scaled budgets
+        lines.append(f"- **{scale_sentence(spec)}**")
     lines += [
         f"- spec: `{spec.path}`; data: `{manifest.get('data', '?')}`"
         + (f" (classes {', '.join(spec.data.classes)})" if spec.data.classes else ""),

@@ -17,15 +17,19 @@ Every run records the environment it ran in (:func:`environment`: device, versio
 of the data, the spec verbatim) in the manifest, and each arm the software it was trained with.
 
 The manifest ``OUT/study.json`` (written atomically after every change) records each stage: its key, status,
-and what it measured (kimg, training seconds, device; the scores). A rerun skips the stages whose key is
-recorded as done, resumes an interrupted training from its ``last.pt`` (bit-exact, by the loop's resume), and
-an arm whose training key changed has its old folder moved to ``OUT/replaced/`` and reruns alone. Ctrl-C in
-training stops after the current step with a checkpoint (the loop's own handling); anywhere else it leaves the
-stage undone; either way the study stops with exit 130 and the same command continues.
+and what it measured (kimg, training seconds, device; the scores), and the ``--scale`` of the budgets (a folder
+holds one scale: :func:`check_folder_scale`). Each change re-reads it and writes it under an exclusive lock on
+``OUT/.study.lock`` (:func:`update_manifest`), so that several ``--arm`` processes can run one study at once
+(POSIX ``flock``; elsewhere unlocked). A rerun skips the stages whose key is recorded as done, resumes an
+interrupted training from its ``last.pt`` (bit-exact, by the loop's resume), and an arm whose training key changed
+has its old folder moved to ``OUT/replaced/`` and reruns alone. Ctrl-C in training stops after the current step
+with a checkpoint (the loop's own handling); anywhere else it leaves the stage undone; either way the study stops
+with exit 130 and the same command continues.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import hashlib
@@ -38,10 +42,16 @@ import statistics
 import subprocess
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+
+try:  # POSIX: the manifest's lock; elsewhere the read-modify-write goes unlocked
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
 
 import covidxray
 from covidxray.checkpoint import load_checkpoint
@@ -57,6 +67,7 @@ from covidxray.utils import atomic_write_text, resolve_device
 
 KIND = "study"
 MANIFEST = "study.json"
+LOCK = ".study.lock"
 FORMAT = "covidxray-study"
 
 
@@ -76,16 +87,69 @@ def read_manifest(out: Path) -> dict[str, Any]:
     return manifest
 
 
+@contextlib.contextmanager
+def manifest_lock(out: Path):
+    """Hold an exclusive lock on ``OUT/.study.lock`` (blocking): one read-modify-write of the manifest at a time,
+    across processes (``--arm`` processes of one study) and threads. Without ``fcntl`` (Windows), or on a file
+    system that refuses ``flock`` (Lustre mounted without ``-o flock``), it locks nothing (with a warning there):
+    one process at a time is then safe, as before the lock."""
+    if fcntl is None:
+        yield
+        return
+    with open(Path(out) / LOCK, "a") as fh:  # each open is its own lock owner (flock), so threads exclude too
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        except OSError as exc:
+            warnings.warn(f"{Path(out) / LOCK}: this file system refuses locks ({exc.strerror or exc}); study.json is "
+                          f"updated unlocked: run one --arm process at a time on this folder", stacklevel=3)
+            yield
+            return
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def update_manifest(out: Path, arm: str | None = None, entry: dict[str, Any] | None = None,
-                    **fields: Any) -> dict[str, Any]:
-    """Re-read the manifest, replace one arm's entry and top-level ``fields``, and write it atomically (re-read so
-    that another ``--arm`` process's arms are kept)."""
-    manifest = read_manifest(out)
-    if arm is not None:
-        manifest["arms"][arm] = entry
-    manifest.update(fields, updated=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    atomic_write_text(Path(out) / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+                    edit: Callable[[dict[str, Any]], None] | None = None, **fields: Any) -> dict[str, Any]:
+    """Re-read the manifest, replace one arm's entry and top-level ``fields``, apply ``edit`` (a change that
+    depends on what is there, e.g. one grid added to ``grids``) and write it atomically, all under
+    :func:`manifest_lock`: another ``--arm`` process's changes are kept, never overwritten by a stale copy."""
+    with manifest_lock(out):
+        manifest = read_manifest(out)
+        if arm is not None:
+            manifest["arms"][arm] = entry
+        manifest.update(fields, updated=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        if edit is not None:
+            edit(manifest)
+        atomic_write_text(Path(out) / MANIFEST, json.dumps(manifest, indent=1) + "\n")
     return manifest
+
+
+def recorded_scale(out: Path) -> float | None:
+    """The ``--scale`` the arms of the study in ``out`` ran at (the latest run's when they differ; arms of a
+    covidxray before ``--scale`` ran at 1); None when no arm has run there."""
+    if not (Path(out) / MANIFEST).is_file():
+        return None
+    manifest = read_manifest(out)
+    if not manifest["arms"]:
+        return None
+    return float(manifest.get("scale", 1.0))
+
+
+def check_folder_scale(out: Path, scale: float) -> None:
+    """Refuse to run (or plan) a study at ``scale`` in a folder whose arms ran at another scale: a scaled study is
+    another study, and rerunning it unscaled would move every arm aside and train the full budgets."""
+    if not (Path(out) / MANIFEST).is_file():
+        return
+    other = {name: float(e.get("scale", 1.0)) for name, e in read_manifest(out)["arms"].items()
+             if e is not None and float(e.get("scale", 1.0)) != scale}
+    if other:
+        was = sorted(set(other.values()))
+        raise CovidXrayError(f"--out {out} holds a study run at --scale {', '.join(f'{s:g}' for s in was)} "
+                             f"(arms {', '.join(other)}), not at --scale {scale:g}",
+                             f"Pass --scale {was[0]:g} to continue it, or choose another --out for a study at "
+                             f"another scale")
 
 
 def check_study_dir(out: Path, data: Path | None) -> Path:
@@ -208,9 +272,10 @@ class StudyRunner:
         if self.plans is None or self.data is None:
             raise ValueError("a StudyRunner without plans and data only reports")
         check_study_dir(self.out, self.data)
+        check_folder_scale(self.out, self.spec.scale)
         claim(self.out, KIND, "study", {"data": str(self.data.resolve())})
         update_manifest(self.out, study=self.spec.name, spec=str(self.spec.path), data=str(self.data.resolve()),
-                        environment=environment(self.spec, self.data, self.device))
+                        scale=self.spec.scale, environment=environment(self.spec, self.data, self.device))
         for plan in self.plans:
             if only is None or plan.arm.name == only:
                 self._arm(plan)
@@ -249,9 +314,12 @@ class StudyRunner:
                 self.log(f"arm {arm.name}: no sample grid ({exc.message})")
                 continue
             self.log(f"arm {arm.name}: drew {record['file']}")
-            grids = read_manifest(self.out).get("grids", {})
-            grids[arm.name] = {**record, "key": key, "checkpoint": final["checkpoint"]}
-            manifest = update_manifest(self.out, grids=grids)
+            drawn = {**record, "key": key, "checkpoint": final["checkpoint"]}
+
+            def add_grid(m: dict[str, Any], name: str = arm.name, grid: dict[str, Any] = drawn) -> None:
+                m.setdefault("grids", {})[name] = grid  # the grids another --arm process drew stay
+
+            manifest = update_manifest(self.out, edit=add_grid)
 
     # ------------------------------------------------------------------------------------------ arms
     def _rel(self, path: Path) -> str:
@@ -289,10 +357,10 @@ class StudyRunner:
         else:
             self.log(f"arm {name}: changed since its run; the arm reruns")
 
-    @staticmethod
-    def _new_entry(plan: ArmPlan) -> dict[str, Any]:
+    def _new_entry(self, plan: ArmPlan) -> dict[str, Any]:
         arm = plan.arm
         return {"model": arm.model, "key": plan.key, "kimg_budget": arm.kimg, "kimg_planned": plan.kimg,
+                "kimg_spec": arm.spec_kimg if arm.spec_kimg is not None else arm.kimg, "scale": self.spec.scale,
                 "epochs": plan.epochs, "batch_size": plan.batch_size, "train_images": plan.train_images,
                 "seed": arm.seed, "sets": list(arm.sets), "max_minutes": arm.max_minutes, "run": None,
                 "train": {"status": "pending", "seconds": 0.0},

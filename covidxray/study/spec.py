@@ -30,10 +30,18 @@ model takes sampler options (:func:`covidxray.infer.protocol.sampling_of`: the d
 ignore it. An arm's own ``sampling`` overrides it key by key, and is refused on a model that takes none. The
 values are checked here, by the family's own check, before anything trains.
 
+**TensorBoard.** Where the ``tensorboard`` package is installed, every arm also writes its ``stats.jsonl`` scalars
+to TensorBoard (``train.tensorboard=true``: an execution setting, out of the keys; ``--set
+train.tensorboard=false`` turns it off).
+
+**Scale.** :func:`scale_spec` (``covidxray study --scale F``, 0 < F <= 1) multiplies every arm's ``kimg`` and
+``max_minutes`` by F, so that a spec sized for a GPU runs scaled down; each arm keeps the spec's own budget
+(``Arm.spec_kimg``) for the report. A scaled study is another study: F enters every training key.
+
 **Keys.** Each arm's training stage is keyed by a hash of its resolved configuration (without the settings
-that do not change the weights: :data:`EXECUTION` and the device), its budget, points and cap; each scoring
-stage by the training key, the evaluation protocol (with the arm's own sampling options in place of
-``eval.sampling``) and the point. A rerun redoes the stages whose key changed.
+that do not change the weights: :data:`EXECUTION` and the device), its budget, points, cap and scale (when it is
+not 1); each scoring stage by the training key, the evaluation protocol (with the arm's own sampling options in
+place of ``eval.sampling``) and the point. A rerun redoes the stages whose key changed.
 """
 
 from __future__ import annotations
@@ -56,6 +64,7 @@ from covidxray.evaluate.downstream import check_downstream_args
 from covidxray.evaluate.generator import parse_metrics
 from covidxray.infer.protocol import Generator, MaskTranslator, having, sampling_of
 from covidxray.models.registry import get_model
+from covidxray.train import tensorboard
 from covidxray.train.tasks import get_task
 
 #: Config keys the study sets for every arm, which neither the spec's ``sets`` nor an arm's may: what keeps
@@ -73,7 +82,8 @@ FIXED = {
 
 #: Settings that do not change what an arm learns: the only keys ``covidxray study --set`` takes, and left out
 #: of the stage keys (with ``train.device``), so that changing them reruns nothing.
-EXECUTION = ("train.num_threads", "train.log_every", "train.checkpoint_every", "data.cache", "data.on_device")
+EXECUTION = ("train.num_threads", "train.log_every", "train.checkpoint_every", "train.tensorboard", "data.cache",
+             "data.on_device")
 
 #: Points scored when neither the spec nor the arm names them (fractions of the budget; 1.0 is always added).
 DEFAULT_POINTS = (0.1, 0.25, 0.5, 1.0)
@@ -134,6 +144,7 @@ class Arm:
     max_minutes: float | None = None    # wall-clock cap of its training (a safety); None = none
     sampling: dict[str, Any] = field(default_factory=dict)  # the sampler options its evaluations use: eval.sampling
                                         # with the arm's own on top, those its model takes ({} for the others)
+    spec_kimg: float | None = None      # the spec's budget when kimg was scaled (scale_spec); None = kimg is it
 
     @property
     def images(self) -> int:
@@ -154,6 +165,7 @@ class StudySpec:
     eval: EvalProtocol
     arms: tuple[Arm, ...]
     text: str = ""                      # the spec file as read (the report quotes it verbatim)
+    scale: float = 1.0                  # what every arm's kimg and max_minutes were multiplied by (scale_spec)
 
     def arm(self, name: str) -> Arm:
         for a in self.arms:
@@ -320,6 +332,27 @@ def load_spec(path: str | Path) -> StudySpec:
     return StudySpec(path, name, str(top.get("description") or ""), data, seed, common, protocol, tuple(arms), text)
 
 
+def check_scale(scale: Any) -> float:
+    """``--scale``: a number in (0, 1]."""
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) \
+            or not 0 < scale <= 1:
+        raise CovidXrayError(f"--scale must be a number in (0, 1], got {scale!r}",
+                             "It multiplies every arm's kimg, e.g. --scale 0.1 trains a tenth of each budget")
+    return float(scale)
+
+
+def scale_spec(spec: StudySpec, scale: float) -> StudySpec:
+    """The spec with every arm's ``kimg`` and ``max_minutes`` multiplied by ``scale`` in (0, 1] (the spec's own
+    budget kept as ``spec_kimg``); ``spec`` itself for 1."""
+    scale = check_scale(scale)
+    if scale == 1.0:
+        return spec
+    arms = tuple(dataclasses.replace(a, kimg=a.kimg * scale, spec_kimg=a.kimg,
+                                     max_minutes=None if a.max_minutes is None else a.max_minutes * scale)
+                 for a in spec.arms)
+    return dataclasses.replace(spec, arms=arms, scale=scale)
+
+
 def _sampling(r: _Reader, where: str, value: Any) -> dict[str, Any]:
     """``sampling:`` as a mapping of :data:`SAMPLING` keys (None values dropped)."""
     if value is None:
@@ -470,6 +503,8 @@ def plan_study(spec: StudySpec, data: str | Path, device: str = "auto", sets: li
         raise CovidXrayError(f"{spec.path}: data.masks is true but the train split of {data} has no lung mask",
                              "Prepare from a source with masks (or `covidxray prepare --demo`)")
     execution = check_execution_sets(sets)
+    if "train.tensorboard" not in _flatten(parse_set(execution)) and tensorboard.available():
+        execution = ["train.tensorboard=true", *execution]  # every arm's scalars in TensorBoard too, where it is
     flags = {"data": {"path": str(data.resolve()), "image_size": size, "classes": classes},
              "train": {"device": device}}
     plans = []
@@ -481,6 +516,7 @@ def plan_study(spec: StudySpec, data: str | Path, device: str = "auto", sets: li
             model = get_model(arm.model)
             task = get_task(model.family)
             task.check_config(cfg, model)
+            tensorboard.check(cfg)
         except CovidXrayError as exc:
             raise CovidXrayError(f"{where}: {exc.message.replace('--set: ', '')}", exc.hint) from None
         rows = records if cfg.data.split == "train" else read_records(data, cfg.data.split, classes)[0]
@@ -503,8 +539,11 @@ def plan_study(spec: StudySpec, data: str | Path, device: str = "auto", sets: li
         if plan.total_steps in steps and not steps[plan.total_steps].final:
             steps[plan.total_steps] = Point(1.0, plan.total_steps, True)
         plan.points = [steps[s] for s in sorted(steps)]
-        plan.key = digest({"config": _config_for_key(cfg), "images": arm.images,
-                           "points": [(p.label, p.step) for p in plan.points], "max_minutes": arm.max_minutes})
+        keyed = {"config": _config_for_key(cfg), "images": arm.images,
+                 "points": [(p.label, p.step) for p in plan.points], "max_minutes": arm.max_minutes}
+        if spec.scale != 1.0:  # a scaled study is another study, whatever budgets it ends with (unscaled keys hold)
+            keyed["scale"] = spec.scale
+        plan.key = digest(keyed)
         protocol = dataclasses.asdict(spec.eval)
         del protocol["sampling"]  # what this arm's scoring uses instead (absent when none: older keys hold)
         if arm.sampling:

@@ -10,7 +10,8 @@ A run folder ``<out>/<id>-<model>/`` holds:
 * ``config.yaml`` - the resolved configuration (``data.image_size = 0`` resolved to the prepared size);
 * ``log.txt`` - human-readable progress lines;
 * ``stats.jsonl`` - one JSON object per log interval (``kind: interval``), epoch end (``epoch``) and
-  evaluation (``eval``): step, epoch, kimg, the task's scalars, images/s;
+  evaluation (``eval``): step, epoch, kimg, the task's scalars, images/s; with ``train.tensorboard`` the same
+  numbers also as TensorBoard scalars in ``tensorboard/`` (:mod:`covidxray.train.tensorboard`);
 * what the task writes at the start and every ``train.snapshot_every`` epochs (GANs: ``reals.png``,
   ``samples/epoch_XXXX.png``);
 * ``checkpoints/last.pt`` (+ ``epoch_XXXX.pt`` every ``train.keep_every`` epochs, ``best.pt`` at the
@@ -48,7 +49,7 @@ from covidxray.config import Config, config_from_dict, eval_metric
 from covidxray.data.datasets import TensorData, load_tensor_data, resize_masks, resize_u8
 from covidxray.errors import CovidXrayError
 from covidxray.models.registry import DataSpec, get_model
-from covidxray.train import distributed
+from covidxray.train import distributed, tensorboard
 from covidxray.train.graphs import StepGraphs
 from covidxray.train.optim import load_optimizer
 from covidxray.train.tasks import get_task
@@ -140,6 +141,8 @@ class Trainer:
                                  f"of the {cfg.family} family")
         task_cls = get_task(self.spec.family)
         task_cls.check_config(cfg, self.spec)
+        tensorboard.check(cfg)  # train.tensorboard without the package: refused before the data are read
+        self._tb: tensorboard.ScalarWriter | None = None  # open during fit() (rank 0, train.tensorboard)
         # torchrun: this process's rank (covidxray/train/distributed.py); rank 0 of 1 otherwise.
         self.dist = dist = distributed.current()
         self.device = distributed.device_for(dist, resolve_device(cfg.train.device))
@@ -338,6 +341,8 @@ class Trainer:
             return
         with (self.run_dir / "stats.jsonl").open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            self._tb.write(record)
 
     def _warn_eager(self, what: str, exc: BaseException, hint: str = "") -> None:
         """Warn (and log) that ``what`` failed with ``exc`` and training goes on eagerly."""
@@ -564,7 +569,9 @@ class Trainer:
         progress = ProgressBar(self.console if main else None, "train", total * self.batches_per_epoch,
                                completed=s.epoch * self.batches_per_epoch + s.batch_in_epoch, info=True)
         lo, hi = self.dist.rank * self.rank_batch_size, (self.dist.rank + 1) * self.rank_batch_size
-        with self._signals(), progress:
+        if cfg.train.tensorboard and main:  # a resumed run's events past its checkpoint are dropped, as its lines are
+            self._tb = tensorboard.ScalarWriter(self.run_dir, purge_step=None if fresh else s.step + 1)
+        with self._signals(), progress, self._closing_tensorboard():
             while s.epoch < total:
                 progress.update(description=f"epoch {s.epoch + 1}/{total}")
                 if s.perm is None:
@@ -624,6 +631,15 @@ class Trainer:
         self.log(f"done: {s.epoch} epochs, {s.step} steps, {s.images_seen / 1000:.1f} kimg; "
                  f"checkpoint {self.run_dir / 'checkpoints' / 'last.pt'}")
         return True
+
+    @contextmanager
+    def _closing_tensorboard(self):
+        try:
+            yield
+        finally:
+            if self._tb is not None:
+                self._tb.close()
+                self._tb = None
 
     # ------------------------------------------------------------- evaluation
     def _evaluate(self) -> dict[str, float]:

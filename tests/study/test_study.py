@@ -2,14 +2,20 @@
 end (one row per arm, points of each budget scored, the figures and the environment written, the sampler options
 in the diffusion arm's metrics.json); a rerun retrains and redraws nothing; a changed arm reruns alone; Ctrl-C in
 training stops cleanly, the same command resumes it, and the resumed arm is the uninterrupted one; the shipped
-specs plan on phantoms; ``--probe`` measures each arm and keeps nothing."""
+specs plan on phantoms; ``--probe`` measures each arm and keeps nothing; ``--scale`` scales every budget, enters
+the keys, the manifest and the report, and is not mixed in one folder; ``--list-arms`` lists the arms; ``--arm``
+processes updating one manifest at once keep each other's arms; the arms write TensorBoard scalars where the
+package is."""
 
 from __future__ import annotations
 
 import csv
 import io
 import json
+import multiprocessing
 import shutil
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -141,6 +147,128 @@ def test_a_dry_run_prints_the_plan_and_writes_nothing(cli, tmp_path, demo_prepar
     for arm in ARMS:  # 57 training phantoms in batches of 16: 48 images an epoch, 0.15 kimg -> 4 epochs, 12 steps
         line = next(ln for ln in r.clean_stdout.splitlines() if f" {arm} " in ln)
         assert "57" in line and " 4 " in line and "50 % (6), 100 % (12)" in line and "to train" in line
+    assert not (tmp_path / "s").exists()
+
+
+def test_the_arms_are_listed_one_a_line(cli):
+    r = cli("study", DEMO, "--list-arms")
+    assert r.exit_code == 0, r.output
+    assert r.stdout.splitlines() == list(ARMS)
+
+
+# ------------------------------------------------------------------------------------------ --scale
+def test_a_scaled_dry_run_shows_the_scale_and_the_scaled_budgets(cli, tmp_path, demo_prepared):
+    r = cli("study", DEMO, "--data", demo_prepared, "--out", tmp_path / "s", "--dry-run", "--scale", "0.5")
+    assert r.exit_code == 0, r.output
+    for arm in ARMS:  # 0.075 kimg: 2 epochs of 48 images, 6 steps, 0.096 kimg trained
+        line = next(ln for ln in r.clean_stdout.splitlines() if f" {arm} " in ln)
+        assert " 2 " in line and "0.096 (0.15 × 0.5)" in line and "50 % (3), 100 % (6)" in line, line
+    assert "budgets scaled by 0.5" in r.clean_stdout
+    assert "demo.yaml's 0.15 kimg became 0.075 kimg per arm" in r.clean_stdout
+    assert not (tmp_path / "s").exists()
+    for bad in ("0", "1.5", "-0.1", "nan"):
+        r = cli("study", DEMO, "--data", demo_prepared, "--out", tmp_path / "s", "--dry-run", "--scale", bad)
+        lines = [ln for ln in r.clean_stderr.splitlines() if ln.strip()]
+        assert r.exit_code == 2 and len(lines) == 1 and "--scale must be a number in (0, 1]" in lines[0], r.output
+
+
+def test_the_scale_enters_every_training_key(demo_prepared, tmp_path):
+    from covidxray.study.spec import load_spec, plan_study, scale_spec
+
+    spec = load_spec(DEMO)
+    halved = yaml.safe_load(DEMO.read_text(encoding="utf-8"))
+    for a in halved["arms"]:
+        a["kimg"] = 0.075
+    (tmp_path / "halved.yaml").write_text(yaml.safe_dump(halved), encoding="utf-8")
+    scaled = plan_study(scale_spec(spec, 0.5), demo_prepared)
+    same_budget = plan_study(load_spec(tmp_path / "halved.yaml"), demo_prepared)
+    for a, b in zip(scaled, same_budget):  # the same training, another study
+        assert (a.epochs, a.arm.kimg, a.arm.spec_kimg, b.arm.spec_kimg) == (b.epochs, 0.075, 0.15, None)
+        assert a.key != b.key
+    assert scale_spec(spec, 1.0) is spec  # an unscaled study keeps its keys
+
+
+def test_a_scaled_study_says_so_and_is_not_mixed_with_another_scale(cli, tmp_path, demo_prepared, unverified):
+    out = tmp_path / "s"
+    r = cli("study", DEMO, "--data", demo_prepared, "--out", out, "--arm", "cvae", "--scale", "0.5", *RUN)
+    assert r.exit_code == 0, r.output
+    manifest = json.loads((out / "study.json").read_text(encoding="utf-8"))
+    entry = manifest["arms"]["cvae"]
+    assert manifest["scale"] == 0.5 and (entry["scale"], entry["kimg_spec"], entry["kimg_budget"]) == (0.5, 0.15, 0.075)
+    assert entry["train"]["kimg"] == pytest.approx(0.096) and entry["train"]["step"] == 6
+    md = (out / "study.md").read_text(encoding="utf-8")
+    assert md.startswith("# Study `demo` (budgets scaled by 0.5)")
+    assert "- **budgets scaled by 0.5 (--scale 0.5): demo.yaml's 0.15 kimg became 0.075 kimg per arm" in md
+    for args in ([], ["--scale", "1"], ["--scale", "0.25"]):  # the full spec, or another scale, in the same folder
+        r = cli("study", DEMO, "--data", demo_prepared, "--out", out, "--arm", "rawgan", *args, *RUN)
+        lines = [ln for ln in r.clean_stderr.splitlines() if ln.strip()]
+        assert r.exit_code == 2 and len(lines) == 1, r.output
+        assert "holds a study run at --scale 0.5 (arms cvae)" in lines[0] and "Pass --scale 0.5" in lines[0]
+    assert json.loads((out / "study.json").read_text(encoding="utf-8"))["arms"].keys() == {"cvae"}
+    r = cli("study", DEMO, "--data", demo_prepared, "--out", out, "--report", "--device", "cpu")  # at its own scale
+    assert r.exit_code == 0, r.output
+    rows = _table_rows((out / "study.md").read_text(encoding="utf-8"))
+    assert "(12×1)" in rows[1] and "budgets scaled by 0.5" in (out / "study.md").read_text(encoding="utf-8")
+
+
+# ------------------------------------------------------------------------------------------ several --arm processes
+def _update_arm(out: str, name: str, n: int) -> None:
+    from covidxray.study.run import update_manifest
+
+    for k in range(1, n + 1):
+        update_manifest(Path(out), name, {"n": k})
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="the manifest's lock is POSIX flock")
+def test_processes_updating_one_manifest_at_once_keep_each_others_arms(tmp_path):
+    from covidxray.study.run import LOCK, read_manifest
+
+    out, n = tmp_path / "s", 40
+    out.mkdir()
+    ctx = multiprocessing.get_context("fork")  # the test's modules are loaded already: a fork starts at once
+    procs = [ctx.Process(target=_update_arm, args=(str(out), f"arm{i}", n)) for i in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert all(p.exitcode == 0 for p in procs)
+    assert {a: e["n"] for a, e in read_manifest(out)["arms"].items()} == {f"arm{i}": n for i in range(4)}
+    assert (out / LOCK).is_file() and not list(out.glob("*.tmp"))
+
+
+def test_a_file_system_without_locks_updates_unlocked_with_a_warning(tmp_path, monkeypatch):
+    import errno
+
+    from covidxray.study import run
+
+    def refuse(fd, op):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    if run.fcntl is None:
+        pytest.skip("no fcntl here")
+    monkeypatch.setattr(run.fcntl, "flock", refuse)
+    (tmp_path / "s").mkdir()
+    with pytest.warns(UserWarning, match="refuses locks .*one --arm process at a time"):
+        run.update_manifest(tmp_path / "s", "a", {"n": 1})
+    assert run.read_manifest(tmp_path / "s")["arms"] == {"a": {"n": 1}}
+
+
+# ------------------------------------------------------------------------------------------ TensorBoard
+def test_the_arms_write_tensorboard_scalars_where_the_package_is(cli, tmp_path, demo_prepared, monkeypatch):
+    from covidxray.study.spec import load_spec, plan_study
+
+    plain = plan_study(load_spec(DEMO), demo_prepared, sets=["train.tensorboard=false"])
+    fake = types.ModuleType("torch.utils.tensorboard")
+    fake.SummaryWriter = object
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake)
+    on = plan_study(load_spec(DEMO), demo_prepared)
+    assert all(p.cfg.train.tensorboard for p in on) and not any(p.cfg.train.tensorboard for p in plain)
+    assert [p.key for p in on] == [p.key for p in plain]  # an execution setting: the keys do not change
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # the package missing
+    assert not any(p.cfg.train.tensorboard for p in plan_study(load_spec(DEMO), demo_prepared))
+    r = cli("study", DEMO, "--data", demo_prepared, "--out", tmp_path / "s", "--set", "train.tensorboard=true")
+    lines = [ln for ln in r.clean_stderr.splitlines() if ln.strip()]
+    assert r.exit_code == 2 and len(lines) == 1 and "pip install covidxray[tensorboard]" in lines[0], r.output
     assert not (tmp_path / "s").exists()
 
 
