@@ -59,7 +59,7 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
 from covidxray.config import resolve_config  # noqa: E402
 from covidxray.data.datasets import CACHE_DIR, load_tensor_data, read_prepared_info, to_float, to_uint8  # noqa: E402
 from covidxray.evaluate.generator import FID_MIN_N  # noqa: E402
-from covidxray.evaluate.sources import class_counts  # noqa: E402
+from covidxray.data.datasets import class_counts  # noqa: E402
 from covidxray.infer.predict import inference_settings  # noqa: E402
 from covidxray.infer.protocol import Generator, load, require  # noqa: E402
 from covidxray.metrics import generative as G  # noqa: E402

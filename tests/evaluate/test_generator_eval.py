@@ -238,10 +238,12 @@ def test_bad_arguments(unverified, gan_runs, demo_prepared, tmp_path, cli):
     assert r.exit_code == 2 and "no metrics.json" in r.clean_stderr
     r = cli("evaluate", gan_runs["cgan"], *base, "--downstream", "--classifier", "cgan")
     assert r.exit_code == 2 and "--classifier cgan is a gan model" in r.clean_stderr
+    r = cli("evaluate", gan_runs["cgan"], *base, "--steps", "4")
+    assert r.exit_code == 2 and "--steps do(es) not apply to the gan model" in r.clean_stderr
     r = cli("evaluate", gan_runs["cgan"], *base, "--downstream", "--synthetic-ratio", "1.5")
     assert r.exit_code == 2 and "--synthetic-ratio': '1.5' is not a finite number > 0 and < 1" in r.clean_stderr
-    r = cli("evaluate", "--fake", tmp_path, *base, "--downstream")
-    assert r.exit_code == 2 and "--downstream needs a generator checkpoint" in r.clean_stderr
+    r = cli("evaluate", "--fake", tmp_path, *base, "--downstream")  # a labelled folder is its own pool; this one is empty
+    assert r.exit_code == 2 and "holds no images" in r.clean_stderr
     assert _no_out(tmp_path / "o")
 
 
