@@ -195,3 +195,31 @@ def test_edm_mask_draws_pairs_a_unet_trains_on_and_is_evaluated_from_masks(demo_
     assert m["model"] == "edm_mask" and "mask_consistency" in m and 0 <= m["mask_consistency"]["dice"]["mean"] <= 1
     r = cli("sample", run, tmp_path / "x", "-n", "2")  # no latent to sample: one line naming the way
     assert r.exit_code == 2 and "--from-data" in r.stderr
+
+
+def test_a_class_without_masked_images_is_said_to_stay_untrained(demo_prepared, tmp_path):
+    """The developer set has lung masks for covid and viral pneumonia X-rays only: edm_mask keeps a class entry for
+    normal that no image trains, and the log says so, with the --classes that avoid it."""
+    import csv
+    import shutil
+
+    from covidxray.config import resolve_config
+    from covidxray.train.loop import start_run
+
+    data = tmp_path / "data"
+    shutil.copytree(demo_prepared, data, ignore=shutil.ignore_patterns(".cache"))
+    rows = list(csv.DictReader((data / "manifest.csv").open(newline="")))
+    for r in rows:
+        if r["class"] == "normal":
+            r["mask"] = ""
+    with (data / "manifest.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]), lineterminator="\n")
+        w.writeheader()
+        w.writerows(rows)
+    cfg = resolve_config("edm_mask", flags={"data": {"path": str(data)}, "train": {"epochs": 1, "device": "cpu"}},
+                         sets=[s for s in TINY if s != "--set"] + ["edm.eval_samples=0"])
+    cfg.out = str(tmp_path / "runs")
+    trainer, finished = start_run(cfg)
+    assert finished
+    log = (trainer.run_dir / "log.txt").read_text()
+    assert "warning: no masked training images of class normal" in log and "--classes covid,viral_pneumonia" in log

@@ -51,6 +51,14 @@ class DiffusionTask(SupervisedTask):
         self.setup_net(trainer.spec.build(cfg, trainer.data_spec)["net"])
         self.n_classes = self.net.n_classes
         self.masked = self.net.cond_channels > 0
+        if self.n_classes:  # e.g. a prepared set with lung masks for some classes only (the mask model's data)
+            seen = torch.bincount(trainer.data.labels.cpu(), minlength=self.n_classes).tolist()
+            empty = [c for c, k in zip(trainer.data.classes, seen) if k == 0]
+            if empty:
+                what = "masked " if self.masked else ""
+                trainer.log(f"warning: no {what}training images of class {', '.join(empty)}: its class entry stays "
+                            f"untrained, and draws of it are not X-rays of that class; train on the others with "
+                            f"--classes {','.join(c for c, k in zip(trainer.data.classes, seen) if k)}")
         self.batch_fields = ("masks", "labels") if self.masked else ("labels",)
         self.ema = EMA(self.net) if cfg.train.ema_kimg > 0 else None
         self.noise_gen = torch.Generator(device=dev).manual_seed(cfg.train.seed + 1)
