@@ -36,7 +36,6 @@ import json
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +43,6 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-ARMS = ("real", "real+pix2pix", "pix2pix")
 
 
 def low_subset(src: Path, dst: Path, fraction: float, seed: int) -> int:
@@ -77,44 +75,13 @@ def low_subset(src: Path, dst: Path, fraction: float, seed: int) -> int:
     return len(keep)
 
 
-def train_and_score(data: Path, seed: int, args, runs: Path) -> dict[str, Any]:
-    from covidxray.config import resolve_config
-    from covidxray.evaluate.segmentation import evaluate_segmenter
-    from covidxray.train.loop import start_run
-
-    cfg = resolve_config("unet", flags={"data": {"path": str(data)},
-                                        "train": {"epochs": args.epochs, "seed": seed, "device": args.device}},
-                         sets=args.set)
-    cfg.out = str(runs)
-    trainer, _ = start_run(cfg)
-    res = evaluate_segmenter(trainer.run_dir, data, "test", out=trainer.run_dir / "eval-test", device=args.device)
-    return {"dice": res["summary"]["dice"]["mean"], "hd95": res["summary"]["hd95"]["mean"], "n_test": res["n"],
-            "n_train": len(trainer.data), "best_epoch": res["checkpoint_epoch"]}
-
-
 def run_regime(name: str, data: Path, pix2pix: Path, args, tmp: Path, log) -> dict[str, Any]:
-    from covidxray.evaluate.downstream import paired_delta
-    from covidxray.evaluate.report import mean_std
-    from covidxray.infer.synthesize import synthesize_pairs
+    from covidxray.evaluate.pairs import segmentation_pairs
 
-    per: dict[str, list[dict[str, Any]]] = {a: [] for a in ARMS}
-    for seed in range(args.seeds):
-        sets = {"real": data}
-        for arm, mix in (("real+pix2pix", True), ("pix2pix", False)):
-            out = tmp / f"{name}-{arm}-s{seed}"
-            synthesize_pairs(pix2pix, out, from_data=data, deform=True, copies=args.copies, mix=mix, seed=seed,
-                             device=args.device, sampling={"steps": args.steps, "sampler": args.sampler})
-            sets[arm] = out
-        for arm in ARMS:
-            t0 = time.perf_counter()
-            r = train_and_score(sets[arm], seed, args, tmp / "runs")
-            r["seconds"] = round(time.perf_counter() - t0, 1)
-            per[arm].append(r)
-            log(f"{name} seed {seed} {arm}: test Dice {r['dice']:.4f} (N train {r['n_train']}, {r['seconds']} s)")
-    real = [r["dice"] for r in per["real"]]
-    return {"arms": {a: {"dice": mean_std([r["dice"] for r in per[a]]), "runs": per[a]} for a in ARMS},
-            "delta_b": paired_delta([r["dice"] for r in per["real+pix2pix"]], real),
-            "delta_c": paired_delta([r["dice"] for r in per["pix2pix"]], real)}
+    return segmentation_pairs(pix2pix, data, tmp / name, seeds=args.seeds, epochs=args.epochs, sets=args.set,
+                              copies=args.copies, device=args.device,
+                              sampling={"steps": args.steps, "sampler": args.sampler},
+                              log=lambda msg: log(f"{name} {msg}"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -172,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(tmp, ignore_errors=True)
     if args.json:
         args.json.write_text(json.dumps(res, indent=1))
+    from covidxray.evaluate.pairs import ARMS
+
     print("\n| regime | real | real + synthetic | synthetic only | Δ (b − a) [95 % CI] | Δ (c − a) [95 % CI] |")
     print("|---|---|---|---|---|---|")
     for name, r in res["regimes"].items():

@@ -36,7 +36,7 @@ def study_cmd(
 ) -> None:
     """Train every arm of SPEC through `train`, score it through `evaluate` at points of its budget, and write
     OUT/study.md: one row per arm, and each arm's quality per compute. A rerun skips what is done."""
-    from covidxray.study.run import StudyRunner, check_folder_scale, check_study_dir, recorded_scale
+    from covidxray.study.run import MANIFEST, StudyRunner, check_folder_scale, check_study_dir, recorded_scale
     from covidxray.study.spec import load_spec, plan_study, scale_spec
 
     con = console()
@@ -53,7 +53,7 @@ def study_cmd(
     s = scale_spec(s, scale)
     if report:
         check_study_dir(out, data)
-        if not out.is_dir():
+        if not (out / MANIFEST).is_file():  # absent, or a folder where no study has run (e.g. an empty one)
             raise CovidXrayError(f"--out {out} holds no study yet", f"Run `covidxray study {spec} --data PREPARED` first")
         check_folder_scale(out, s.scale)
         # With the data, arms whose run is of an older spec are marked so (and get no figures).
@@ -115,19 +115,25 @@ def _probe(con, runner, only: str | None) -> None:
         if only is None or p.arm.name == only:
             con.print(f"probing arm {p.arm.name} ({p.arm.model}): a warm-up step, then 3 timed steps", highlight=False,
                       markup=False)
-            rows.append(probe(p))
-    table = Table(title="probe: training steps measured, the budget's training time projected from them")
-    for col in ("arm", "model", "device", "batch", "s/step", "img/s", "steps", "train min (projected)", "probe s"):
+            rows.append(probe(p, protocol=runner.spec.eval))
+    table = Table(title="probe: training steps and scoring draws measured, the budget's minutes projected from them")
+    for col in ("arm", "model", "device", "batch", "s/step", "img/s", "steps", "train min", "draw s/img",
+                "FID net s/img", "scored img", "score min", "probe s"):
         table.add_column(col, justify="left" if col in ("arm", "model", "device") else "right")
     for r in rows:
         ok = r["step_s"] is not None
+        enc = r.get("encode_s_per_image")
         table.add_row(r["arm"], r["model"], r["device"], str(r["batch_size"]), f"{r['step_s']:.3f}" if ok else "-",
                       f"{r['images_per_s']:.1f}" if ok else "-", str(r["total_steps"]),
-                      _minutes(r["train_minutes"]) if ok else "-", f"{r['probe_s']:.1f}")
+                      _minutes(r["train_minutes"]) if ok else "-", f"{r['draw_s_per_image']:.4f}",
+                      f"{enc:.4f}" if enc is not None else "not installed", str(r["scored_images"]),
+                      _minutes(r["score_minutes"]), f"{r['probe_s']:.1f}")
     con.print(table)
-    total = sum(r["train_minutes"] or 0.0 for r in rows)
-    con.print(f"projected training: {_minutes(total)} min in all (steps only: start-up, per-epoch validation, "
-              "snapshots and checkpoints, and the scoring come on top)", highlight=False)
+    train = sum(r["train_minutes"] or 0.0 for r in rows)
+    score = sum(r["score_minutes"] for r in rows)
+    con.print(f"projected: {_minutes(train)} min of training steps + {_minutes(score)} min of scoring draws = "
+              f"{_minutes(train + score)} min (start-up, per-epoch validation, snapshots, checkpoints, the reference "
+              "features and the downstream classifiers come on top)", highlight=False)
 
 
 def _minutes(m: float) -> str:

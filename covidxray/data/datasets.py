@@ -428,6 +428,44 @@ def class_counts(n: int, weights: Sequence[float]) -> list[int]:
     return counts.tolist()
 
 
+def generated_image_files(folder: Path, recursive: bool = True) -> list[Path]:
+    """The image files of a folder of generated samples, sorted: dot-files and files under dot-folders are left
+    out, and so is the ``grid.png`` that ``covidxray sample --grid`` writes beside them."""
+    found = folder.rglob("*") if recursive else folder.iterdir()
+    return sorted(p for p in found if p.is_file() and is_image_name(p.name) and p.name != "grid.png"
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
+def decode_generated(files: Sequence[Path], what: str, skip_unreadable: bool = False
+                     ) -> tuple[list[np.ndarray], list[Path], list[tuple[str, str]]]:
+    """Decode generated images to uint8 grayscale arrays, all square and of one size: the arrays, their files,
+    and the unreadable files with the reason. An unreadable file is refused in one message (``what`` names the
+    option or key that gave the folder) unless ``skip_unreadable``; sizes that are not one square size are
+    always refused, counted per size."""
+    arrays, kept, bad, sizes = [], [], [], {}
+    for p in files:
+        try:
+            a = np.asarray(to_gray8(decode(p.read_bytes())), dtype=np.uint8)
+        except (UnreadableImage, OSError) as exc:
+            bad.append((str(p), str(exc)))
+            continue
+        sizes.setdefault(a.shape, []).append(str(p))
+        arrays.append(a)
+        kept.append(p)
+    if bad and not skip_unreadable:
+        first = "; ".join(f"{f}: {why}" for f, why in bad[:3])
+        raise CovidXrayError(f"{what}: {len(bad)} of {len(files)} files are unreadable ({first}"
+                             f"{'; ...' if len(bad) > 3 else ''})",
+                             "Remove or regenerate them" + (", or pass --skip-unreadable to evaluate the rest "
+                                                            "(they are listed in metrics.json)"
+                                                            if what.startswith("--fake") else ""))
+    if len(sizes) > 1 or (sizes and next(iter(sizes))[0] != next(iter(sizes))[1]):
+        desc = ", ".join(f"{len(v)} of {s[1]}x{s[0]} (e.g. {v[0]})" for s, v in sizes.items())
+        raise CovidXrayError(f"{what}: the images must be square and of one size; found {desc}",
+                             "Draw all samples at one size (the generator's)")
+    return arrays, kept, bad
+
+
 def read_class_folders(folder: str | os.PathLike, classes: Sequence[str], what: str
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """Every image of ``folder``, which holds one sub-folder per class (the OUT of ``covidxray sample`` for a
@@ -436,32 +474,18 @@ def read_class_folders(folder: str | os.PathLike, classes: Sequence[str], what: 
     size is refused in one message naming the file (``what`` names the option or key that gave the folder)."""
     folder = Path(folder)
     subs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-    loose = sorted(p.name for p in folder.iterdir() if p.is_file() and is_image_name(p.name) and p.name != "grid.png")
+    loose = generated_image_files(folder, recursive=False)
     unknown = [p.name for p in subs if p.name not in classes]
     hint = (f"Write them with `covidxray sample RUN {_show(folder)}` from a class-conditional generator trained on "
             f"these classes, or pass the generator's run itself")
     if unknown or loose or not subs:
         what_is = (f"sub-folders that are not classes of the data ({', '.join(unknown[:5])})" if unknown else
-                   f"images outside class sub-folders (e.g. {loose[0]})" if loose else "no class sub-folders")
+                   f"images outside class sub-folders (e.g. {loose[0].name})" if loose else "no class sub-folders")
         raise CovidXrayError(f"{what}: {_show(folder)} has {what_is}; generated images need one sub-folder per class "
                              f"({', '.join(classes)})", hint)
-    arrays, labels, first = [], [], None
-    for sub in subs:
-        files = sorted(p for p in sub.iterdir() if p.is_file() and is_image_name(p.name)
-                       and not p.name.startswith(".") and p.name != "grid.png")
-        for p in files:
-            try:
-                a = np.asarray(to_gray8(decode(p.read_bytes())), dtype=np.uint8)
-            except (UnreadableImage, OSError) as exc:
-                raise CovidXrayError(f"{what}: {_show(p)} is not a readable image ({exc})",
-                                     "Remove it or draw the samples again") from None
-            if a.shape[0] != a.shape[1] or (first is not None and a.shape != first[0]):
-                want = f"{first[0][1]}x{first[0][0]} as {_show(first[1])}" if first else "square"
-                raise CovidXrayError(f"{what}: {_show(p)} is {a.shape[1]}x{a.shape[0]} px; the images must be {want}",
-                                     "Draw all samples at one size (the generator's)")
-            first = first or (a.shape, p)
-            arrays.append(a)
-            labels.append(list(classes).index(sub.name))
-    if not arrays:
+    files = [p for sub in subs for p in generated_image_files(sub, recursive=False)]
+    if not files:
         raise CovidXrayError(f"{what}: {_show(folder)} holds no images in its class sub-folders", hint)
+    arrays, kept, _ = decode_generated(files, f"{what} {_show(folder)}")
+    labels = [list(classes).index(p.parent.name) for p in kept]
     return torch.from_numpy(np.stack(arrays)).unsqueeze(1), torch.tensor(labels, dtype=torch.long)

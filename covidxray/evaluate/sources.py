@@ -16,8 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from covidxray.data.datasets import load_tensor_data, resize_masks, resize_u8
-from covidxray.data.imaging import UnreadableImage, decode, is_image_name, to_gray8
+from covidxray.data.datasets import decode_generated, generated_image_files, load_tensor_data, resize_masks, resize_u8
 from covidxray.data.transforms import deform_masks
 from covidxray.errors import CovidXrayError
 from covidxray.infer.predict import iter_mask_probs, load_segmenter
@@ -74,9 +73,7 @@ class FolderSource(Source):
         if not folder.is_dir():
             raise CovidXrayError(f"--fake {folder} is not a folder", "Pass a folder of generated PNGs "
                                  "(e.g. the OUT of `covidxray sample`)")
-        files = sorted(p for p in folder.rglob("*") if p.is_file() and is_image_name(p.name)
-                       and not any(part.startswith(".") for part in p.relative_to(folder).parts))
-        files = [p for p in files if p.name != "grid.png"]  # the grid `covidxray sample --grid` writes
+        files = generated_image_files(folder)
         if not files:
             raise CovidXrayError(f"--fake {folder} holds no images (.png .jpg .jpeg .bmp .tif .tiff)",
                                  "Write samples first: `covidxray sample RUN FOLDER -n 1000`")
@@ -87,29 +84,9 @@ class FolderSource(Source):
             unknown = sorted(tops - set(data_classes))
             log(f"note: sub-folders of {folder} are not all class names of the data ({', '.join(unknown[:5])}): "
                 f"its images are evaluated as one unlabelled set")
-        arrays, labels, bad, sizes = [], [], [], {}
         classes = sorted(tops) if conditional else list(data_classes)
-        for p in files:
-            try:
-                img = to_gray8(decode(p.read_bytes()))
-            except (UnreadableImage, OSError) as exc:
-                bad.append((str(p), str(exc)))
-                continue
-            a = np.asarray(img, dtype=np.uint8)
-            sizes.setdefault(a.shape, []).append(str(p))
-            arrays.append(a)
-            if conditional:
-                labels.append(classes.index(p.relative_to(folder).parts[0]))
-        if bad and not skip_unreadable:
-            first = "; ".join(f"{f}: {why}" for f, why in bad[:3])
-            raise CovidXrayError(f"{len(bad)} of {len(files)} files in --fake {folder} are unreadable ({first}"
-                                 f"{'; ...' if len(bad) > 3 else ''})",
-                                 "Remove or regenerate them, or pass --skip-unreadable to evaluate the rest "
-                                 "(they are listed in metrics.json)")
-        if len(sizes) > 1 or (sizes and next(iter(sizes))[0] != next(iter(sizes))[1]):
-            desc = ", ".join(f"{len(v)} of {s[1]}x{s[0]} (e.g. {v[0]})" for s, v in sizes.items())
-            raise CovidXrayError(f"the images in --fake {folder} must be square and of one size; found {desc}",
-                                 "Write all samples at the prepared size")
+        arrays, kept, bad = decode_generated(files, f"--fake {folder}", skip_unreadable)
+        labels = [classes.index(p.relative_to(folder).parts[0]) for p in kept] if conditional else []
         if not arrays:
             raise CovidXrayError(f"no readable image in --fake {folder}")
         size = int(arrays[0].shape[0])

@@ -79,21 +79,22 @@ class Loaded:
         """The sampling options given (``None`` values dropped), checked without a model: what :meth:`configure`
         would refuse is refused here, so that a study spec fails before anything trains. A model without
         options refuses any."""
-        given = [f"--{k}" for k, v in options.items() if v is not None]
-        if given:
-            raise CovidXrayError(f"{', '.join(given)} do(es) not apply to this model",
-                                 "They set a diffusion model's sampler; drop them")
-        return {}
+        return _refuse_options(options, "this model")
 
     def configure(self, **options: Any) -> dict[str, Any]:
         """Set sampling options (names in :attr:`options`; ``None`` values are ignored) for every later draw, and
         return the sampling settings in force (recorded by ``sample`` and ``evaluate``); a model without
-        options returns ``{}`` and refuses any."""
-        given = [f"--{k}" for k, v in options.items() if v is not None]
-        if given:
-            raise CovidXrayError(f"{', '.join(given)} do(es) not apply to the {self.family} model in {self.path}",
-                                 "They set a diffusion model's sampler; drop them")
-        return {}
+        options returns ``{}`` and refuses any, naming its family and checkpoint."""
+        return _refuse_options(options, f"the {self.family} model in {self.path}")
+
+
+def _refuse_options(options: dict[str, Any], subject: str) -> dict[str, Any]:
+    """``{}`` when no option is given; else one line naming the options and ``subject``."""
+    given = [f"--{k}" for k, v in options.items() if v is not None]
+    if given:
+        raise CovidXrayError(f"{', '.join(given)} do(es) not apply to {subject}",
+                             "They set a diffusion model's sampler; drop them")
+    return {}
 
 
 class Generator(Loaded):

@@ -25,8 +25,8 @@ from covidxray.utils import atomic_write_text
 
 REPORT = "study.md"
 
-COLUMNS = ("arm", "model", "{fd} ± std (N)", "floor", "KID × 10³", "precision / recall", "copies",
-           "downstream Δ [95 % CI]", "kimg", "train s", "sample s/1k", "device")
+COLUMNS = ("arm", "model", "{fd} ± std (N)", "floor", "KID × 10³", "precision / recall", "density / coverage",
+           "copies", "GAN-test", "TSTR", "downstream Δ [95 % CI]", "kimg", "train s", "sample s/1k", "device")
 
 
 def final_point(entry: dict[str, Any]) -> dict[str, Any] | None:
@@ -84,7 +84,10 @@ def report_rows(spec: StudySpec, manifest: dict[str, Any], keys: dict[str, dict[
             final = final_point(entry)
             ev = final["eval"]
             row.update({k: ev.get(k) for k in ("fd_name", "fd", "fd_floor", "kd_name", "kd", "kd_floor", "precision",
-                                               "recall", "copies", "n", "repeats", "sample_s_per_1k", "downstream")})
+                                               "recall", "density", "coverage", "copies", "n", "repeats",
+                                               "sample_s_per_1k", "downstream")})
+            row["segmentation"] = (entry.get("segmentation") or {}) if (entry.get("segmentation") or {}).get(
+                "status") == "done" else None
             row.update(kimg=final.get("kimg"), train_s=entry["train"].get("seconds"),
                        device=entry["train"].get("device"), capped=entry["train"].get("capped", False),
                        eval=ev.get("out"))
@@ -166,6 +169,45 @@ def figures_markdown(figures: dict[str, str]) -> list[str]:
     return lines
 
 
+def _dice(stats: dict[str, Any] | None) -> str:
+    return "-" if not stats or stats.get("mean") is None else f"{stats['mean']:.4f} ± {stats.get('std') or 0:.4f}"
+
+
+def _pdelta(d: dict[str, Any] | None) -> str:
+    if not d:
+        return "-"
+    ci = d.get("ci95")
+    return f"{d['mean']:+.4f}" + (f" [{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else " (1 seed)")
+
+
+def segmentation_markdown(spec: StudySpec, manifest: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
+    """The segmentation table (``eval.segmentation``): one row per mask-conditional arm that has one."""
+    seg = spec.eval.segmentation
+    done = [r for r in rows if r.get("segmentation")]
+    if seg is None:
+        return []
+    lines = ["", "## Segmentation: do the synthetic pairs help a U-Net?", "",
+             f"U-Net test Dice on the real test masks (mean ± std over {seg.seeds} seed(s), {seg.epochs} epochs, "
+             f"`best.pt` on the real validation masks; U-Net sets: {', '.join(seg.sets) or 'its defaults'}), trained "
+             f"on (a) the real training pairs, (b) those plus {seg.copies} synthetic pair(s) per mask drawn from "
+             "deformed copies of the same masks by the arm's model at its full budget, (c) the synthetic pairs "
+             "alone. Δ: paired over seeds, 95 % t-interval. Arm (a) is the same U-Nets for every row.", ""]
+    if not done:
+        return lines + ["No mask-conditional arm has finished its segmentation stage yet.", ""]
+    lines += ["| arm | (a) real | (b) real + synthetic | (c) synthetic only | Δ (b − a) [95 % CI] | "
+              "Δ (c − a) [95 % CI] | N train (a / b / c) |", "|---|---:|---:|---:|---|---|---|"]
+    for r in done:
+        s = r["segmentation"]
+        arms = s.get("arms", {})
+        n = " / ".join(str((arms.get(a, {}).get("runs") or [{}])[0].get("n_train", "-"))
+                       for a in ("real", "real+synthetic", "synthetic"))
+        lines.append(f"| {r['arm']} | {_dice(arms.get('real', {}).get('dice'))} | "
+                     f"{_dice(arms.get('real+synthetic', {}).get('dice'))} | "
+                     f"{_dice(arms.get('synthetic', {}).get('dice'))} | {_pdelta(s.get('delta_b'))} | "
+                     f"{_pdelta(s.get('delta_c'))} | {n} |")
+    return lines + [""]
+
+
 def study_markdown(spec: StudySpec, manifest: dict[str, Any], rows: list[dict[str, Any]],
                    figures: dict[str, str] | None = None) -> str:
     e = spec.eval
@@ -205,12 +247,17 @@ def study_markdown(spec: StudySpec, manifest: dict[str, Any], rows: list[dict[st
             continue
         pr = ("-" if r.get("precision") is None
               else f"{fmt(r['precision'], 3)} / {fmt(r.get('recall'), 3)}")
+        dc = ("-" if r.get("density") is None
+              else f"{fmt(r['density'], 3)} / {fmt(r.get('coverage'), 3)}")
+        dn = r.get("downstream") or {}
         kimg = _num(r["kimg"], 3) + (" (capped)" if r.get("capped") else "")
         lines.append(f"| {r['arm']} | {r['model']} | {fmt(r['fd'])} ({r['n']}×{r['repeats']}) | {fmt(r['fd_floor'])} | "
-                     f"{fmt(r['kd'], 2, 1e3)} | {pr} | "
+                     f"{fmt(r['kd'], 2, 1e3)} | {pr} | {dc} | "
                      f"{'-' if r.get('copies') is None else format(r['copies'] * 100, '.1f') + ' %'} | "
+                     f"{fmt(dn.get('gan_test'), 3)} | {fmt(dn.get('tstr'), 3)} | "
                      f"{_delta(r.get('downstream'))} | {kimg} | {_num(r['train_s'], 1)} | "
                      f"{_sig(r.get('sample_s_per_1k'))} | {r.get('device') or '-'} |")
+    lines += segmentation_markdown(spec, manifest, rows)
     lines += [""] + figures_markdown(figures or {})
     lines += ["## Quality per compute", "",
               "Each arm scored at points of its budget: the weights after that share of its training steps.", ""]

@@ -60,7 +60,8 @@ from covidxray.evaluate.generator import GeneratorEvaluation, run_generator_eval
 from covidxray.outdir import check_output_dir, claim, read_marker
 from covidxray.study.figures import draw_grid, grid_key
 from covidxray.study.report import write_report
-from covidxray.study.spec import ArmPlan, Point, StudySpec
+from covidxray.evaluate.pairs import segmentation_pairs, unet_test_dice
+from covidxray.study.spec import ArmPlan, EvalProtocol, Point, StudySpec, segmentation_key, segmentation_real_key
 from covidxray.train.graphs import WARMUP as GRAPH_WARMUP
 from covidxray.train.loop import resume_run, start_run
 from covidxray.utils import atomic_write_text, resolve_device
@@ -175,9 +176,13 @@ def summarize(res: dict[str, Any]) -> dict[str, Any]:
     return {"n": res["n"], "repeats": res["repeats"], "floor_n": res["floor_n"], "split": res["split"],
             "reference_n": res["reference_n"], "fd_name": fd, "fd": m.get(fd), "fd_floor": m.get(f"{fd}_floor"),
             "kd_name": kd, "kd": m.get(kd), "kd_floor": m.get(f"{kd}_floor"), "precision": m.get("precision"),
-            "recall": m.get("recall"), "copies": memo["copies"] if memo else None, "generate_s": gen_s,
+            "recall": m.get("recall"), "density": m.get("density"), "coverage": m.get("coverage"),
+            "copies": memo["copies"] if memo else None, "generate_s": gen_s,
             "sample_s_per_1k": round(gen_s / drawn * 1000, 3) if drawn else None, "device": res["device"],
-            "downstream": None if not down else {k: down.get(k) for k in ("classifier", "seeds", "delta", "refused")},
+            "downstream": None if not down else {
+                **{k: down.get(k) for k in ("classifier", "seeds", "delta", "refused")},
+                "gan_test": (down.get("gan_test") or {}).get("balanced_accuracy"),  # real classifier on samples
+                "tstr": ((down.get("arms") or {}).get("synthetic") or {}).get("balanced_accuracy")},  # train on them
             "warnings": res["warnings"]}
 
 
@@ -343,6 +348,7 @@ class StudyRunner:
             self._train(plan, entry)
         for point in plan.points:
             self._score(plan, entry, point)
+        self._segment(plan, entry)
 
     def _set_aside(self, name: str, entry: dict[str, Any]) -> None:
         """An arm whose training key changed: its old folder goes to OUT/replaced/<arm>-<old key>/."""
@@ -452,6 +458,66 @@ class StudyRunner:
         self.log(f"arm {name}: trained {images_seen / 1000:g} kimg in {t['seconds']:.1f} s"
                  + (" (capped)" if capped else "") + (" (stopped early)" if stopped_early else ""))
 
+    def _segment(self, plan: ArmPlan, entry: dict[str, Any]) -> None:
+        """The segmentation table's row of a mask arm (``eval.segmentation``): U-Nets on real pairs (shared by
+        every mask arm), on real + the arm's synthetic pairs, and on its synthetic pairs alone
+        (:mod:`covidxray.evaluate.pairs`). An interrupted stage starts over; a finished one is kept by its key."""
+        seg, name = self.spec.eval.segmentation, plan.arm.name
+        final = next(p for p in plan.points if p.final)
+        ckpt = entry["points"][final.label].get("checkpoint")
+        if seg is None or not plan.masks or entry["points"][final.label].get("status") != "reached" or not ckpt:
+            return
+        key = segmentation_key(plan, self.spec)
+        old = entry.get("segmentation") or {}
+        if old.get("status") == "done" and old.get("key") == key:
+            return
+        real = self._segmentation_real()
+        out = self.out / "arms" / name / "segmentation"
+        if out.exists():
+            shutil.rmtree(out)
+        self.log(f"arm {name}: U-Nets on real + synthetic and on synthetic pairs only ({seg.seeds} seeds x "
+                 f"{seg.epochs} epochs) into {out}")
+        entry["segmentation"] = {"key": key, "status": "running"}
+        self._save(name, entry)
+        t0 = time.perf_counter()
+        res = segmentation_pairs(self.out / ckpt, self.data, out, seeds=seg.seeds, epochs=seg.epochs,
+                                 sets=[*seg.sets, *self.sets], copies=seg.copies, device=self.device,
+                                 sampling=dict(plan.arm.sampling), real=real,
+                                 log=lambda msg: self.log(f"arm {name}: {msg}"))
+        for runs in (a["runs"] for a in res["arms"].values()):
+            for r in runs:
+                r["run"] = self._rel_or_abs(r["run"])
+        entry["segmentation"] = {"key": key, "status": "done", "out": self._rel(out),
+                                 "seconds": round(time.perf_counter() - t0, 1), **res}
+        self._save(name, entry)
+
+    def _segmentation_real(self) -> list[dict[str, Any]]:
+        """The real-only U-Nets of the segmentation table (one per seed), trained once for every mask arm."""
+        seg = self.spec.eval.segmentation
+        key = segmentation_real_key(self.spec)
+        done = read_manifest(self.out).get("segmentation_real") or {}
+        if done.get("status") == "done" and done.get("key") == key:
+            return done["runs"]
+        out = self.out / "segmentation-real"
+        if out.exists():
+            shutil.rmtree(out)
+        self.log(f"U-Nets on the real pairs ({seg.seeds} seeds x {seg.epochs} epochs) into {out}")
+        runs = []
+        for seed in range(seg.seeds):
+            r = unet_test_dice(self.data, seed, seg.epochs, [*seg.sets, *self.sets], self.device, out / "runs")
+            r["run"] = self._rel_or_abs(r["run"])
+            self.log(f"U-Net seed {seed} real: test Dice {r['dice']:.4f} (N train {r['n_train']}, {r['seconds']} s)")
+            runs.append(r)
+        update_manifest(self.out, segmentation_real={"key": key, "status": "done", "out": self._rel(out),
+                                                     "runs": runs})
+        return runs
+
+    def _rel_or_abs(self, path: str | Path) -> str:
+        try:
+            return Path(path).resolve().relative_to(self.out.resolve()).as_posix()
+        except ValueError:
+            return str(path)
+
     def _score(self, plan: ArmPlan, entry: dict[str, Any], point: Point) -> None:
         name = plan.arm.name
         p = entry["points"][point.label]
@@ -479,13 +545,18 @@ class StudyRunner:
 
 
 # ----------------------------------------------------------------------------------------------- probe
-def probe(plan: ArmPlan, steps: int = 3, warmup: int = 1, console=None) -> dict[str, Any]:
+def probe(plan: ArmPlan, steps: int = 3, warmup: int = 1, console=None, protocol: EvalProtocol | None = None,
+          score_images: int = 32) -> dict[str, Any]:
     """Train ``plan``'s arm for ``warmup + steps`` steps through the one loop, in a temporary folder that is
     removed, and project its budget's training time from the median seconds of the measured steps.
 
     A step whose interval holds the end of an epoch (statistics, validation, snapshot, checkpoint) is left out
     when another one is not; the projection is of the steps alone (``total_steps`` x s/step), without start-up,
     per-epoch work or scoring. With CUDA graphs their eager steps and the capture count as warm-up too.
+
+    With ``protocol``, the probe's model also draws ``score_images`` images with the arm's sampling and the FID
+    Inception encodes them (when installed), and the scoring of every point is projected from those seconds:
+    ``points x repeats x n`` images drawn and encoded. The downstream classifiers are not in it.
     """
     warmup = max(1, warmup)  # the first step builds kernels and caches: never timed
     most = warmup + GRAPH_WARMUP + 1
@@ -504,10 +575,13 @@ def probe(plan: ArmPlan, steps: int = 3, warmup: int = 1, console=None) -> dict[
             trainer.request_stop()
 
     t0 = time.perf_counter()
+    scoring: dict[str, Any] = {}
     try:
         trainer, _ = start_run(cfg, console=console, on_step=on_step)
-        device = str(trainer.device)
+        device, ckpt = str(trainer.device), trainer.run_dir / "checkpoints" / "last.pt"
         del trainer
+        if protocol is not None:
+            scoring = _probe_scoring(plan, protocol, ckpt, device, score_images)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         gc.collect()
@@ -520,4 +594,39 @@ def probe(plan: ArmPlan, steps: int = 3, warmup: int = 1, console=None) -> dict[
     return {"arm": plan.arm.name, "model": plan.arm.model, "device": device, "batch_size": plan.batch_size,
             "steps_warmup": skip[0], "steps_measured": len(clean), "step_s": step_s,
             "images_per_s": plan.batch_size / step_s if step_s else None, "total_steps": plan.total_steps,
-            "train_minutes": plan.total_steps * step_s / 60 if step_s else None, "probe_s": wall}
+            "train_minutes": plan.total_steps * step_s / 60 if step_s else None, "probe_s": wall, **scoring}
+
+
+def _probe_scoring(plan: ArmPlan, protocol: EvalProtocol, ckpt: Path, device: str, k: int) -> dict[str, Any]:
+    """Seconds to draw ``k`` images from the probe's checkpoint (the arm's sampling) and to encode them with the
+    FID Inception, and the scoring minutes of the arm's points projected from them (None where the network is
+    missing: the draw alone is then projected)."""
+    from covidxray.evaluate.generator import load_source
+    from covidxray.metrics.features import InceptionFeatures
+
+    source = load_source(ckpt, None, list(plan.cfg.data.classes or []), False, lambda m: None)
+    if getattr(source, "loaded", None) is not None:
+        source.loaded.configure(**dict(plan.arm.sampling))
+    dev = torch.device(device)
+
+    def counts(m: int):  # a conditional model draws per class
+        c = len(source.classes)
+        return [m // c + (i < m % c) for i in range(c)] if source.conditional else m
+
+    source.draw(counts(min(k, 4)), 0, dev)  # warm-up: kernels and caches
+    t = time.perf_counter()
+    images, _ = source.draw(counts(k), 1, dev, batch_size=k)
+    draw_s = (time.perf_counter() - t) / k
+    encode_s = None
+    try:
+        ex = InceptionFeatures(None, dev, protocol.batch_size)
+        ex(images[: min(k, 4)])
+        t = time.perf_counter()
+        ex(images)
+        encode_s = (time.perf_counter() - t) / k
+    except CovidXrayError:
+        pass
+    n = protocol.n if protocol.n is not None else plan.train_images
+    scored = len(plan.points) * protocol.repeats * n
+    return {"draw_s_per_image": draw_s, "encode_s_per_image": encode_s, "scored_images": scored,
+            "score_minutes": scored * (draw_s + (encode_s or 0.0)) / 60}

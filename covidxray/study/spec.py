@@ -117,6 +117,17 @@ class Downstream:
 
 
 @dataclass(frozen=True)
+class Segmentation:
+    """The segmentation table of every mask-conditional arm at its full budget (:mod:`covidxray.evaluate.pairs`):
+    U-Nets trained on real pairs, real + the arm's synthetic pairs, and its synthetic pairs alone."""
+
+    seeds: int = 3                      # U-Nets per arm (a, b, c); arm (a) is shared by every mask arm
+    epochs: int = 30                    # U-Net epochs
+    copies: int = 1                     # synthetic pairs per real mask (deformed masks)
+    sets: tuple[str, ...] = ()          # U-Net overrides key=value (e.g. arch.width=16)
+
+
+@dataclass(frozen=True)
 class EvalProtocol:
     """The evaluation every point of every arm gets (:class:`covidxray.evaluate.generator.GeneratorEvaluation`)."""
 
@@ -129,6 +140,7 @@ class EvalProtocol:
     downstream: Downstream | None = None  # at the full budget only; None = no downstream arms
     sampling: dict[str, Any] = field(default_factory=dict)  # sampler options (steps, sampler, guidance) of the
                                         # arms whose model takes them; {} = each run's own
+    segmentation: Segmentation | None = None  # mask-conditional arms, full budget; None = no segmentation table
 
 
 @dataclass(frozen=True)
@@ -266,8 +278,9 @@ def _flatten(nested: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 TOP = ("name", "description", "data", "seed", "checkpoints_at", "sets", "eval", "arms")
 ARM = ("name", "model", "kimg", "sets", "seed", "checkpoints_at", "max_minutes", "sampling")
-EVAL = ("n", "repeats", "split", "metrics", "seed", "batch_size", "downstream", "sampling")
+EVAL = ("n", "repeats", "split", "metrics", "seed", "batch_size", "downstream", "sampling", "segmentation")
 DOWNSTREAM = ("classifier", "seeds", "epochs", "synthetic_ratio", "pool", "sets")
+SEGMENTATION = ("seeds", "epochs", "copies", "sets")
 DATA = ("size", "masks", "classes")
 
 
@@ -404,7 +417,16 @@ def _eval(r: _Reader, e: Any) -> EvalProtocol:
             check_downstream_args(down.classifier, down.seeds, down.synthetic_ratio, down.epochs)
         except CovidXrayError as exc:
             raise r.error("eval.downstream", exc.message.replace("--", ""), exc.hint) from None
+    seg = None
+    if e.get("segmentation") is not None:
+        sg = r.mapping(e["segmentation"], "eval.segmentation", SEGMENTATION)
+        base_seg = Segmentation()
+        seg = Segmentation(seeds=r.integer(sg.get("seeds", base_seg.seeds), "eval.segmentation", "seeds", 1),
+                           epochs=r.integer(sg.get("epochs", base_seg.epochs), "eval.segmentation", "epochs", 1),
+                           copies=r.integer(sg.get("copies", base_seg.copies), "eval.segmentation", "copies", 1),
+                           sets=r.texts(sg.get("sets"), "eval.segmentation", "sets"))
     return EvalProtocol(
+        segmentation=seg,
         sampling=_sampling(r, "eval.sampling", e.get("sampling")),
         n=None if e.get("n") is None else r.integer(e["n"], "eval", "n", 2),
         repeats=r.integer(e.get("repeats", default.repeats), "eval", "repeats", 1),
@@ -448,6 +470,7 @@ class ArmPlan:
     epochs: int
     points: list[Point] = field(default_factory=list)
     key: str = ""                       # the training stage's key
+    masks: bool = False                 # a mask -> X-ray model (trains on lung masks): gets the segmentation table
 
     @property
     def steps_per_epoch(self) -> int:
@@ -461,6 +484,17 @@ class ArmPlan:
     def kimg(self) -> float:
         """The kimg it trains (the budget rounded up to whole epochs)."""
         return self.total_steps * self.batch_size / 1000
+
+
+def segmentation_real_key(spec: "StudySpec", data_fingerprint: str = "") -> str:
+    """The key of the real-only U-Nets (arm (a)) that every mask arm's segmentation table shares."""
+    return digest({"segmentation": dataclasses.asdict(spec.eval.segmentation), "data": data_fingerprint})
+
+
+def segmentation_key(plan: "ArmPlan", spec: "StudySpec") -> str:
+    """The key of a mask arm's segmentation stage: its training, the U-Net protocol and its sampling."""
+    return digest({"train": plan.key, "segmentation": dataclasses.asdict(spec.eval.segmentation),
+                   "sampling": plan.arm.sampling})
 
 
 def digest(obj: Any) -> str:
@@ -531,7 +565,7 @@ def plan_study(spec: StudySpec, data: str | Path, device: str = "auto", sets: li
         batch = min(cfg.train.batch_size, n)
         per_epoch = (n // batch) * batch
         cfg.train.epochs = -(-arm.images // per_epoch)
-        plan = ArmPlan(arm, cfg, n, batch, cfg.train.epochs)
+        plan = ArmPlan(arm, cfg, n, batch, cfg.train.epochs, masks=bool(task.wants_masks(cfg)))
         steps: dict[int, Point] = {}
         for f in arm.checkpoints_at:  # two fractions on one step: the larger names it
             step = plan.total_steps if f == 1.0 else max(1, math.ceil(f * plan.total_steps - 1e-9))
@@ -546,12 +580,20 @@ def plan_study(spec: StudySpec, data: str | Path, device: str = "auto", sets: li
         plan.key = digest(keyed)
         protocol = dataclasses.asdict(spec.eval)
         del protocol["sampling"]  # what this arm's scoring uses instead (absent when none: older keys hold)
+        del protocol["segmentation"]  # a stage of its own (segmentation_key), which scoring does not depend on
         if arm.sampling:
             protocol["sampling"] = arm.sampling
         for p in plan.points:
             scored = {**protocol, "downstream": protocol["downstream"] if p.final else None}
             p.key = digest({"train": plan.key, "eval": scored, "point": p.label})
         plans.append(plan)
+    seg = spec.eval.segmentation
+    if seg is not None:
+        try:
+            resolve_config("unet", sets=[*seg.sets, *execution])
+        except CovidXrayError as exc:
+            raise CovidXrayError(f"{spec.path}: eval.segmentation: {exc.message.replace('--set: ', 'sets: ')}",
+                                 exc.hint) from None
     down = spec.eval.downstream
     if down is not None:
         try:

@@ -181,6 +181,14 @@ def _checkpoints(w: Path) -> None:
     (w / "emptydir").mkdir()
 
 
+def _study_spec(w: Path) -> None:
+    """A valid one-arm study spec (spec.yaml) and the unreadable config.yaml of :func:`_checkpoints`."""
+    _checkpoints(w)
+    (w / "spec.yaml").write_text("name: s\neval: {n: 8, repeats: 1, metrics: [fid]}\n"
+                                 "arms:\n  - {name: a, model: cvae, kimg: 0.05, sets: [arch.channels=8]}\n")
+    (w / "spec-nosuch.yaml").write_text("name: s\narms:\n  - {name: a, model: nosuch, kimg: 1}\n")
+
+
 BAD = [
     # prepare
     Bad("prepare-missing-src", ["prepare", "absent", "out"], ("absent",)),
@@ -270,6 +278,26 @@ BAD = [
     Bad("evaluate-damaged-ckpt", ["evaluate", "ckpt/random.pt", "--data", "{data}"], ("random.pt",), _checkpoints),
     Bad("evaluate-ratio-nan", ["evaluate", "{gan}", "--data", "{data}", "--downstream", "--synthetic-ratio", "nan"],
         ("--synthetic-ratio",)),
+    # study
+    Bad("study-missing-spec", ["study", "absent.yaml", "--data", "{data}"], ("absent.yaml",)),
+    Bad("study-spec-is-dir", ["study", "emptydir", "--data", "{data}"], ("emptydir",), _study_spec),
+    Bad("study-spec-bad-yaml", ["study", "config.yaml", "--data", "{data}"], ("config.yaml",), _study_spec),
+    Bad("study-spec-not-a-mapping", ["study", "notes.txt", "--data", "{data}"], ("notes.txt",)),
+    Bad("study-unknown-model", ["study", "spec-nosuch.yaml", "--data", "{data}"], ("nosuch",), _study_spec),
+    Bad("study-missing-data", ["study", "spec.yaml", "--data", "absent"], ("absent",), _study_spec),
+    Bad("study-unprepared-data", ["study", "spec.yaml", "--data", "mythesis"], ("mythesis",), _study_spec),
+    Bad("study-out-foreign", ["study", "spec.yaml", "--data", "{data}", "--out", "mythesis"], ("mythesis",),
+        _study_spec),
+    Bad("study-out-file", ["study", "spec.yaml", "--data", "{data}", "--out", "notes.txt"], ("notes.txt",),
+        _study_spec),
+    Bad("study-out-data", ["study", "spec.yaml", "--data", "{data}", "--out", "{data}"], ("{data}",), _study_spec),
+    Bad("study-scale-nan", ["study", "spec.yaml", "--data", "{data}", "--scale", "nan"], ("--scale",), _study_spec),
+    Bad("study-scale-zero", ["study", "spec.yaml", "--data", "{data}", "--scale", "0"], ("--scale",), _study_spec),
+    Bad("study-unknown-arm", ["study", "spec.yaml", "--data", "{data}", "--arm", "zz"], ("zz",), _study_spec),
+    Bad("study-set-changes-arms", ["study", "spec.yaml", "--data", "{data}", "--set", "arch.channels=4"],
+        ("arch.channels",), _study_spec),
+    Bad("study-report-nothing", ["study", "spec.yaml", "--report", "--out", "emptydir"], ("emptydir",), _study_spec),
+    Bad("study-no-data", ["study", "spec.yaml"], ("--data",), _study_spec),
     Bad("evaluate-batch-zero", ["evaluate", "{clf}", "--data", "{data}", "--batch-size", "0"], ("--batch-size",)),
 ]
 
@@ -288,7 +316,7 @@ def test_bad_input_is_one_line_and_changes_nothing(case, cli, work, runs, demo_p
     watched = [work, demo_prepared, *runs.values()]
     before = [snapshot(p) for p in watched]
     r = cli(*args)
-    assert_one_line_error(r.exit_code, r.stderr, r.output, *case.must)
+    assert_one_line_error(r.exit_code, r.stderr, r.output, *(m.format(**fill) for m in case.must))
     after = [snapshot(p) for p in watched]
     for path, b, a in zip(watched, before, after):
         assert a == b, f"{case.id} changed {path}: " + repr(sorted(set(a.items()) ^ set(b.items()))[:6])

@@ -117,6 +117,10 @@ def _arm(**kw):
     ("bad-eval-sampling", {"eval": {"sampling": {"sampler": "ddim"}}, "arms": _arm(model="edm", sets=[])},
      ["arm 'a': sampling", "sampler must be one of heun, euler, dpm2m"]),
     ("unknown-sampling-key", {"eval": {"sampling": {"eta": 1}}}, ["eval.sampling", "unknown key 'eta'"]),
+    ("unknown-segmentation-key", {"eval": {"segmentation": {"lr": 1}}}, ["eval.segmentation", "unknown key 'lr'"]),
+    ("bad-segmentation-set", {"eval": {"segmentation": {"sets": ["arch.nope=1"]}}},
+     ["eval.segmentation", "arch.nope"]),
+    ("segmentation-seeds-zero", {"eval": {"segmentation": {"seeds": 0}}}, ["eval.segmentation", "seeds"]),
 ])
 def test_a_bad_spec_is_refused_in_one_line_before_anything_trains(case, change, must, cli, tmp_path, demo_prepared,
                                                                  no_masks):
@@ -422,7 +426,8 @@ def test_ctrl_c_in_training_stops_cleanly_and_the_same_command_resumes_it(demo_s
 
 # ------------------------------------------------------------------------------------------ shipped specs, probe
 @pytest.mark.parametrize("name, size, arms", [
-    ("cpu", 64, ["cgan", "acgan", "cvae", "pix2pix", "edm", "edm_mask"]),
+    ("cpu", 64, ["cgan", "cvae", "pix2pix", "edm", "edm_mask"]),
+    ("precision", 64, ["cgan_fp32", "cgan_bf16", "pix2pix_fp32", "pix2pix_bf16"]),
     ("seed", 128, ["rawgan", "cgan", "cgan-umax", "cgan-umin", "acgan", "unetcgan", "vae", "cvae", "pix2pix", "edm",
                    "edm_mask"]),
 ])
@@ -444,10 +449,12 @@ def test_a_probe_measures_each_arm_and_keeps_nothing(cli, tmp_path, demo_prepare
     r = cli("study", DEMO, "--data", demo_prepared, "--out", tmp_path / "s", "--probe", *RUN)
     assert r.exit_code == 0, r.output
     lines = r.clean_stdout.splitlines()
-    start = next(i for i, ln in enumerate(lines) if "probe: training steps measured" in ln)
+    start = next(i for i, ln in enumerate(lines) if "probe: training steps and scoring draws measured" in ln)
     rows = [ln.split("│") for ln in lines[start:] if ln.count("│") > 5]
     assert [c[1].strip() for c in rows] == list(ARMS)
-    for c in rows:  # batch 16, s/step, img/s, 12 steps, projected minutes
+    for c in rows:  # batch 16, s/step, img/s, 12 steps, train minutes; draw and FID-net s/img, 2 points x 12 images
         assert c[4].strip() == "16" and float(c[5]) > 0 and float(c[6]) > 0 and c[7].strip() == "12"
-    assert "projected training" in r.clean_stdout
-    assert not (tmp_path / "s").exists() and not list((tmp_path / "tmp").iterdir())
+        assert float(c[9]) > 0 and float(c[10]) > 0 and c[11].strip() == "24" and float(c[12]) > 0
+    assert "min of scoring draws" in r.clean_stdout
+    left = [p.name for p in (tmp_path / "tmp").iterdir() if not p.name.startswith("torchinductor_")]  # torch's cache
+    assert not (tmp_path / "s").exists() and not left
