@@ -73,8 +73,8 @@ class TrainConfig:
     keep_every: int = 0                 # also keep checkpoints/epoch_XXXX.pt every N epochs; 0 = never
     tensorboard: bool = False           # also write every stats.jsonl record's numbers as TensorBoard scalars under
                                         # RUN/tensorboard/ (needs `pip install covidxray[tensorboard]`)
-    amp: str = "auto"                   # mixed precision: auto (bf16 on CUDA; classifiers also on CPUs with native bf16,
-                                        # AMX / AVX512-BF16; else off) | bf16 | fp16 (CUDA) | off
+    amp: str = "auto"                   # mixed precision: auto (bf16 on CUDA and on CPUs with native bf16, AMX /
+                                        # AVX512-BF16, measured in docs/benchmarks.md; else off) | bf16 | fp16 (CUDA) | off
     channels_last: bool = True          # channels_last memory format (faster convolutions on GPUs and CPUs)
     compile: bool = False               # torch.compile the trained networks (falls back to eager with a warning)
     compile_mode: str = "default"       # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune

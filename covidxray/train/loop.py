@@ -167,8 +167,8 @@ class Trainer:
         self.batches_per_epoch = len(self.data) // self.batch_size
 
         # Mixed precision: bf16 needs no loss scaling; fp16 gets one scaler per optimizer.
-        # `auto` is bf16 on CUDA; on the CPU it is bf16 for tasks that ask for it (classifiers) where the
-        # CPU has native bf16 (AMX / AVX512-BF16: 2.5x faster for resnet18 there), else full precision.
+        # `auto` is bf16 on CUDA; on the CPU it is bf16 for tasks that ask for it (every family, each measured:
+        # docs/benchmarks.md) where the CPU has native bf16 (AMX / AVX512-BF16), else full precision.
         auto_bf16 = self.device.type == "cuda" or (task_cls.bf16_on_native_cpu and cpu_has_native_bf16())
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}.get(
             cfg.train.amp, torch.bfloat16 if auto_bf16 else None)
