@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from covidxray.evaluate.report import fmt
+from covidxray.evaluate.report import fmt, mean_std
 from covidxray.study.figures import CURVES, FOREST, GRIDS, save_curves, save_forest, save_grids, scored_points
 from covidxray.study.spec import StudySpec
 from covidxray.utils import atomic_write_text
@@ -79,7 +79,7 @@ def report_rows(spec: StudySpec, manifest: dict[str, Any], keys: dict[str, dict[
     for arm in spec.arms:
         entry = manifest.get("arms", {}).get(arm.name)
         status = arm_status(entry, None if keys is None else keys.get(arm.name))
-        row: dict[str, Any] = {"arm": arm.name, "model": arm.model, "status": status}
+        row: dict[str, Any] = {"arm": arm.name, "model": arm.model, "status": status, "group": arm.group}
         if status == "done":
             final = final_point(entry)
             ev = final["eval"]
@@ -180,6 +180,34 @@ def _pdelta(d: dict[str, Any] | None) -> str:
     return f"{d['mean']:+.4f}" + (f" [{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else " (1 seed)")
 
 
+def seeds_markdown(rows: list[dict[str, Any]]) -> list[str]:
+    """The arms run with several training seeds (``seeds:``): their full-budget scores as mean ± std over the
+    seeds that have finished (the variation a rerun with another seed would show, beside the draws' std above)."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        if r.get("group"):
+            groups.setdefault(r["group"], []).append(r)
+    if not groups:
+        return []
+    lines = ["", "### Over training seeds", "",
+             "Arms trained once per seed (`seeds:`): mean ± std over the seeds that finished, of each seed's "
+             "full-budget score (a seed's FID is itself the mean of its draws).", "",
+             "| arm | seeds done | FID | KID × 10³ | downstream Δ | kimg | train s |", "|---|---|---:|---:|---:|---:|---:|"]
+    for group, members in groups.items():
+        done = [r for r in members if r["status"] == "done"]
+        if not done:
+            lines.append(f"| {group} | 0 of {len(members)} | - | - | - | - | - |")
+            continue
+        fd = mean_std([(r.get("fd") or {}).get("mean") for r in done])
+        kd = mean_std([(r.get("kd") or {}).get("mean") for r in done])
+        deltas = [((r.get("downstream") or {}).get("delta") or {}).get("mean") for r in done]
+        dd = mean_std([d for d in deltas if d is not None]) if any(d is not None for d in deltas) else None
+        lines.append(f"| {group} | {len(done)} of {len(members)} | {fmt(fd)} | {fmt(kd, 2, 1e3)} | "
+                     f"{fmt(dd, 3) if dd else '-'} | {_num(mean_std([r.get('kimg') for r in done])['mean'], 3)} | "
+                     f"{_num(mean_std([r.get('train_s') for r in done])['mean'], 1)} |")
+    return lines
+
+
 def segmentation_markdown(spec: StudySpec, manifest: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
     """The segmentation table (``eval.segmentation``): one row per mask-conditional arm that has one."""
     seg = spec.eval.segmentation
@@ -257,6 +285,7 @@ def study_markdown(spec: StudySpec, manifest: dict[str, Any], rows: list[dict[st
                      f"{fmt(dn.get('gan_test'), 3)} | {fmt(dn.get('tstr'), 3)} | "
                      f"{_delta(r.get('downstream'))} | {kimg} | {_num(r['train_s'], 1)} | "
                      f"{_sig(r.get('sample_s_per_1k'))} | {r.get('device') or '-'} |")
+    lines += seeds_markdown(rows)
     lines += segmentation_markdown(spec, manifest, rows)
     lines += [""] + figures_markdown(figures or {})
     lines += ["## Quality per compute", "",

@@ -12,6 +12,7 @@ A spec (``configs/studies/demo.yaml`` is one; docs/study.md describes every key)
     arms:
       - {name: cgan-max, model: cgan, kimg: 200, sets: [loss.uncertainty=max], max_minutes: 120}
       - {name: edm-fast, model: edm, kimg: 200, sampling: {sampler: dpm2m, steps: 10}}
+      - {name: vae, model: cvae, kimg: 100, seeds: [0, 1, 2]}   # arms vae-s0, vae-s1, vae-s2, and their mean ± std
 
 :func:`load_spec` reads and checks the spec alone (unknown keys, types, budgets, names); :func:`plan_study`
 checks it against the prepared data - every arm's configuration resolved by
@@ -157,6 +158,7 @@ class Arm:
     sampling: dict[str, Any] = field(default_factory=dict)  # the sampler options its evaluations use: eval.sampling
                                         # with the arm's own on top, those its model takes ({} for the others)
     spec_kimg: float | None = None      # the spec's budget when kimg was scaled (scale_spec); None = kimg is it
+    group: str | None = None            # the spec's arm name when this arm is one of its `seeds` (<group>-s<seed>)
 
     @property
     def images(self) -> int:
@@ -277,7 +279,7 @@ def _flatten(nested: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 TOP = ("name", "description", "data", "seed", "checkpoints_at", "sets", "eval", "arms")
-ARM = ("name", "model", "kimg", "sets", "seed", "checkpoints_at", "max_minutes", "sampling")
+ARM = ("name", "model", "kimg", "sets", "seed", "seeds", "checkpoints_at", "max_minutes", "sampling")
 EVAL = ("n", "repeats", "split", "metrics", "seed", "batch_size", "downstream", "sampling", "segmentation")
 DOWNSTREAM = ("classifier", "seeds", "epochs", "synthetic_ratio", "pool", "sets")
 SEGMENTATION = ("seeds", "epochs", "copies", "sets")
@@ -313,6 +315,7 @@ def load_spec(path: str | Path) -> StudySpec:
     if not isinstance(arms_raw, list) or not arms_raw:
         raise r.error("", "arms must be a non-empty list of arms (name, model, kimg, ...)")
     arms: list[Arm] = []
+    position: dict[str, int] = {}       # each arm's name (a seeded arm's too) -> its place in the spec
     for i, a in enumerate(arms_raw, 1):
         where = f"arm {i}"
         a = r.mapping(a, where, ARM)
@@ -323,9 +326,12 @@ def load_spec(path: str | Path) -> StudySpec:
         if not _NAME.fullmatch(arm_name):
             raise r.error(where, f"name '{arm_name}' must be letters, digits, '_', '-' or '.' (it names a folder)")
         where = f"arm '{arm_name}'"
-        twin = next((k for k, b in enumerate(arms, 1) if b.name == arm_name), None)
+        seeds = _seeds(r, where, a)
+        names = [arm_name] if seeds is None else [f"{arm_name}-s{sd}" for sd in seeds]
+        twin = next((n for n in names if n in position), None)
         if twin is not None:
-            raise r.error("", f"arms {twin} and {i} are both named '{arm_name}'", "Give every arm its own name")
+            raise r.error("", f"arms {position[twin]} and {i} are both named '{twin}'", "Give every arm its own name")
+        position.update((n, i) for n in names)
         model = r.text(a["model"], where, "model")
         try:
             get_model(model)
@@ -336,13 +342,33 @@ def load_spec(path: str | Path) -> StudySpec:
             raise r.error(where, f"model '{model}' is a {get_model(model).family} model; a study compares generators "
                           f"({', '.join(sorted(generators))})")
         kimg = r.number(a["kimg"], where, "kimg", "> 0 (the budget: thousands of training images shown)")
-        arms.append(Arm(
+        one = Arm(
             name=arm_name, model=model, kimg=kimg, sets=r.sets(a.get("sets"), where),
             seed=r.integer(a.get("seed", seed), where, "seed"),
             checkpoints_at=r.fractions(a["checkpoints_at"], where) if "checkpoints_at" in a else points,
             max_minutes=None if a.get("max_minutes") is None else r.number(a["max_minutes"], where, "max_minutes"),
-            sampling=_arm_sampling(r, where, model, protocol.sampling, a.get("sampling"))))
+            sampling=_arm_sampling(r, where, model, protocol.sampling, a.get("sampling")))
+        if seeds is None:
+            arms.append(one)
+        else:  # one arm per training seed, each its own folder and row; the report adds their mean ± std
+            arms += [dataclasses.replace(one, name=n, seed=sd, group=arm_name) for n, sd in zip(names, seeds)]
     return StudySpec(path, name, str(top.get("description") or ""), data, seed, common, protocol, tuple(arms), text)
+
+
+def _seeds(r: _Reader, where: str, a: dict[str, Any]) -> list[int] | None:
+    """``seeds: [0, 1, 2]``: the arm trained once per training seed (None when absent); not with ``seed``."""
+    if "seeds" not in a:
+        return None
+    if "seed" in a:
+        raise r.error(where, "gives both seed and seeds", "Keep one: seed: S for one run, seeds: [S1, S2, ...] for several")
+    raw = a["seeds"]
+    if not isinstance(raw, list) or len(raw) < 2:
+        raise r.error(where, f"seeds must be a list of two or more training seeds, got {raw!r}",
+                      "e.g. seeds: [0, 1, 2]; one seed is seed: S")
+    seeds = [r.integer(v, where, "seeds") for v in raw]
+    if len(set(seeds)) != len(seeds):
+        raise r.error(where, f"seeds repeats a seed: {raw!r}", "Give each run its own seed")
+    return seeds
 
 
 def check_scale(scale: Any) -> float:

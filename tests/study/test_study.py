@@ -121,6 +121,10 @@ def _arm(**kw):
     ("bad-segmentation-set", {"eval": {"segmentation": {"sets": ["arch.nope=1"]}}},
      ["eval.segmentation", "arch.nope"]),
     ("segmentation-seeds-zero", {"eval": {"segmentation": {"seeds": 0}}}, ["eval.segmentation", "seeds"]),
+    ("seed-and-seeds", {"arms": _arm(seed=1, seeds=[0, 1])}, ["arm 'a'", "both seed and seeds"]),
+    ("one-seed", {"arms": _arm(seeds=[3])}, ["arm 'a'", "two or more"]),
+    ("repeated-seed", {"arms": _arm(seeds=[1, 1])}, ["arm 'a'", "repeats a seed"]),
+    ("seeded-twin", {"arms": _arm(seeds=[0, 1]) + _arm(name="a-s1")}, ["arms 1 and 2 are both named 'a-s1'"]),
 ])
 def test_a_bad_spec_is_refused_in_one_line_before_anything_trains(case, change, must, cli, tmp_path, demo_prepared,
                                                                  no_masks):
