@@ -34,9 +34,11 @@
 #      leaves the steps launch-bound: the summary's img/s per arm will tell). The scoring does not scale with it and is the larger part: seed.yaml
 #      scores 4 points of 500 x 5 images (the diffusion arms 35 network evaluations an image) and at the full
 #      budget 9 resnet18 runs of 30 epochs (3 seeds x real / real + synthetic / synthetic), estimated ~1 min per
-#      GAN arm and ~3 min per diffusion arm on an H100 (not measured): about 15 min for the whole study, so the cap
-#      ends it after roughly the first half of the arms (spec order: rawgan, cgan, cgan-umax, ...); the report
-#      marks the others "not run" and the summary counts them. ARMS_T="cgan edm" runs those arms alone (--arm).
+#      GAN arm and ~3 min per diffusion arm on an H100 (not measured): about 15 min for the whole study. So phase T
+#      runs a lightened copy, results/seed-light.yaml (EVAL_T=light, the default): 2 points (25 and 100 %), 500 x 2
+#      draws, downstream smallcnn 3 seeds x 5 epochs, no segmentation table - about a third of the scoring, said so
+#      in its description; EVAL_T=full runs seed.yaml's own protocol. Whatever the cap cuts, the report marks "not
+#      run" and the summary counts. ARMS_T="cgan edm" runs those arms alone (--arm).
 #      QUICK=1: configs/studies/demo.yaml on phantoms (`prepare --demo`), one thread, a stand-in 'Inception'.
 # Everything lands in $OUT/results.tar.gz (GIFs beside it); the summary table is printed last.
 # Needs (carried, git-ignored): .devdata/cxr-real (a copy of the real set, Kaggle v4 layout; prepared here in
@@ -52,7 +54,8 @@
 #   B_EAGER=1        phase B also times cgan and rawgan at 128 px with train.cuda_graphs=no
 #   SETS_C           extra config values of the schedule run (e.g. "train.compile=true")
 #   KIMG_E, CAP_E    phase E's budget in kimg (200) and its training's time cap in s (270);  E_FID=1 (see E)
-#   SCALE_T, CAP_T   phase T's --scale (0.02; QUICK 0.5) and its time cap in s (540);  ARMS_T  arms to run (all)
+#   SCALE_T, CAP_T   phase T's --scale (0.02; QUICK 0.5) and its time cap in s (540);  ARMS_T  arms to run (all);
+#                    EVAL_T  light (default: seed.yaml's scoring lightened, see T) | full
 #   BUDGET           seconds for the whole script (560); later phases get what is left
 set -u
 cd "$(dirname "$0")/.."
@@ -243,6 +246,17 @@ if [ "$QUICK" = 1 ]; then   # a CPU rehearsal of the plumbing: the demo spec on 
   sets=(--set train.num_threads=1); standin; fe=("${FE[@]}")
   python3 -m covidxray prepare --demo $data --size 64 --per-class 24 > "$R/prepare-demo.log" 2>&1 \
       || { echo "T: prepare --demo failed"; tail -5 "$R/prepare-demo.log"; return; }
+fi
+if [ "$QUICK" != 1 ] && [ "${EVAL_T:-light}" = light ]; then   # the scoring of seed.yaml, lightened (see above)
+  python3 - "$spec" "$R/seed-light.yaml" <<'PY' && spec="$R/seed-light.yaml" out="$RUNS/study-seed-light"
+import sys, yaml
+s = yaml.safe_load(open(sys.argv[1]))
+s.update(name="seed-light", checkpoints_at=[0.25, 1.0], description=(s.get("description") or "").strip()
+         + " Scoring lightened to fit 10 minutes of one GPU (bench/gpu_session.sh phase T): points at 25 and 100 %,"
+         " 500 x 2 draws, downstream smallcnn 3 seeds x 5 epochs, no segmentation table.")
+s["eval"].update(repeats=2, downstream={"classifier": "smallcnn", "seeds": 3, "epochs": 5}, segmentation=None)
+yaml.safe_dump(s, open(sys.argv[2], "w"), sort_keys=False)
+PY
 fi
 read -r -a arms <<< "${ARMS_T:-}"
 say "T study $spec --scale $scale on $data (${capt} s cap${ARMS_T:+; arms $ARMS_T})"
