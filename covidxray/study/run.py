@@ -281,11 +281,68 @@ class StudyRunner:
         claim(self.out, KIND, "study", {"data": str(self.data.resolve())})
         update_manifest(self.out, study=self.spec.name, spec=str(self.spec.path), data=str(self.data.resolve()),
                         scale=self.spec.scale, environment=environment(self.spec, self.data, self.device))
-        for plan in self.plans:
-            if only is None or plan.arm.name == only:
-                self._arm(plan)
-                self.report()
+        self._run_plans = [p for p in self.plans if only is None or p.arm.name == only]
+        self._t0, self._spent = time.perf_counter(), {"train": [], "score": [], "segment": []}
+        self._progress()
+        for plan in self._run_plans:
+            self._arm(plan)
+            self.report()
         return self.report()
+
+    # ------------------------------------------------------------------------------------------ progress
+    def _pending(self) -> list[tuple[str, ArmPlan, float]]:
+        """The stages still to run: (kind, plan, kimg still to train for a training stage, else 0)."""
+        manifest = read_manifest(self.out)
+        todo = []
+        for plan in self._run_plans:
+            entry = manifest["arms"].get(plan.arm.name)
+            fresh = entry is None or entry.get("key") != plan.key
+            t = {} if fresh else entry["train"]
+            if t.get("status") != "done":
+                reached = 0.0 if fresh else float(t.get("kimg") or 0.0)
+                todo.append(("train", plan, max(0.0, plan.kimg - reached)))
+            for q in plan.points:
+                ev = {} if fresh else ((entry["points"].get(q.label) or {}).get("eval") or {})
+                if not (ev.get("status") == "done" and ev.get("key") == q.key):
+                    todo.append(("score", plan, 0.0))
+            if self.spec.eval.segmentation is not None and plan.masks:
+                seg = {} if fresh else (entry.get("segmentation") or {})
+                if not (seg.get("status") == "done" and seg.get("key") == segmentation_key(plan, self.spec)):
+                    todo.append(("segment", plan, 0.0))
+        return todo
+
+    def _stage_done(self, kind: str, seconds: float, kimg: float = 0.0, model: str = "") -> None:
+        self._spent[kind].append((seconds, kimg, model))
+        self._progress()
+
+    def _progress(self) -> None:
+        """One line between stages: stages done of all, time spent, and the time left estimated from what this
+        process measured so far (training: seconds per kimg of the same model, else of all arms; scoring and
+        U-Nets: their mean stage), or why there is no estimate yet."""
+        if not hasattr(self, "_spent"):
+            return
+        todo = self._pending()
+        done = sum(len(v) for v in self._spent.values())
+        elapsed = time.perf_counter() - self._t0
+        left, unknown = 0.0, set()
+        train = self._spent["train"]
+        for kind, plan, kimg in todo:
+            if kind == "train":
+                same = [(s, k) for s, k, m in train if m == plan.arm.model and k > 0]
+                pool = same or [(s, k) for s, k, _ in train if k > 0]
+                if pool:
+                    left += kimg * sum(s for s, _ in pool) / sum(k for _, k in pool)
+                else:
+                    unknown.add("training")
+            elif self._spent[kind]:
+                left += statistics.mean(s for s, _, _ in self._spent[kind])
+            else:
+                unknown.add("scoring" if kind == "score" else "U-Nets")
+        eta = ("nothing left" if not todo else
+               f"about {_hm(left)} left" + (f" (+ the {', '.join(sorted(unknown))}: no stage measured yet)"
+                                           if unknown else "") if left or not unknown else
+               f"no estimate until a stage of {', '.join(sorted(unknown))} has run")
+        self.log(f"study {self.spec.name}: {done} of {done + len(todo)} stages done in {_hm(elapsed)}; {eta}")
 
     def report(self, redraw: bool = False) -> list[dict[str, Any]]:
         """Draw the sample grids that are missing or stale (all of them with ``redraw``), then write ``study.md``
@@ -379,11 +436,13 @@ class StudyRunner:
         t = entry["train"]
         run_dir = self.out / entry["run"] if entry.get("run") else None
         resume = run_dir is not None and (run_dir / "checkpoints" / "last.pt").is_file()
+        base_kimg = 0.0  # what an interrupted run had trained (the ETA's rate counts this process's images only)
         if resume:
             ckpt = load_checkpoint(run_dir, resume=True)  # a run that finished before the manifest said so
             if ckpt["epoch"] >= plan.epochs or ckpt.get("stopped_early"):
                 return self._trained(name, entry, ckpt["step"], ckpt["images_seen"], ckpt["epoch"],
                                      t.get("device"), False, bool(ckpt.get("stopped_early")), run_dir)
+            base_kimg = ckpt["images_seen"] / 1000
             del ckpt
         else:  # a first start, or one that left no checkpoint: nothing of it is worth keeping
             if arm_dir.exists():
@@ -440,6 +499,7 @@ class StudyRunner:
         s = trainer.state
         self._trained(name, entry, s.step, s.images_seen, s.epoch, str(trainer.device), capped[0], s.stopped_early,
                       trainer.run_dir)
+        self._stage_done("train", time.perf_counter() - t0, max(0.0, s.images_seen / 1000 - base_kimg), arm.model)
         del trainer
         gc.collect()
 
@@ -490,6 +550,7 @@ class StudyRunner:
         entry["segmentation"] = {"key": key, "status": "done", "out": self._rel(out),
                                  "seconds": round(time.perf_counter() - t0, 1), **res}
         self._save(name, entry)
+        self._stage_done("segment", time.perf_counter() - t0)
 
     def _segmentation_real(self) -> list[dict[str, Any]]:
         """The real-only U-Nets of the segmentation table (one per seed), trained once for every mask arm."""
@@ -538,10 +599,20 @@ class StudyRunner:
                                   repeats=e.repeats, metrics=list(e.metrics), out=out, device=self.device,
                                   batch_size=e.batch_size, seed=e.seed, downstream=down,
                                   sampling=dict(plan.arm.sampling))
+        t0 = time.perf_counter()
         res = run_generator_evaluation(req, self.log)
         p["eval"] = {"key": point.key, "status": "done", "out": self._rel(out), **summarize(res)}
         self._save(name, entry)
+        self._stage_done("score", time.perf_counter() - t0)
 
+
+
+def _hm(seconds: float) -> str:
+    """``1 h 05 min``, ``12 min``, ``40 s``."""
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    m = round(seconds / 60)
+    return f"{m // 60} h {m % 60:02d} min" if m >= 60 else f"{m} min"
 
 
 # ----------------------------------------------------------------------------------------------- probe

@@ -56,6 +56,7 @@ def demo_study(demo_prepared, standin, tmp_path_factory):
             mp.setenv(k, v)
         r = _invoke("study", DEMO, "--data", demo_prepared, "--out", out, *RUN)
     assert r.exit_code == 0, r.output
+    (out.parent / "study.log").write_text(r.output)  # what the user watched (test_the_progress_...)
     return out
 
 
@@ -462,3 +463,15 @@ def test_a_probe_measures_each_arm_and_keeps_nothing(cli, tmp_path, demo_prepare
     assert "min of scoring draws" in r.clean_stdout
     left = [p.name for p in (tmp_path / "tmp").iterdir() if not p.name.startswith("torchinductor_")]  # torch's cache
     assert not (tmp_path / "s").exists() and not left
+
+
+def test_the_progress_counts_the_stages_and_estimates_the_time_left(demo_study):
+    """One line between stages: 3 arms x (training + 2 scored points) = 9 stages, counted from 0 to 9; an estimate
+    of the time left once a training and a scoring stage have been measured, and none at the end."""
+    lines = [ln for ln in (demo_study.parent / "study.log").read_text().splitlines() if ln.startswith("study demo: ")]
+    counts = [ln.split(": ", 1)[1].split(" stages")[0] for ln in lines]
+    assert counts == [f"{k} of 9" for k in range(10)], lines
+    assert "no estimate until a stage of scoring, training has run" in lines[0]
+    assert all("left" in ln and "no stage measured" not in ln for ln in lines[3:-1]), lines
+    assert lines[-1].endswith("nothing left")
+
