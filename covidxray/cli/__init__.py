@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 
-import typer
-from typer.core import TyperGroup
+
+def _interrupted_while_starting(signum, frame):  # Ctrl-C before a command has started: nothing to stop or keep
+    sys.stderr.write("interrupted: nothing was started\n")
+    sys.exit(130)
+
+
+try:  # the imports below take a second or two; a Ctrl-C in them is a quiet exit 130, not a traceback
+    _sigint = signal.signal(signal.SIGINT, _interrupted_while_starting)
+except ValueError:  # not the main thread (imported by a library user): leave the handlers alone
+    _sigint = None
+
+import typer  # noqa: E402
+from typer.core import TyperGroup  # noqa: E402
 
 
 class OneLineErrors(TyperGroup):
@@ -61,6 +73,8 @@ def _register() -> None:
 
 
 _register()
+if _sigint is not None:  # the commands handle Ctrl-C themselves (user_errors, the training loop's handlers)
+    signal.signal(signal.SIGINT, _sigint)
 
 
 def main() -> None:  # console-script entry point

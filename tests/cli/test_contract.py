@@ -480,6 +480,24 @@ def test_interrupted_sample_resumes_exactly(sig, runs, tmp_path):
     assert not [p for p in out.rglob("*.tmp")]
 
 
+def test_ctrl_c_while_the_cli_starts_is_a_quiet_exit_130(tmp_path):
+    """Ctrl-C during the CLI's imports (a second or two on a busy machine): exit 130, one line, no traceback.
+    The SIGINT is sent by an import hook the moment ``typer`` is imported, so it lands inside that window."""
+    code = ("import os, signal, sys\n"
+            "class Hook:\n"
+            "    def find_spec(self, name, path, target=None):\n"
+            "        if name == 'typer':\n"
+            "            os.kill(os.getpid(), signal.SIGINT)\n"
+            "        return None\n"
+            "sys.meta_path.insert(0, Hook())\n"
+            "from covidxray.cli import main\n"
+            "main()\n")
+    proc = subprocess.run([sys.executable, "-c", code, "--help"], cwd=tmp_path, env=_env(), capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 130, proc.stderr
+    assert proc.stderr.strip().splitlines() == ["interrupted: nothing was started"]
+
+
 @pytest.mark.slow
 def test_ctrl_c_during_evaluate_leaves_no_output(runs, demo_prepared, tmp_path):
     out = tmp_path / "eval"
