@@ -170,6 +170,14 @@ class Trainer:
         # `auto` is bf16 on CUDA; on the CPU it is bf16 for tasks that ask for it (every family, each measured:
         # docs/benchmarks.md) where the CPU has native bf16 (AMX / AVX512-BF16), else full precision.
         auto_bf16 = self.device.type == "cuda" or (task_cls.bf16_on_native_cpu and cpu_has_native_bf16())
+        if checkpoint is not None and cfg.train.amp == "auto" and self.device.type == "cpu":
+            # A resumed run keeps the precision it trained in (the checkpoint's record), so that a default that
+            # changed between versions never switches precision mid-run; a checkpoint from before the record was
+            # kept trained with the old default (GANs and pix2pix were fp32 on every CPU).
+            recorded = checkpoint.get("precision")
+            auto_bf16 = (recorded == "bf16" if recorded is not None else
+                         task_cls.bf16_on_native_cpu and task_cls.family not in ("gan", "image2image")
+                         and cpu_has_native_bf16())
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}.get(
             cfg.train.amp, torch.bfloat16 if auto_bf16 else None)
         if self.amp_dtype == torch.float16 and self.device.type != "cuda":
@@ -395,6 +403,7 @@ class Trainer:
             "scalers": {k: sc.state_dict() for k, sc in task.scalers.items()},
             "rng": own["rng"], "epoch_meter": own["epoch_meter"], "interval_meter": own["interval_meter"],
             "world_size": self.dist.world_size, "rank_batch_size": self.rank_batch_size,
+            "precision": {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.amp_dtype, "off"),
             **({"rank_state": ranks} if ranks is not None else {}),
             **task.extra_state(),
         }

@@ -17,6 +17,25 @@ def test_bf16_autocast_trains_on_the_cpu(tiny_cfg):
     assert all(p.dtype == torch.float32 for p in trainer.task.G.parameters())  # weights stay fp32
 
 
+def test_a_resumed_run_keeps_the_precision_it_trained_in(tiny_cfg, monkeypatch):
+    """train.amp=auto resolves once per run: resumed on a CPU where auto now means bf16 (another machine, or a
+    version whose default changed), a run that trained in fp32 goes on in fp32, and its checkpoint says so."""
+    import covidxray.train.loop as loop
+    from covidxray.train.loop import resume_run
+
+    monkeypatch.setattr(loop, "cpu_has_native_bf16", lambda: False)
+    first, finished = start_run(tiny_cfg(epochs=1))
+    assert finished and first.amp_dtype is None
+    assert load_checkpoint(first.run_dir, resume=True)["precision"] == "off"
+    monkeypatch.setattr(loop, "cpu_has_native_bf16", lambda: True)
+    resumed, finished = resume_run(first.run_dir, epochs=2)
+    assert finished and resumed.amp_dtype is None
+    assert load_checkpoint(first.run_dir, resume=True)["precision"] == "off"
+    fresh, _ = start_run(tiny_cfg(epochs=1))  # a new run takes today's default
+    assert fresh.amp_dtype == torch.bfloat16
+    assert load_checkpoint(fresh.run_dir, resume=True)["precision"] == "bf16"
+
+
 def test_fp16_needs_cuda(tiny_cfg):
     with pytest.raises(CovidXrayError, match="fp16 needs a CUDA device"):
         start_run(tiny_cfg(extra=["train.amp=fp16"]))
