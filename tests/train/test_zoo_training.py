@@ -149,8 +149,10 @@ def test_joint_real_fake_pass_of_d_equals_two_passes(tiny_cfg, tmp_path, model, 
     # Discriminators without BatchNorm see reals and fakes in one pass; the step must not change.
     from covidxray.train.loop import Trainer
 
-    # DiffAugment off: the joint step augments reals and fakes in one call (other random draws)
-    cfg = tiny_cfg(epochs=1, model=model, extra=extra + ["aug.diffaugment="])
+    # DiffAugment off: the joint step augments reals and fakes in one call (other random draws). fp32: the
+    # equality is of the arithmetic; in bf16 (the default on CPUs with native bf16) a batch of 16 and two of 8
+    # round differently, by bf16's 3 digits, which the tolerance below is not about.
+    cfg = tiny_cfg(epochs=1, model=model, extra=extra + ["aug.diffaugment=", "train.amp=off"])
     a = Trainer(cfg, tmp_path / "a")
     b = Trainer(cfg, tmp_path / "b")
     assert a.task.d_joint and b.task.d_joint
