@@ -172,12 +172,11 @@ class Trainer:
         auto_bf16 = self.device.type == "cuda" or (task_cls.bf16_on_native_cpu and cpu_has_native_bf16())
         if checkpoint is not None and cfg.train.amp == "auto" and self.device.type == "cpu":
             # A resumed run keeps the precision it trained in (the checkpoint's record), so that a default that
-            # changed between versions never switches precision mid-run; a checkpoint from before the record was
-            # kept trained with the old default (GANs and pix2pix were fp32 on every CPU).
-            recorded = checkpoint.get("precision")
-            auto_bf16 = (recorded == "bf16" if recorded is not None else
-                         task_cls.bf16_on_native_cpu and task_cls.family not in ("gan", "image2image")
-                         and cpu_has_native_bf16())
+            # changed between versions never switches precision mid-run; a checkpoint from before the record
+            # goes on in its family's old CPU default (Task.cpu_precision_before_record).
+            recorded = checkpoint.get("precision", task_cls.cpu_precision_before_record)
+            if recorded is not None:
+                auto_bf16 = recorded == "bf16"
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}.get(
             cfg.train.amp, torch.bfloat16 if auto_bf16 else None)
         if self.amp_dtype == torch.float16 and self.device.type != "cuda":

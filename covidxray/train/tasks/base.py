@@ -71,6 +71,9 @@ class Task:
     shards_evaluation: ClassVar[bool] = False
     progress_keys: ClassVar[tuple[str, ...]] = ()
     bf16_on_native_cpu: ClassVar[bool] = False
+    #: The CPU precision ("off" | "bf16") of ``train.amp=auto`` when checkpoints did not record it yet (before
+    #: 2026-12-05); None = the current rule. A resumed run from such a checkpoint goes on in it.
+    cpu_precision_before_record: ClassVar[str | None] = None
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

@@ -65,6 +65,7 @@ class Image2ImageTask(Task):
     # Measured (configs/studies/precision.yaml, docs/benchmarks.md "Precision on the CPU"): pix2pix at 64 px trains
     # 1.33x faster in bf16 on a 2-core CPU with native bf16, to the same FID and validation L1 at equal kimg.
     bf16_on_native_cpu = True
+    cpu_precision_before_record = "off"  # fp32 on every CPU before that measurement
     progress_keys = ("loss_d", "loss_g", "l1")
 
     def __init__(self, trainer):
