@@ -436,12 +436,13 @@ def generated_image_files(folder: Path, recursive: bool = True) -> list[Path]:
                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
 
 
-def decode_generated(files: Sequence[Path], what: str, skip_unreadable: bool = False
+def decode_generated(files: Sequence[Path], what: str, skip_unreadable: bool = False,
+                     fix: str = "Remove or regenerate them"
                      ) -> tuple[list[np.ndarray], list[Path], list[tuple[str, str]]]:
     """Decode generated images to uint8 grayscale arrays, all square and of one size: the arrays, their files,
     and the unreadable files with the reason. An unreadable file is refused in one message (``what`` names the
-    option or key that gave the folder) unless ``skip_unreadable``; sizes that are not one square size are
-    always refused, counted per size."""
+    option or key that gave the folder, ``fix`` is its hint) unless ``skip_unreadable``; sizes that are not one
+    square size are always refused, counted per size."""
     arrays, kept, bad, sizes = [], [], [], {}
     for p in files:
         try:
@@ -456,9 +457,7 @@ def decode_generated(files: Sequence[Path], what: str, skip_unreadable: bool = F
         first = "; ".join(f"{f}: {why}" for f, why in bad[:3])
         raise CovidXrayError(f"{what}: {len(bad)} of {len(files)} files are unreadable ({first}"
                              f"{'; ...' if len(bad) > 3 else ''})",
-                             "Remove or regenerate them" + (", or pass --skip-unreadable to evaluate the rest "
-                                                            "(they are listed in metrics.json)"
-                                                            if what.startswith("--fake") else ""))
+                             fix)
     if len(sizes) > 1 or (sizes and next(iter(sizes))[0] != next(iter(sizes))[1]):
         desc = ", ".join(f"{len(v)} of {s[1]}x{s[0]} (e.g. {v[0]})" for s, v in sizes.items())
         raise CovidXrayError(f"{what}: the images must be square and of one size; found {desc}",

@@ -85,7 +85,9 @@ class FolderSource(Source):
             log(f"note: sub-folders of {folder} are not all class names of the data ({', '.join(unknown[:5])}): "
                 f"its images are evaluated as one unlabelled set")
         classes = sorted(tops) if conditional else list(data_classes)
-        arrays, kept, bad = decode_generated(files, f"--fake {folder}", skip_unreadable)
+        arrays, kept, bad = decode_generated(files, f"--fake {folder}", skip_unreadable,
+                                             "Remove or regenerate them, or pass --skip-unreadable to evaluate the "
+                                             "rest (they are listed in metrics.json)")
         labels = [classes.index(p.relative_to(folder).parts[0]) for p in kept] if conditional else []
         if not arrays:
             raise CovidXrayError(f"no readable image in --fake {folder}")

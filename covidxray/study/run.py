@@ -264,6 +264,7 @@ class StudyRunner:
         self.data = None if data is None else Path(data)
         self.device, self.sets, self.console = device, list(sets or []), console
         self.log = log or (lambda msg: None)
+        self._spent: dict[str, list] | None = None  # seconds of the stages this process ran (run() starts it)
 
     def keys(self) -> dict[str, dict[str, Any]] | None:
         """Each arm's current training key and point keys (the report marks arms whose run is of an older spec);
@@ -319,7 +320,7 @@ class StudyRunner:
         """One line between stages: stages done of all, time spent, and the time left estimated from what this
         process measured so far (training: seconds per kimg of the same model, else of all arms; scoring and
         U-Nets: their mean stage), or why there is no estimate yet."""
-        if not hasattr(self, "_spent"):
+        if self._spent is None:
             return
         todo = self._pending()
         done = sum(len(v) for v in self._spent.values())
